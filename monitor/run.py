@@ -1,0 +1,109 @@
+"""One monitored run: a RunState plus its AlertEngine and the alerts it raised.
+
+Pure (no Textual); the app keeps one :class:`Run` per file, ``--check`` builds
+one with :func:`check_file`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .alerts import Alert, AlertConfig, AlertEngine
+from .stream import CorruptLine, MetricRecord, RunState, parse_lines
+from .tailer import FileTailer, TailBatch
+
+__all__ = ["Run", "check_file"]
+
+
+class Run:
+    def __init__(
+        self,
+        path: str | Path,
+        config: AlertConfig | None = None,
+        max_points: int = 20_000,
+        max_alerts: int = 5_000,
+    ) -> None:
+        self.path = Path(path)
+        self.state = RunState(self.path, max_points=max_points)
+        self.engine = AlertEngine(config)
+        self.max_alerts = max_alerts
+        self.alerts: list[Alert] = []
+        self.dropped_alerts = 0
+        self.exists = False
+        self.resets = 0
+        self.last_reset_reason = ""
+
+    def reset(self, reason: str = "") -> None:
+        self.state.reset()
+        self.engine.reset()
+        self.alerts.clear()
+        self.dropped_alerts = 0
+        self.resets += 1
+        self.last_reset_reason = reason
+
+    def ingest(self, records: list[MetricRecord], corrupt: list[CorruptLine] = ()) -> list[Alert]:
+        """Fold records (and count corrupt lines); return the new alerts."""
+        state_ingest = self.state.ingest
+        feed = self.engine.feed
+        new: list[Alert] = []
+        for rec in records:
+            state_ingest(rec)
+            fired = feed(rec)
+            if fired:
+                new.extend(fired)
+        for bad in corrupt:
+            self.state.note_corrupt(bad)
+        if new:
+            room = self.max_alerts - len(self.alerts)
+            if room < len(new):
+                self.dropped_alerts += len(new) - max(room, 0)
+            self.alerts.extend(new[: max(room, 0)])
+        return new
+
+    def apply(self, batch: TailBatch) -> list[Alert]:
+        self.exists = batch.exists
+        if batch.reset:
+            self.reset(batch.reason)
+        return self.ingest(batch.records, batch.corrupt)
+
+    def ingest_lines(self, lines: list[bytes | str], first_line_no: int = 1) -> list[Alert]:
+        records, corrupt = parse_lines(lines, first_line_no)
+        return self.ingest(records, corrupt)
+
+
+def check_file(
+    path: str | Path, config: AlertConfig | None = None, keep_corrupt: int = 1000
+) -> tuple[Run, list[CorruptLine]]:
+    """Read a whole file once (headless).
+
+    Returns the run and up to ``keep_corrupt`` corrupt lines (an unterminated,
+    unparsable last line included); ``run.state.corrupt_count`` has the total.
+    Raises FileNotFoundError if ``path`` is not a file.
+    """
+    run = Run(path, config, max_points=256)
+    if not run.path.is_file():
+        raise FileNotFoundError(str(path))
+    tailer = FileTailer(run.path)
+    corrupt_seen: list[CorruptLine] = []
+    try:
+        while True:
+            chunk = tailer.poll()
+            if chunk is None:
+                break
+            if chunk.reset:
+                run.reset(chunk.reason)
+                corrupt_seen.clear()
+            records, corrupt = parse_lines(chunk.lines, chunk.first_line_no)
+            run.ingest(records, corrupt)
+            corrupt_seen.extend(corrupt[: max(0, keep_corrupt - len(corrupt_seen))])
+            if not chunk.more:
+                break
+        run.exists = True
+        if tailer.partial.strip():
+            bad = CorruptLine(tailer.line_no + 1, "incomplete last line (no newline)")
+            run.state.note_corrupt(bad)
+            if len(corrupt_seen) < keep_corrupt:
+                corrupt_seen.append(bad)
+    finally:
+        tailer.close()
+    return run, corrupt_seen

@@ -1,0 +1,182 @@
+"""Synthetic metric streams: a realistic converging NPT run, with optional faults.
+
+Used by the tests, ``bench/monitor_bench.py`` and for demos::
+
+    python -m monitor.synth runs/demo/metrics.jsonl --steps 2000 --rate 20 \\
+        --nan-at 300 --kl-at 500=9.4 --oscillate 800:900
+
+appends lines at ``--rate`` lines/s (0 = all at once).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+__all__ = ["synth_records", "synth_lines", "write_synth"]
+
+
+def synth_records(
+    n: int,
+    *,
+    seed: int = 0,
+    run_name: str = "npt-demo",
+    total_steps: int | None = None,
+    n_layers: int = 4,
+    layer_every: int = 1,
+    eval_every: int = 0,
+    start: bool = True,
+    noise: float = 0.01,
+    nan_at: tuple[int, ...] | set[int] = (),
+    kl_at: dict[int, float] | None = None,
+    grad_spike_at: dict[int, float] | None = None,
+    oscillate: tuple[int, int] | None = None,
+    osc_amplitude: float = 0.25,
+    osc_period: int = 8,
+    t0: float = 1_700_000_000.0,
+    step_time: float = 0.8,
+) -> Iterator[dict]:
+    """Yield ``n`` step lines (plus a start line and eval lines) as dicts.
+
+    Loss converges as ``2 + 6 exp(-3 t / n)`` with multiplicative noise; the
+    curriculum goes teacher -> mixed (ratio ramps 0..1) -> student.
+    """
+    rng = random.Random(seed)
+    total = total_steps or n
+    kl_at = kl_at or {}
+    grad_spike_at = grad_spike_at or {}
+    nan_at = set(nan_at)
+    tau = max(1.0, n / 3.0)
+    skipped = 0
+    if start:
+        yield {"step": 0, "time": t0, "event": "start", "run/name": run_name, "run/total_steps": total}
+    for i in range(n):
+        step = i + 1
+        frac = step / total
+        now = round(t0 + step * step_time, 3)
+        if step in nan_at:
+            skipped += 1
+            yield {"step": step, "time": now, "event": "nan_step", "skipped_steps": skipped, "loss/total": math.nan}
+            continue
+        base = 2.0 + 6.0 * math.exp(-step / tau)
+        loss = base * (1.0 + noise * rng.gauss(0.0, 1.0))
+        if oscillate and oscillate[0] <= step < oscillate[1]:
+            loss *= 1.0 + osc_amplitude * math.sin(2 * math.pi * (step - oscillate[0]) / osc_period)
+        if frac < 0.2:
+            stage, mix = "teacher", 0.0
+        elif frac < 0.6:
+            stage, mix = "mixed", (frac - 0.2) / 0.4
+        else:
+            stage, mix = "student", 1.0
+        kd_w = 0.5 * (1.0 - 0.5 * frac)
+        kl = kl_at.get(step, 0.3 + 2.5 * math.exp(-step / tau) * (1 + 0.05 * rng.gauss(0, 1)))
+        grad = grad_spike_at.get(step, (0.8 + 1.5 * math.exp(-step / tau)) * (1 + 0.1 * abs(rng.gauss(0, 1))))
+        direct = 0.45 * loss
+        kd = kd_w * kl
+        rec = {
+            "step": step,
+            "time": now,
+            "lr": round(3e-4 * min(1.0, step / 100) * (0.5 + 0.5 * math.cos(math.pi * frac)), 8),
+            "loss/total": round(loss, 6),
+            "loss/direct": round(direct, 6),
+            "loss/reg": round(0.01 * (1 + 0.1 * rng.random()), 6),
+            "loss/fidelity": round(0.3 * loss, 6),
+            "loss/kd": round(kd, 6),
+            "loss/guidance/attn": round(0.05 * loss * (1 + 0.05 * rng.random()), 6),
+            "kd/kl": round(kl, 5),
+            "kd/weight": round(kd_w, 5),
+            "curriculum/stage": stage,
+            "curriculum/mixing_ratio": round(mix, 4),
+            "grad_norm": round(grad, 5),
+            "tokens_per_s": round(12000 * (1 + 0.02 * rng.gauss(0, 1)), 1),
+            "eta_s": round((total - step) * step_time, 1),
+            "skipped_steps": skipped,
+        }
+        if n_layers and step % layer_every == 0:
+            for layer in range(n_layers):
+                d = 0.02 * math.exp(-step / tau) * (1 + 0.3 * layer) + 0.001
+                rec[f"layer/{layer}/direct_mse"] = round(d * (1 + 0.05 * rng.random()), 7)
+                rec[f"layer/{layer}/v_a_norm"] = round(1.2 + 0.1 * layer + 0.02 * rng.random(), 5)
+                rec[f"layer/{layer}/v_b_norm"] = round(0.8 - 0.05 * layer + 0.02 * rng.random(), 5)
+                rec[f"layer/{layer}/v_a_attn_sim"] = round(0.9 - 0.3 * math.exp(-step / tau) - 0.02 * layer, 5)
+        yield rec
+        if eval_every and step % eval_every == 0:
+            yield {
+                "step": step,
+                "time": now,
+                "event": "eval",
+                "eval/ppl_base": 12.5,
+                "eval/ppl_npt": round(12.5 * (1 + 2 * math.exp(-step / tau)), 4),
+                "eval/fidelity_mse": round(0.05 * math.exp(-step / tau) + 0.002, 6),
+            }
+
+
+def synth_lines(n: int, **kwargs) -> list[str]:
+    """Lines (without newline) of :func:`synth_records`."""
+    return [json.dumps(r) for r in synth_records(n, **kwargs)]
+
+
+def write_synth(path: str | Path, n: int, **kwargs) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        for line in synth_lines(n, **kwargs):
+            fh.write(line + "\n")
+    return path
+
+
+def _kv(text: str) -> tuple[int, float]:
+    k, v = text.split("=")
+    return int(k), float(v)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m monitor.synth", description=__doc__.splitlines()[0])
+    ap.add_argument("out")
+    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--rate", type=float, default=0.0, help="lines per second (0: write all at once)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--name", default="npt-demo")
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--eval-every", type=int, default=100)
+    ap.add_argument("--nan-at", type=int, action="append", default=[])
+    ap.add_argument("--kl-at", type=_kv, action="append", default=[], metavar="STEP=KL")
+    ap.add_argument("--grad-spike-at", type=_kv, action="append", default=[], metavar="STEP=NORM")
+    ap.add_argument("--oscillate", default=None, metavar="START:END")
+    ap.add_argument("--append", action="store_true", help="append instead of truncating OUT")
+    args = ap.parse_args(argv)
+    osc = tuple(int(x) for x in args.oscillate.split(":")) if args.oscillate else None
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    gen = synth_records(
+        args.steps,
+        seed=args.seed,
+        run_name=args.name,
+        n_layers=args.layers,
+        eval_every=args.eval_every,
+        nan_at=set(args.nan_at),
+        kl_at=dict(args.kl_at),
+        grad_spike_at=dict(args.grad_spike_at),
+        oscillate=osc,  # type: ignore[arg-type]
+    )
+    with open(out, "a" if args.append else "w") as fh:
+        t_next = time.monotonic()
+        for rec in gen:
+            fh.write(json.dumps(rec) + "\n")
+            if args.rate > 0:
+                fh.flush()
+                t_next += 1.0 / args.rate
+                delay = t_next - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,15 @@
+"""NPT model surgery on Hugging Face Llama models."""
+from .convert import convert_model, decoder_layers, np_named_parameters, npt_layers, parse_layer_spec, set_mode
+from .fused import fused_forward
+from .io import fold_context, fold_modulation, load_np_weights, save_np_weights
+from .loading import ByteTokenizer, load_base_model, load_tokenizer, tiny_llama
+from .np_component import Modulation, NPComponent, modulated_mlp
+from .npt_layer import NPTDecoderLayer
+from .outputs import LayerOutput, NPTForwardOutput
+
+__all__ = [
+    "ByteTokenizer", "LayerOutput", "Modulation", "NPComponent", "NPTDecoderLayer", "NPTForwardOutput",
+    "convert_model", "decoder_layers", "fold_context", "fold_modulation", "fused_forward",
+    "load_base_model", "load_np_weights", "load_tokenizer", "modulated_mlp", "np_named_parameters",
+    "npt_layers", "parse_layer_spec", "save_np_weights", "set_mode", "tiny_llama",
+]

@@ -1,0 +1,95 @@
+"""Turn chosen decoder layers of a Llama into NPT layers, freeze the base, switch modes."""
+from __future__ import annotations
+
+from typing import Iterator
+
+from torch import nn
+
+from ..config import ConfigError, NPTConfig
+from .np_component import NPComponent
+from .npt_layer import STUDENT, TEACHER, NPTDecoderLayer
+
+
+def parse_layer_spec(spec: str | int | list, num_layers: int) -> list[int]:
+    """"14,15,16,17", "8-15", "upper_half", "all" (or a list of ints) -> sorted layer indices."""
+    if isinstance(spec, int):
+        spec = str(spec)
+    if isinstance(spec, (list, tuple)):
+        spec = ",".join(str(s) for s in spec)
+    text = str(spec).strip().lower()
+    if text == "all":
+        return list(range(num_layers))
+    if text == "upper_half":
+        return list(range(num_layers // 2, num_layers))
+    if text == "lower_half":
+        return list(range(num_layers // 2))
+    indices: set[int] = set()
+    for token in filter(None, (t.strip() for t in text.split(","))):
+        try:
+            bounds = [int(v) for v in token.split("-", 1)] if "-" in token.lstrip("-") else [int(token)] * 2
+        except ValueError:
+            raise ConfigError(f"npt.layers: cannot parse {token!r}; use e.g. '14,15', '8-15', "
+                              "'upper_half' or 'all'") from None
+        lo, hi = bounds
+        if lo > hi:
+            raise ConfigError(f"npt.layers: range {token!r} is reversed; write {hi}-{lo}")
+        indices.update(range(lo, hi + 1))
+    if not indices:
+        raise ConfigError(f"npt.layers: {spec!r} selects no layers; use e.g. '14,15', '8-15', "
+                          "'upper_half' or 'all'")
+    bad = sorted(i for i in indices if not 0 <= i < num_layers)
+    if bad:
+        raise ConfigError(f"npt.layers: layer {bad[0]} is out of range; the model has {num_layers} "
+                          f"layers (valid 0-{num_layers - 1})")
+    return sorted(indices)
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    inner = getattr(model, "model", model)
+    layers = getattr(inner, "layers", None)
+    if layers is None:
+        raise TypeError(f"{type(model).__name__} has no .model.layers; expected a Llama-style causal LM")
+    return layers
+
+
+def convert_model(model: nn.Module, cfg: NPTConfig, freeze_base: bool = True) -> list[int]:
+    """Replace the selected decoder layers in place; returns their indices. Base params frozen."""
+    layers = decoder_layers(model)
+    indices = parse_layer_spec(cfg.layers, len(layers))
+    if freeze_base:
+        for p in model.parameters():
+            p.requires_grad_(False)
+    config = model.config
+    ref = next(model.parameters())
+    for i in indices:
+        old = layers[i]
+        if isinstance(old, NPTDecoderLayer):
+            raise ValueError(f"layer {i} is already an NPT layer")
+        np_comp = NPComponent(config.hidden_size, config.intermediate_size, cfg.rank, cfg.num_ranks,
+                              dual=cfg.dual and not cfg.safe_mode,
+                              multiplicative=cfg.multiplicative and not cfg.safe_mode,
+                              init_b=cfg.init_b, init_std_down=cfg.init_std_down,
+                              init_std_a=cfg.init_std_a, init_std_b=cfg.init_std_b)
+        np_comp.to(device=ref.device if ref.device.type != "meta" else "cpu")
+        layers[i] = NPTDecoderLayer(old, i, np_comp, cfg.modulation_scale)
+    model.npt_config = cfg
+    model.npt_layer_indices = indices
+    return indices
+
+
+def npt_layers(model: nn.Module) -> list[NPTDecoderLayer]:
+    return [m for m in decoder_layers(model) if isinstance(m, NPTDecoderLayer)]
+
+
+def set_mode(model: nn.Module, mode: str) -> None:
+    """'teacher' = the original model; 'student' = NPT layers active."""
+    if mode not in (TEACHER, STUDENT):
+        raise ValueError(f"mode must be 'teacher' or 'student', got {mode!r}")
+    for layer in npt_layers(model):
+        layer.mode = mode
+
+
+def np_named_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    for name, p in model.named_parameters():
+        if ".np." in name:
+            yield name, p

@@ -1,0 +1,56 @@
+"""The fused training forward: teacher targets and student outputs from one walk over the layers.
+
+Layers before the first NPT layer run once (the streams coincide there).  Without a student
+stream (single-layer training) each NPT layer reads the teacher state, so the whole step costs one
+frozen forward plus one extra modulated MLP per NPT layer, and nothing after the last NPT layer runs.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.masking_utils import create_causal_mask
+
+from .convert import decoder_layers
+from .npt_layer import NPTDecoderLayer
+from .outputs import NPTForwardOutput
+
+
+def fused_forward(model: nn.Module, input_ids: torch.Tensor, *, mixing_ratio: float = 0.0,
+                  student_stream: bool = False, want_logits: bool = False) -> NPTForwardOutput:
+    """Run teacher and NPT student together on `input_ids` (B, T) of a converted model."""
+    inner = model.model
+    layers = decoder_layers(model)
+    last_npt = max(i for i, layer in enumerate(layers) if isinstance(layer, NPTDecoderLayer))
+    with torch.no_grad():
+        embeds = inner.embed_tokens(input_ids)
+        position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+        mask = create_causal_mask(config=inner.config, inputs_embeds=embeds, attention_mask=None,
+                                  past_key_values=None, position_ids=position_ids)
+        position_embeddings = inner.rotary_emb(embeds, position_ids=position_ids)
+    attn_kwargs = dict(attention_mask=mask, position_ids=position_ids,
+                       position_embeddings=position_embeddings)
+    out = NPTForwardOutput()
+    h_t, h_s = embeds, None
+    for i, layer in enumerate(layers):
+        if i > last_npt and not student_stream:
+            break  # nothing downstream of the last NPT layer feeds a loss
+        if isinstance(layer, NPTDecoderLayer):
+            if student_stream and h_s is None:
+                h_s = h_t
+            h_t, h_s, layer_out = layer.fused(h_t, h_s, mixing_ratio, attn_kwargs)
+            out.layers.append(layer_out)
+            continue
+        with torch.no_grad():
+            new_t = layer(h_t, **attn_kwargs)
+        if h_s is not None:
+            h_s = layer(h_s, **attn_kwargs)
+        h_t = new_t
+    if student_stream:
+        with torch.no_grad():
+            out.teacher_hidden = inner.norm(h_t)
+        out.student_hidden = inner.norm(h_s)
+        if want_logits:
+            with torch.no_grad():
+                out.teacher_logits = model.lm_head(out.teacher_hidden)
+            out.student_logits = model.lm_head(out.student_hidden)
+    return out

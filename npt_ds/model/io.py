@@ -1,0 +1,139 @@
+"""Save/load the NP weights alone (safetensors + conversion spec) and fold modulation into W_gate."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..config import NPTConfig
+from .convert import convert_model, decoder_layers, np_named_parameters, npt_layers, set_mode
+from .np_component import Modulation
+from .npt_layer import NPTDecoderLayer
+
+WEIGHTS, SPEC = "np_weights.safetensors", "npt_spec.json"
+
+
+def gathered(params):
+    """Full tensors of (possibly ZeRO-3 partitioned) params inside the context."""
+    params = [p for p in params if hasattr(p, "ds_id")]
+    if not params:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+
+
+def base_signature(model: nn.Module) -> dict:
+    c = model.config
+    return {"hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
+            "num_hidden_layers": c.num_hidden_layers, "vocab_size": c.vocab_size}
+
+
+def save_np_weights(model: nn.Module, out_dir: str | Path) -> Path:
+    """Write np_weights.safetensors and npt_spec.json (conversion spec + base shape) to out_dir."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    named = list(np_named_parameters(model))
+    with gathered([p for _, p in named]):
+        state = {name: p.detach().to("cpu").clone().contiguous() for name, p in named}
+    spec = {"npt_config": dataclasses.asdict(model.npt_config), "layers": model.npt_layer_indices,
+            "base": base_signature(model)}
+    save_file(state, str(out / WEIGHTS), metadata={"npt_spec": json.dumps(spec)})
+    (out / SPEC).write_text(json.dumps(spec, indent=2))
+    return out
+
+
+def load_np_weights(model: nn.Module, src: str | Path) -> list[int]:
+    """Load NP weights onto a base model (converting it per the saved spec if needed)."""
+    src = Path(src)
+    path = src / WEIGHTS if src.is_dir() else src
+    if not path.is_file():
+        raise FileNotFoundError(f"no NP weights at {path}; expected a directory written by `npt-ds convert`/training")
+    spec = json.loads((path.parent / SPEC).read_text()) if (path.parent / SPEC).is_file() else None
+    if spec is None:
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            spec = json.loads(f.metadata()["npt_spec"])
+    if spec["base"] != base_signature(model):
+        raise ValueError(f"NP weights at {path} were trained on a base with {spec['base']}, "
+                         f"but this model has {base_signature(model)}; load the matching base model")
+    if not npt_layers(model):
+        convert_model(model, NPTConfig(**spec["npt_config"]))
+    state = load_file(str(path))
+    own = dict(np_named_parameters(model))
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"NP weights at {path} do not match the conversion: "
+                         f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+    with gathered(own.values()), torch.no_grad():
+        for name, p in own.items():
+            p.copy_(state[name].to(p.dtype))
+    return spec["layers"]
+
+
+@torch.no_grad()
+def fold_modulation(layer: NPTDecoderLayer, mod: Modulation) -> None:
+    """Commit one token's modulation into the weights: W_g <- diag(f)·W_g + s Σ_k v_b,k ⊗ v_a,k.
+
+    `mod` holds one token's vectors (v_a: (k, d), v_b: (k, d_ffn), optional v_c, factor).
+    Afterwards the plain MLP's gate equals that token's modulated gate for any input x.
+    """
+    s = layer.modulation_scale
+    gate, up = layer.mlp.gate_proj, layer.mlp.up_proj
+    with gathered([gate.weight, up.weight]):
+        w = gate.weight
+        delta = s * torch.einsum("kf,kd->fd", mod.v_b.float(), mod.v_a.float())
+        new = w.float()
+        if mod.factor is not None:
+            new = mod.factor.float().unsqueeze(1) * new
+            if gate.bias is not None:
+                gate.bias.mul_(mod.factor.to(gate.bias.dtype))
+        w.copy_((new + delta).to(w.dtype))
+        if mod.v_c is not None:
+            up.weight.add_((s * torch.einsum("kf,kd->fd", mod.v_c.float(), mod.v_a.float())).to(up.weight.dtype))
+
+
+@torch.no_grad()
+def fold_context(model: nn.Module, input_ids: torch.Tensor, positions: list[int] | None = None,
+                 layers: list[int] | None = None) -> dict[int, Modulation]:
+    """Run the NPT model on a context and fold the modulation of the chosen token(s) into W_gate.
+
+    Several positions fold the mean of their per-token updates (each folded with weight 1/n);
+    a multiplicative factor is not additive, so it allows a single position only.
+    Returns the per-layer modulation of the last chosen position.
+    """
+    positions = positions or [-1]
+    if len(positions) > 1 and any(layer.np.W_m is not None for layer in npt_layers(model)):
+        raise ValueError("fold_context: a multiplicative NP factor can be folded from one position only")
+    chosen = [layer for layer in npt_layers(model) if layers is None or layer.layer_idx in layers]
+    captured: dict[int, torch.Tensor] = {}
+    hooks = [layer.self_attn.register_forward_hook(
+        lambda mod, args, out, idx=layer.layer_idx: captured.__setitem__(idx, out[0].detach()))
+        for layer in chosen]
+    try:
+        set_mode(model, "student")
+        model(input_ids=input_ids[:1])
+    finally:
+        for h in hooks:
+            h.remove()
+    result = {}
+    for layer in chosen:
+        attn = captured[layer.layer_idx][0]  # (T, d)
+        for pos in positions:
+            mod = layer.np(attn[pos])
+            if len(positions) > 1:  # average the per-token updates
+                mod = Modulation(mod.v_a, mod.v_b / len(positions),
+                                 None if mod.v_c is None else mod.v_c / len(positions), mod.factor)
+            fold_modulation(layer, mod)
+            result[layer.layer_idx] = mod
+    return result
+
+
+__all__ = ["save_np_weights", "load_np_weights", "fold_modulation", "fold_context", "decoder_layers"]

@@ -1,0 +1,133 @@
+"""Load the frozen base: the SmolLM2 asset, an HF directory, a safetensors or GGUF file, or a tiny random Llama."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..assets import smollm2_hf_dir
+from ..config import ConfigError, ModelConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TINY_DEFAULTS = dict(vocab_size=320, hidden_size=64, intermediate_size=160, num_hidden_layers=4,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                     tie_word_embeddings=True, rms_norm_eps=1e-5)
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens (ids 0-255), eos 256: a dependency-free tokenizer for tiny models."""
+
+    eos_token_id = 256
+    bos_token_id = None
+    pad_token_id = 257
+    vocab_size = 258
+
+    def __call__(self, texts, **_):
+        single = isinstance(texts, str)
+        ids = [list(t.encode("utf-8")) for t in ([texts] if single else texts)]
+        return {"input_ids": ids[0] if single else ids}
+
+    def decode(self, ids, **_) -> str:
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+def tiny_llama_config(overrides: dict | None = None, seed: int = 0):
+    from transformers import LlamaConfig
+
+    params = {**TINY_DEFAULTS, **(overrides or {})}
+    unknown = [k for k in params if not hasattr(LlamaConfig(), k)]
+    if unknown:
+        raise ConfigError(f"model.tiny: unknown LlamaConfig key {unknown[0]!r}")
+    return LlamaConfig(**params)
+
+
+def tiny_llama(overrides: dict | None = None, seed: int = 0) -> nn.Module:
+    """A small random LlamaForCausalLM (deterministic for a seed) for tests and dry runs."""
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_llama_config(overrides)
+    config._attn_implementation = "sdpa"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config)
+    return model.float().eval()
+
+
+def _missing_path(path: str) -> ConfigError:
+    return ConfigError(f"model.path {path!r} not found; give an HF directory, a .safetensors file "
+                       "(with config.json beside it), a .gguf file, 'smollm2' or 'tiny'")
+
+
+def resolve_model_path(path: str) -> tuple[Path, str | None]:
+    """-> (directory for from_pretrained, gguf file name or None)."""
+    if path == "smollm2":
+        return smollm2_hf_dir(), None
+    p = Path(path).expanduser()
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise _missing_path(path)
+        return p.parent, p.name
+    if p.is_dir():
+        if (p / "config.json").is_file():
+            return p, None
+        ggufs = sorted(p.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return p, ggufs[0].name
+        raise ConfigError(f"model.path {path!r} has no config.json (and not exactly one .gguf); "
+                          "point it at an HF model directory")
+    if p.suffix == ".safetensors":
+        if not p.is_file():
+            raise _missing_path(path)
+        if not (p.parent / "config.json").is_file():
+            raise ConfigError(f"model.path {path!r}: a bare .safetensors needs config.json beside it")
+        return p.parent, None
+    raise _missing_path(path)
+
+
+def load_tokenizer(cfg: ModelConfig):
+    if cfg.path == "tiny":
+        return ByteTokenizer()
+    from transformers import AutoTokenizer
+
+    directory, gguf = resolve_model_path(cfg.path)
+    return AutoTokenizer.from_pretrained(str(directory), gguf_file=gguf) if gguf else \
+        AutoTokenizer.from_pretrained(str(directory))
+
+
+def quantization_config(cfg: ModelConfig, compute_dtype: torch.dtype):
+    if cfg.quantization == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if cfg.quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                              bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_quant_storage=compute_dtype)
+
+
+def load_base_model(cfg: ModelConfig, seed: int = 0) -> nn.Module:
+    """The frozen base as a LlamaForCausalLM in cfg.dtype (call under HfDeepSpeedConfig for ZeRO-3)."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = DTYPES[cfg.dtype]
+    if cfg.path == "tiny" and cfg.quantization == "none":
+        return tiny_llama(cfg.tiny, seed).to(dtype)
+    if cfg.path == "tiny":  # quantised tiny model: materialise it in a temp dir, then load via bnb
+        import tempfile
+
+        tmp = Path(tempfile.mkdtemp(prefix="npt-tiny-"))
+        tiny_llama(cfg.tiny, seed).save_pretrained(tmp)
+        directory, gguf = tmp, None
+    else:
+        directory, gguf = resolve_model_path(cfg.path)
+    kwargs = dict(dtype=dtype)
+    if gguf:
+        kwargs["gguf_file"] = gguf
+    qcfg = quantization_config(cfg, dtype)
+    if qcfg is not None:
+        kwargs["quantization_config"] = qcfg
+    model = AutoModelForCausalLM.from_pretrained(str(directory), **kwargs)
+    if getattr(model.config, "model_type", None) != "llama":
+        raise ConfigError(f"model.path {cfg.path!r} is a {model.config.model_type!r} model; NPT needs a Llama")
+    return model.eval()

@@ -1,0 +1,86 @@
+"""NPT decoder layer: a Llama decoder layer whose attention drives the MLP gate instead of the residual.
+
+Teacher mode reproduces HF's LlamaDecoderLayer exactly; student mode is the NPT layer
+h' = h + MLP_mod(N2(h)).  `fused()` computes teacher targets and student outputs in one pass
+for training (attention on the teacher state is shared when the student reads it too).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .np_component import Modulation, NPComponent, modulated_mlp
+from .outputs import LayerOutput
+
+TEACHER, STUDENT = "teacher", "student"
+
+
+class NPTDecoderLayer(nn.Module):
+    def __init__(self, layer: nn.Module, layer_idx: int, np_component: NPComponent,
+                 modulation_scale: float = 0.1):
+        super().__init__()
+        # take over the frozen submodules so their parameter names stay model.layers.i.<name>
+        self.self_attn = layer.self_attn
+        self.mlp = layer.mlp
+        self.input_layernorm = layer.input_layernorm
+        self.post_attention_layernorm = layer.post_attention_layernorm
+        self.hidden_size = getattr(layer, "hidden_size", None)
+        self.layer_idx = layer_idx
+        self.np = np_component
+        self.modulation_scale = modulation_scale
+        self.mode = STUDENT
+        self.zero_np_output = False  # testing/diagnostics: force the NP modulation to zero
+
+    def attention(self, h: torch.Tensor, **attn_kwargs) -> torch.Tensor:
+        out, _ = self.self_attn(hidden_states=self.input_layernorm(h), **attn_kwargs)
+        return out
+
+    def modulation(self, attn: torch.Tensor) -> Modulation:
+        mod = self.np(attn)
+        if self.zero_np_output:
+            mod = Modulation(torch.zeros_like(mod.v_a), torch.zeros_like(mod.v_b),
+                             None if mod.v_c is None else torch.zeros_like(mod.v_c),
+                             None if mod.factor is None else torch.ones_like(mod.factor))
+        return mod
+
+    def student_mlp(self, h: torch.Tensor, attn: torch.Tensor) -> tuple[torch.Tensor, Modulation, torch.Tensor]:
+        x = self.post_attention_layernorm(h)
+        mod = self.modulation(attn)
+        return modulated_mlp(self.mlp, x, mod, self.modulation_scale), mod, x
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask=None, position_ids=None,
+                past_key_values=None, use_cache=False, position_embeddings=None, **kwargs):
+        attn_kwargs = dict(attention_mask=attention_mask, position_ids=position_ids,
+                           past_key_values=past_key_values, use_cache=use_cache,
+                           position_embeddings=position_embeddings, **kwargs)
+        residual = hidden_states
+        attn = self.attention(hidden_states, **attn_kwargs)
+        if self.mode == TEACHER:  # identical op order to transformers' LlamaDecoderLayer
+            hidden_states = residual + attn
+            residual = hidden_states
+            return residual + self.mlp(self.post_attention_layernorm(hidden_states))
+        y, _, _ = self.student_mlp(residual, attn)
+        return residual + y
+
+    def fused(self, h_t: torch.Tensor, h_s: torch.Tensor | None, ratio: float,
+              attn_kwargs: dict) -> tuple[torch.Tensor, torch.Tensor | None, LayerOutput]:
+        """One training pass of this layer for both streams.
+
+        The student reads h_in = (1-ratio)·h_T + ratio·h_S; its output always propagates:
+        h_S' = h_S + y.  With ratio 0 (or no student stream) the attention on h_T is computed once
+        and shared by the teacher target and the student modulation.  Teacher work runs without
+        autograd (the base is frozen and the teacher state carries no gradient).
+        """
+        with torch.no_grad():
+            attn_t = self.attention(h_t, **attn_kwargs)
+            h_mid = h_t + attn_t
+            mlp_t = self.mlp(self.post_attention_layernorm(h_mid))
+        if h_s is None or ratio == 0.0:
+            h_in, attn = h_t, attn_t
+        else:
+            h_in = h_s if ratio == 1.0 else (1.0 - ratio) * h_t + ratio * h_s
+            attn = self.attention(h_in, **attn_kwargs)
+        y, mod, x = self.student_mlp(h_in, attn)
+        target, new_t = attn_t + mlp_t, h_mid + mlp_t
+        new_s = None if h_s is None else h_s + y
+        return new_t, new_s, LayerOutput(self.layer_idx, y, target, attn, mod.v_a, mod.v_b, x, h_in)

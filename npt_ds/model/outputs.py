@@ -1,0 +1,37 @@
+"""What one fused NPT forward returns: per-layer tensors the losses and metrics need."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class LayerOutput:
+    """Tensors of one NPT layer for one forward (all (B, T, ...) float tensors).
+
+    student_out: y_i = MLP_mod(N2(h_in))  (what the NPT layer adds to the residual stream)
+    target:      a_T + MLP(N2(h_T + a_T)) (what the teacher layer added), None when not computed
+    attn:        attention output a that drives the modulation (B, T, d)
+    v_a:         (B, T, k, d) ; v_b: (B, T, k, d_ffn)
+    x:           N2(h_in), the MLP input (B, T, d)
+    h_in:        the hidden state the layer read (teacher/student mix)
+    """
+
+    index: int
+    student_out: torch.Tensor
+    target: torch.Tensor | None
+    attn: torch.Tensor
+    v_a: torch.Tensor
+    v_b: torch.Tensor
+    x: torch.Tensor
+    h_in: torch.Tensor
+
+
+@dataclass
+class NPTForwardOutput:
+    layers: list[LayerOutput] = field(default_factory=list)
+    teacher_hidden: torch.Tensor | None = None  # final-norm hidden state of the teacher stream (B, T, d)
+    student_hidden: torch.Tensor | None = None  # final-norm hidden state of the student stream
+    teacher_logits: torch.Tensor | None = None  # (B, T, V)
+    student_logits: torch.Tensor | None = None

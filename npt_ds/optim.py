@@ -1,0 +1,52 @@
+"""Optimizer parameter groups from name patterns, and LR updates that honour each group's multiplier.
+
+``optim.param_groups`` is an ordered list of ``{pattern, lr_mult, weight_decay}``; a trainable
+parameter joins the first pattern (``fnmatch``, case-sensitive, on its ``named_parameters()`` name)
+that matches it, else the ``default`` group (``lr_mult`` 1, ``optim.weight_decay``).  Parameters whose
+name matches any ``optim.no_decay`` pattern go to a ``/no_decay`` twin of their group with weight
+decay 0.  The result is a plain list of dicts, usable as ``deepspeed.initialize(model_parameters=...)``.
+"""
+from __future__ import annotations
+
+from fnmatch import fnmatchcase
+
+import torch
+from torch import nn
+
+from npt_ds.config import OptimConfig
+
+
+def build_param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
+    """Groups with keys ``params``, ``lr`` (= cfg.lr × lr_mult), ``weight_decay``, ``name``, ``lr_mult``.
+
+    Frozen parameters are left out; every trainable parameter is in exactly one group.  Groups come
+    in config order, then ``default``; a group's decay half precedes its ``/no_decay`` half; empty
+    groups are dropped.
+    """
+    specs = [(g["pattern"], float(g.get("lr_mult", 1.0)), float(g.get("weight_decay", cfg.weight_decay)))
+             for g in cfg.param_groups]
+    specs.append(("default", 1.0, float(cfg.weight_decay)))
+    buckets: dict[tuple[int, bool], list[nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        slot = next((i for i, (pattern, _, _) in enumerate(specs[:-1]) if fnmatchcase(name, pattern)), len(specs) - 1)
+        no_decay = any(fnmatchcase(name, pattern) for pattern in cfg.no_decay)
+        buckets.setdefault((slot, no_decay), []).append(param)
+    groups = []
+    for (slot, no_decay), params in sorted(buckets.items()):
+        pattern, lr_mult, weight_decay = specs[slot]
+        groups.append({
+            "params": params,
+            "lr": cfg.lr * lr_mult,
+            "weight_decay": 0.0 if no_decay else weight_decay,
+            "name": f"{pattern}/no_decay" if no_decay else pattern,
+            "lr_mult": lr_mult,
+        })
+    return groups
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set every group's LR to ``lr × group['lr_mult']`` (1 when a group has no multiplier)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_mult", 1.0)

@@ -1,0 +1,24 @@
+"""Shared fixtures: single-threaded torch, a tiny Llama, a free port for DeepSpeed."""
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+
+torch.set_num_threads(int(os.environ.get("NPT_TEST_THREADS", "1")))
+
+
+@pytest.fixture
+def tiny_model():
+    from npt_ds.model import tiny_llama
+
+    return tiny_llama()
+
+
+@pytest.fixture
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

