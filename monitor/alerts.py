@@ -1,7 +1,8 @@
 """Pure alert detectors over the metric stream (shared by ``--check`` and the app).
 
-Each detector sees every :class:`~monitor.stream.MetricRecord` in file order and
-returns at most one :class:`Alert` per record.  All thresholds live in
+Each detector scans the records of a :class:`~monitor.stream.Batch` (one JSON
+object per line, in file order; one column at a time for speed) and raises at
+most one :class:`Alert` per record.  All thresholds live in
 :class:`AlertConfig`.  The detectors are:
 
 ``nonfinite`` (error)
@@ -47,7 +48,7 @@ from collections import deque
 from dataclasses import dataclass, fields
 from typing import Iterable
 
-from .stream import TRAIN_EVENT, MetricRecord
+from .stream import TRAIN_EVENT, Batch
 
 __all__ = ["Alert", "AlertConfig", "AlertEngine", "ERROR", "WARNING", "KINDS"]
 
@@ -99,6 +100,9 @@ def _fmt(v: float) -> str:
     return f"{v:.4g}"
 
 
+Hits = list[tuple[int, str]]  # (index in batch, message)
+
+
 class _Detector:
     kind = ""
     severity = WARNING
@@ -106,22 +110,32 @@ class _Detector:
     def __init__(self, cfg: AlertConfig) -> None:
         self.cfg = cfg
 
-    def feed(self, rec: MetricRecord, step: int) -> str | None:  # pragma: no cover - abstract
+    def scan(self, batch: Batch) -> Hits:  # pragma: no cover - abstract
         raise NotImplementedError
+
+
+def _train_values(batch: Batch, key: str):
+    """(index, value) of finite ``key`` values on train lines."""
+    events = batch.events
+    for i, v in enumerate(batch.column(key)):
+        if (type(v) is float or type(v) is int) and _isfinite(v) and events[i] == TRAIN_EVENT:
+            yield i, v
 
 
 class NonFiniteDetector(_Detector):
     kind, severity = "nonfinite", ERROR
 
-    def feed(self, rec: MetricRecord, step: int) -> str | None:
-        if not rec.nonfinite:
-            return None
-        bad = [k for k in rec.nonfinite if k not in self.cfg.nonfinite_ignore]
-        if not bad:
-            return None
-        shown = ", ".join(f"{k}={_fmt(rec.values[k])}" for k in bad[:4])
-        more = f" (+{len(bad) - 4} more)" if len(bad) > 4 else ""
-        return f"non-finite {shown}{more}"
+    def scan(self, batch: Batch) -> Hits:
+        hits: Hits = []
+        ignore = self.cfg.nonfinite_ignore
+        for i in batch.maybe_nonfinite:
+            bad = [k for k in batch.nonfinite_keys(i) if k not in ignore]
+            if bad:
+                rec = batch.records[i]
+                shown = ", ".join(f"{k}={_fmt(rec[k])}" for k in bad[:4])
+                more = f" (+{len(bad) - 4} more)" if len(bad) > 4 else ""
+                hits.append((i, f"non-finite {shown}{more}"))
+        return hits
 
 
 class SkippedStepDetector(_Detector):
@@ -131,17 +145,19 @@ class SkippedStepDetector(_Detector):
         super().__init__(cfg)
         self.last = 0.0
 
-    def feed(self, rec: MetricRecord, step: int) -> str | None:
-        v = rec.values.get("skipped_steps")
-        went_up = False
-        if v is not None and _isfinite(v):
-            went_up = v > self.last
-            self.last = v
-        if rec.event == "nan_step" or went_up:
-            count = f", skipped_steps={int(self.last)}" if self.last else ""
-            why = "nan_step event" if rec.event == "nan_step" else "skipped_steps increased"
-            return f"step skipped ({why}{count})"
-        return None
+    def scan(self, batch: Batch) -> Hits:
+        hits: Hits = []
+        events = batch.events
+        for i, v in enumerate(batch.column("skipped_steps")):
+            went_up = False
+            if (type(v) is int or type(v) is float) and _isfinite(v):
+                went_up = v > self.last
+                self.last = v
+            if went_up or events[i] == "nan_step":
+                count = f", skipped_steps={int(self.last)}" if self.last else ""
+                why = "nan_step event" if events[i] == "nan_step" else "skipped_steps increased"
+                hits.append((i, f"step skipped ({why}{count})"))
+        return hits
 
 
 class KLDetector(_Detector):
@@ -151,17 +167,19 @@ class KLDetector(_Detector):
         super().__init__(cfg)
         self.active = False
 
-    def feed(self, rec: MetricRecord, step: int) -> str | None:
-        kl = rec.values.get(self.cfg.kl_key)
-        if kl is None or not _isfinite(kl):
-            return None
-        if kl > self.cfg.kl_threshold:
-            if not self.active:
-                self.active = True
-                return f"KL {_fmt(kl)} > {self.cfg.kl_threshold:g}"
-        else:
-            self.active = False
-        return None
+    def scan(self, batch: Batch) -> Hits:
+        hits: Hits = []
+        limit = self.cfg.kl_threshold
+        for i, kl in enumerate(batch.column(self.cfg.kl_key)):
+            if (type(kl) is not float and type(kl) is not int) or not _isfinite(kl):
+                continue
+            if kl > limit:
+                if not self.active:
+                    self.active = True
+                    hits.append((i, f"KL {_fmt(kl)} > {limit:g}"))
+            else:
+                self.active = False
+        return hits
 
 
 class GradSpikeDetector(_Detector):
@@ -173,28 +191,27 @@ class GradSpikeDetector(_Detector):
         self.ordered: list[float] = []
         self.active = False
 
-    def feed(self, rec: MetricRecord, step: int) -> str | None:
-        g = rec.values.get(self.cfg.grad_key)
-        if g is None or not _isfinite(g):
-            return None
-        msg = None
-        ordered = self.ordered
-        if len(ordered) >= self.cfg.grad_spike_min_history:
+    def scan(self, batch: Batch) -> Hits:
+        hits: Hits = []
+        cfg = self.cfg
+        recent, ordered = self.recent, self.ordered
+        for i, g in enumerate(batch.column(cfg.grad_key)):
+            if (type(g) is not float and type(g) is not int) or not _isfinite(g):
+                continue
             n = len(ordered)
-            median = ordered[n // 2] if n % 2 else 0.5 * (ordered[n // 2 - 1] + ordered[n // 2])
-            limit = self.cfg.grad_spike_factor * median
-            if median > 0 and g > limit:
-                if not self.active:
-                    self.active = True
-                    msg = f"grad_norm {_fmt(g)} = {g / median:.1f}x median {_fmt(median)}"
-            else:
-                self.active = False
-        self.recent.append(g)
-        insort(ordered, g)
-        if len(self.recent) > self.cfg.grad_spike_window:
-            old = self.recent.popleft()
-            del ordered[bisect_left(ordered, old)]
-        return msg
+            if n >= cfg.grad_spike_min_history:
+                median = ordered[n // 2] if n % 2 else 0.5 * (ordered[n // 2 - 1] + ordered[n // 2])
+                if median > 0 and g > cfg.grad_spike_factor * median:
+                    if not self.active:
+                        self.active = True
+                        hits.append((i, f"grad_norm {_fmt(g)} = {g / median:.1f}x median {_fmt(median)}"))
+                else:
+                    self.active = False
+            recent.append(g)
+            insort(ordered, g)
+            if len(recent) > cfg.grad_spike_window:
+                del ordered[bisect_left(ordered, recent.popleft())]
+        return hits
 
 
 class OscillationDetector(_Detector):
@@ -212,55 +229,54 @@ class OscillationDetector(_Detector):
         self.smoothed: deque[float] = deque(maxlen=max(1, cfg.osc_window))
         self.active = False
 
-    def feed(self, rec: MetricRecord, step: int) -> str | None:
-        if rec.event != TRAIN_EVENT:
-            return None
-        loss = rec.values.get(self.cfg.loss_key)
-        if loss is None or not _isfinite(loss):
-            return None
+    def scan(self, batch: Batch) -> Hits:
+        hits: Hits = []
         cfg = self.cfg
-        a = cfg.osc_ema_alpha
-        s = loss if self.ema is None else a * loss + (1.0 - a) * self.ema
-        self.ema = s
-        self.n += 1
-        self.smoothed.append(s)
-        h = cfg.osc_rel_amplitude * abs(s)
-        d = self.direction
-        if d == 0:
-            self.run_min = min(self.run_min, s)
-            self.run_max = max(self.run_max, s)
-            if s - self.run_min >= h and s > self.run_min:
-                self.direction, self.extreme = 1, s
-            elif self.run_max - s >= h and s < self.run_max:
-                self.direction, self.extreme = -1, s
-        elif d > 0:
-            if s > self.extreme:
-                self.extreme = s
-            elif self.extreme - s >= h:
-                self.direction, self.extreme = -1, s
-                self.reversals.append(self.n)
-        else:
-            if s < self.extreme:
-                self.extreme = s
-            elif s - self.extreme >= h:
-                self.direction, self.extreme = 1, s
-                self.reversals.append(self.n)
-        rev = self.reversals
-        while rev and rev[0] <= self.n - cfg.osc_window:
-            rev.popleft()
-        if len(rev) >= cfg.osc_min_reversals:
-            if not self.active:
-                self.active = True
-                sm = self.smoothed
-                mean = sum(sm) / len(sm)
-                amp = (max(sm) - min(sm)) / abs(mean) if mean else math.inf
-                return (
-                    f"loss oscillating: {len(rev)} reversals >= {cfg.osc_rel_amplitude:.0%} "
-                    f"in last {cfg.osc_window} steps (amplitude {amp:.0%})"
-                )
-        else:
-            self.active = False
-        return None
+        a, rel, window, need = cfg.osc_ema_alpha, cfg.osc_rel_amplitude, cfg.osc_window, cfg.osc_min_reversals
+        rev, smoothed = self.reversals, self.smoothed
+        for i, loss in _train_values(batch, cfg.loss_key):
+            s = loss if self.ema is None else a * loss + (1.0 - a) * self.ema
+            self.ema = s
+            self.n += 1
+            smoothed.append(s)
+            h = rel * abs(s)
+            d = self.direction
+            if d > 0:
+                if s > self.extreme:
+                    self.extreme = s
+                elif self.extreme - s >= h:
+                    self.direction, self.extreme = -1, s
+                    rev.append(self.n)
+            elif d < 0:
+                if s < self.extreme:
+                    self.extreme = s
+                elif s - self.extreme >= h:
+                    self.direction, self.extreme = 1, s
+                    rev.append(self.n)
+            else:  # direction not known yet: the first large move sets it
+                self.run_min = min(self.run_min, s)
+                self.run_max = max(self.run_max, s)
+                if s > self.run_min and s - self.run_min >= h:
+                    self.direction, self.extreme = 1, s
+                elif s < self.run_max and self.run_max - s >= h:
+                    self.direction, self.extreme = -1, s
+            while rev and rev[0] <= self.n - window:
+                rev.popleft()
+            if len(rev) >= need:
+                if not self.active:
+                    self.active = True
+                    mean = sum(smoothed) / len(smoothed)
+                    amp = (max(smoothed) - min(smoothed)) / abs(mean) if mean else math.inf
+                    hits.append(
+                        (
+                            i,
+                            f"loss oscillating: {len(rev)} reversals >= {rel:.0%} "
+                            f"in last {window} steps (amplitude {amp:.0%})",
+                        )
+                    )
+            else:
+                self.active = False
+        return hits
 
 
 class PlateauDetector(_Detector):
@@ -275,47 +291,45 @@ class PlateauDetector(_Detector):
         self.sum_newer = 0.0
         self.active = False
         self.since_fire = 0
+        self.seen = 0
 
-    def feed(self, rec: MetricRecord, step: int) -> str | None:
-        if rec.event != TRAIN_EVENT:
-            return None
-        loss = rec.values.get(self.cfg.loss_key)
-        if loss is None or not _isfinite(loss):
-            return None
+    def scan(self, batch: Batch) -> Hits:
+        hits: Hits = []
         half = self.half
-        self.newer.append(loss)
-        self.sum_newer += loss
-        if len(self.newer) > half:
-            v = self.newer.popleft()
-            self.sum_newer -= v
-            self.older.append(v)
-            self.sum_older += v
-            if len(self.older) > half:
-                self.sum_older -= self.older.popleft()
-        self.since_fire += 1
-        if len(self.older) < half:
-            return None
-        # recompute occasionally to stop float drift of the running sums
-        if self.since_fire % 4096 == 0:
-            self.sum_older, self.sum_newer = math.fsum(self.older), math.fsum(self.newer)
-        old_mean = self.sum_older / half
-        new_mean = self.sum_newer / half
-        flat = new_mean >= old_mean - self.cfg.plateau_min_rel_decrease * abs(old_mean)
-        if flat:
-            if not self.active:
-                self.active = True
-                self.since_fire = 0
-                return (
-                    f"loss not decreasing over {2 * half} steps "
-                    f"(mean {_fmt(old_mean)} -> {_fmt(new_mean)})"
-                )
-        elif self.since_fire >= 2 * half:
-            self.active = False
-        return None
+        older, newer = self.older, self.newer
+        min_dec = self.cfg.plateau_min_rel_decrease
+        for i, loss in _train_values(batch, self.cfg.loss_key):
+            newer.append(loss)
+            self.sum_newer += loss
+            if len(newer) > half:
+                v = newer.popleft()
+                self.sum_newer -= v
+                older.append(v)
+                self.sum_older += v
+                if len(older) > half:
+                    self.sum_older -= older.popleft()
+            self.since_fire += 1
+            self.seen += 1
+            if len(older) < half:
+                continue
+            if self.seen % 4096 == 0:  # stop float drift of the running sums
+                self.sum_older, self.sum_newer = math.fsum(older), math.fsum(newer)
+            old_mean = self.sum_older / half
+            new_mean = self.sum_newer / half
+            if new_mean >= old_mean - min_dec * abs(old_mean):
+                if not self.active:
+                    self.active = True
+                    self.since_fire = 0
+                    hits.append(
+                        (i, f"loss not decreasing over {2 * half} steps (mean {_fmt(old_mean)} -> {_fmt(new_mean)})")
+                    )
+            elif self.since_fire >= 2 * half:
+                self.active = False
+        return hits
 
 
 class AlertEngine:
-    """Runs all detectors over records in order; remembers the last step seen."""
+    """Runs all detectors over batches in file order."""
 
     def __init__(self, config: AlertConfig | None = None) -> None:
         self.config = config or AlertConfig()
@@ -331,21 +345,24 @@ class AlertEngine:
             OscillationDetector(cfg),
             PlateauDetector(cfg),
         ]
-        self.step = 0
+        self.step: int | None = None
 
-    def feed(self, rec: MetricRecord) -> list[Alert]:
-        if rec.step is not None:
-            self.step = rec.step
-        step = self.step
-        out: list[Alert] = []
-        for det in self.detectors:
-            msg = det.feed(rec, step)
-            if msg is not None:
-                out.append(Alert(step, det.kind, det.severity, msg, rec.line_no))
-        return out
+    def feed(self, batch: Batch) -> list[Alert]:
+        """Alerts raised by ``batch``, in line order (detector order within a line)."""
+        if not len(batch):
+            return []
+        batch.prepare(self.step)
+        if batch.last_step is not None:
+            self.step = batch.last_step
+        found: list[tuple[int, int, Alert]] = []
+        steps, line_nos = batch.steps, batch.line_nos
+        assert steps is not None
+        for order, det in enumerate(self.detectors):
+            for i, msg in det.scan(batch):
+                found.append((i, order, Alert(steps[i], det.kind, det.severity, msg, line_nos[i])))
+        found.sort(key=lambda t: (t[0], t[1]))
+        return [a for _, _, a in found]
 
-    def feed_all(self, records: Iterable[MetricRecord]) -> list[Alert]:
-        out: list[Alert] = []
-        for rec in records:
-            out.extend(self.feed(rec))
-        return out
+    def feed_dicts(self, records: Iterable[dict]) -> list[Alert]:
+        """Convenience for tests/scripts: feed plain dicts (one per line)."""
+        return self.feed(Batch.from_dicts(records))

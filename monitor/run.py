@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .alerts import Alert, AlertConfig, AlertEngine
-from .stream import CorruptLine, MetricRecord, RunState, parse_lines
+from .stream import Batch, CorruptLine, RunState, parse_lines
 from .tailer import FileTailer, TailBatch
 
 __all__ = ["Run", "check_file"]
@@ -41,34 +41,28 @@ class Run:
         self.resets += 1
         self.last_reset_reason = reason
 
-    def ingest(self, records: list[MetricRecord], corrupt: list[CorruptLine] = ()) -> list[Alert]:
-        """Fold records (and count corrupt lines); return the new alerts."""
-        state_ingest = self.state.ingest
-        feed = self.engine.feed
-        new: list[Alert] = []
-        for rec in records:
-            state_ingest(rec)
-            fired = feed(rec)
-            if fired:
-                new.extend(fired)
+    def ingest(self, batch: Batch, corrupt: list[CorruptLine] = ()) -> list[Alert]:
+        """Fold a batch (and count corrupt lines); return the new alerts."""
+        batch.prepare(self.state.step)
+        self.state.ingest(batch)
+        new = self.engine.feed(batch)
         for bad in corrupt:
             self.state.note_corrupt(bad)
         if new:
-            room = self.max_alerts - len(self.alerts)
-            if room < len(new):
-                self.dropped_alerts += len(new) - max(room, 0)
-            self.alerts.extend(new[: max(room, 0)])
+            room = max(0, self.max_alerts - len(self.alerts))
+            self.dropped_alerts += max(0, len(new) - room)
+            self.alerts.extend(new[:room])
         return new
 
     def apply(self, batch: TailBatch) -> list[Alert]:
         self.exists = batch.exists
         if batch.reset:
             self.reset(batch.reason)
-        return self.ingest(batch.records, batch.corrupt)
+        return self.ingest(batch.batch, batch.corrupt)
 
     def ingest_lines(self, lines: list[bytes | str], first_line_no: int = 1) -> list[Alert]:
-        records, corrupt = parse_lines(lines, first_line_no)
-        return self.ingest(records, corrupt)
+        batch, corrupt = parse_lines(lines, first_line_no)
+        return self.ingest(batch, corrupt)
 
 
 def check_file(
@@ -93,8 +87,8 @@ def check_file(
             if chunk.reset:
                 run.reset(chunk.reason)
                 corrupt_seen.clear()
-            records, corrupt = parse_lines(chunk.lines, chunk.first_line_no)
-            run.ingest(records, corrupt)
+            batch, corrupt = parse_lines(chunk.lines, chunk.first_line_no)
+            run.ingest(batch, corrupt)
             corrupt_seen.extend(corrupt[: max(0, keep_corrupt - len(corrupt_seen))])
             if not chunk.more:
                 break

@@ -25,7 +25,7 @@ from typing import Iterable
 __all__ = [
     "CorruptLine",
     "HeaderInfo",
-    "MetricRecord",
+    "Batch",
     "RunState",
     "Series",
     "format_eta",
@@ -61,59 +61,6 @@ class CorruptLine(ValueError):
         self.reason = reason
 
 
-class MetricRecord:
-    """One parsed line: step/event/time plus its numeric and string values."""
-
-    __slots__ = ("line_no", "step", "event", "time", "values", "strings", "nonfinite")
-
-    def __init__(
-        self,
-        line_no: int,
-        step: int | None,
-        event: str,
-        time: float | None,
-        values: dict[str, float],
-        strings: dict[str, str],
-        nonfinite: tuple[str, ...] = (),
-    ) -> None:
-        self.line_no = line_no
-        self.step = step
-        self.event = event
-        self.time = time
-        self.values = values
-        self.strings = strings
-        self.nonfinite = nonfinite
-
-    @classmethod
-    def from_obj(cls, obj: dict, line_no: int = 0) -> "MetricRecord":
-        values: dict[str, float] = {}
-        strings: dict[str, str] = {}
-        nonfinite: list[str] = []
-        for key, v in obj.items():
-            tv = type(v)
-            if tv is float or tv is int:
-                if key in NON_METRIC_KEYS:
-                    continue
-                values[key] = v
-                if tv is float and not _isfinite(v):
-                    nonfinite.append(key)
-            elif tv is str:
-                strings[key] = v
-        step = _as_int(obj.get("step"))
-        t = obj.get("time")
-        t = float(t) if type(t) in (int, float) and _isfinite(t) else None
-        event = obj.get("event")
-        if type(event) is not str or not event:
-            event = TRAIN_EVENT
-        total = _as_int(obj.get("run/total_steps"))
-        if total is not None:
-            values["run/total_steps"] = total
-        return cls(line_no, step, event, t, values, strings, tuple(nonfinite))
-
-    def __repr__(self) -> str:  # pragma: no cover - debugging aid
-        return f"MetricRecord(line={self.line_no}, step={self.step}, event={self.event!r}, n={len(self.values)})"
-
-
 def _as_int(v: object) -> int | None:
     if type(v) is int:
         return v
@@ -122,7 +69,80 @@ def _as_int(v: object) -> int | None:
     return None
 
 
-def parse_line(raw: bytes | str, line_no: int = 0) -> MetricRecord | None:
+class Batch:
+    """Consecutive parsed lines in columnar-friendly form.
+
+    ``records[i]`` is the JSON object of line ``line_nos[i]``; ``maybe_nonfinite``
+    lists the indices whose raw text contains ``NaN``/``Infinity`` (a cheap
+    substring test; :meth:`nonfinite_keys` does the exact check).
+    :meth:`prepare` resolves ``steps`` (a line without ``step`` belongs to the
+    last step seen) and ``events`` (default ``"train"``).
+    """
+
+    __slots__ = ("records", "line_nos", "maybe_nonfinite", "steps", "events", "last_step", "monotonic", "_cols")
+
+    def __init__(
+        self,
+        records: list[dict] | None = None,
+        line_nos: list[int] | None = None,
+        maybe_nonfinite: list[int] | None = None,
+    ) -> None:
+        self.records = records if records is not None else []
+        self.line_nos = line_nos if line_nos is not None else list(range(1, len(self.records) + 1))
+        if maybe_nonfinite is None:  # built from dicts: check every record
+            maybe_nonfinite = list(range(len(self.records)))
+        self.maybe_nonfinite = maybe_nonfinite
+        self.steps: list[int] | None = None
+        self.events: list[str] = []
+        self.last_step: int | None = None
+        self.monotonic = True
+        self._cols: dict[str, list] = {}
+
+    @classmethod
+    def from_dicts(cls, records: Iterable[dict], first_line_no: int = 1) -> "Batch":
+        recs = list(records)
+        return cls(recs, list(range(first_line_no, first_line_no + len(recs))))
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def prepare(self, last_step: int | None) -> "Batch":
+        """Resolve steps/events, carrying ``last_step`` in.  Idempotent."""
+        if self.steps is not None:
+            return self
+        steps: list[int] = []
+        append = steps.append
+        have = last_step
+        cur = 0 if last_step is None else last_step
+        for obj in self.records:
+            s = obj.get("step")
+            if type(s) is not int:
+                s = _as_int(s)
+            if s is not None:
+                cur = have = s
+            append(cur)
+        self.steps = steps
+        self.last_step = have
+        self.events = [
+            e if type(e) is str and e else TRAIN_EVENT for e in [o.get("event") for o in self.records]
+        ]
+        self.monotonic = all(a <= b for a, b in zip(steps, steps[1:]))
+        return self
+
+    def column(self, key: str) -> list:
+        """Values of ``key`` per record (``None`` where missing); cached."""
+        col = self._cols.get(key)
+        if col is None:
+            col = self._cols[key] = [o.get(key) for o in self.records]
+        return col
+
+    def nonfinite_keys(self, i: int) -> list[str]:
+        return [
+            k for k, v in self.records[i].items() if type(v) is float and not _isfinite(v) and k not in NON_METRIC_KEYS
+        ]
+
+
+def parse_line(raw: bytes | str, line_no: int = 0) -> dict | None:
     """Parse one line.  Blank lines give ``None``; bad lines raise :class:`CorruptLine`."""
     if not raw.strip():
         return None
@@ -133,24 +153,33 @@ def parse_line(raw: bytes | str, line_no: int = 0) -> MetricRecord | None:
         raise CorruptLine(line_no, f"not JSON ({msg})") from None
     if type(obj) is not dict:
         raise CorruptLine(line_no, f"not a JSON object ({type(obj).__name__})")
-    return MetricRecord.from_obj(obj, line_no)
+    return obj
 
 
-def parse_lines(
-    lines: Iterable[bytes | str], first_line_no: int = 1
-) -> tuple[list[MetricRecord], list[CorruptLine]]:
+def parse_lines(lines: Iterable[bytes | str], first_line_no: int = 1) -> tuple[Batch, list[CorruptLine]]:
     """Parse consecutive lines numbered from ``first_line_no``."""
-    records: list[MetricRecord] = []
+    records: list[dict] = []
+    line_nos: list[int] = []
+    suspicious: list[int] = []
     corrupt: list[CorruptLine] = []
+    loads = json.loads
     for i, raw in enumerate(lines, first_line_no):
         try:
-            rec = parse_line(raw, i)
-        except CorruptLine as exc:
-            corrupt.append(exc)
+            obj = loads(raw)
+        except (ValueError, RecursionError) as exc:
+            if not raw.strip():
+                continue
+            msg = exc.msg if isinstance(exc, json.JSONDecodeError) else type(exc).__name__
+            corrupt.append(CorruptLine(i, f"not JSON ({msg})"))
             continue
-        if rec is not None:
-            records.append(rec)
-    return records, corrupt
+        if type(obj) is not dict:
+            corrupt.append(CorruptLine(i, f"not a JSON object ({type(obj).__name__})"))
+            continue
+        if (b"NaN" in raw or b"Infinity" in raw) if type(raw) is bytes else ("NaN" in raw or "Infinity" in raw):
+            suspicious.append(len(records))
+        records.append(obj)
+        line_nos.append(i)
+    return Batch(records, line_nos, suspicious), corrupt
 
 
 class Series:
@@ -189,6 +218,33 @@ class Series:
             self.xs = self.xs[::2]
             self.ys = self.ys[::2]
             self.stride *= 2
+
+    def extend(self, xs: list[int], ys) -> None:
+        """Append many points; ``xs`` must be non-decreasing."""
+        n = len(xs)
+        if not n:
+            return
+        if xs[0] < self.last_x:
+            cut = bisect_left(self.xs, xs[0])
+            del self.xs[cut:]
+            del self.ys[cut:]
+        s, k = self.stride, self._skip
+        start = s - 1 - k
+        if start == 0 and s == 1:
+            self.xs.extend(array("d", xs))
+            self.ys.extend(ys if type(ys) is array else array("d", ys))
+        elif start < n:
+            self.xs.extend(array("d", xs[start::s]))
+            self.ys.extend(array("d", ys[start::s]))
+        self._skip = (k + n) % s
+        self.last_x = xs[-1]
+        self.last_y = ys[-1]
+        self.count += n
+        while len(self.xs) >= self.cap:
+            self.xs = self.xs[::2]
+            self.ys = self.ys[::2]
+            self.stride *= 2
+            self._skip = 0
 
     def window(
         self, x0: float | None = None, x1: float | None = None, max_points: int = 400
@@ -300,41 +356,87 @@ class RunState:
         self._layer_cache: dict[str, tuple[int, str] | None] = {}
 
     # -- folding -----------------------------------------------------------------
-    def ingest(self, rec: MetricRecord) -> None:
-        self.n_records += 1
-        if rec.line_no > self.n_lines:
-            self.n_lines = rec.line_no
-        event = rec.event
-        self.events[event] = self.events.get(event, 0) + 1
-        step = rec.step
-        if step is not None:
-            self.step = step
-        else:  # a line without a step belongs to the last step seen
-            step = self.step if self.step is not None else 0
-        strings = rec.strings
-        if strings:
-            self.strings.update(strings)
-            name = strings.get("run/name")
-            if name:
-                self.name = name
-        values = rec.values
-        total = values.get("run/total_steps")
-        if total is not None:
-            self.total_steps = int(total)
-        latest = self.latest
-        series = self.series
-        cap = self.max_points
-        for key, v in values.items():
-            latest[key] = v
-            s = series.get(key)
-            if s is None:
-                s = series[key] = Series(cap)
-            s.append(step, v)
-        if rec.time is not None and event == TRAIN_EVENT:
-            if self.first_time is None:
-                self.first_time = (rec.time, step)
-            self.last_time = (rec.time, step)
+    def ingest(self, batch: Batch) -> None:
+        """Fold a batch of records (columnar: one pass per key, not per value)."""
+        n = len(batch)
+        if not n:
+            return
+        batch.prepare(self.step)
+        recs, steps, events = batch.records, batch.steps, batch.events
+        assert steps is not None
+        self.n_records += n
+        if batch.line_nos[-1] > self.n_lines:
+            self.n_lines = batch.line_nos[-1]
+        counts = self.events
+        if events.count(TRAIN_EVENT) == n:
+            counts[TRAIN_EVENT] = counts.get(TRAIN_EVENT, 0) + n
+        else:
+            for e in events:
+                counts[e] = counts.get(e, 0) + 1
+        if batch.last_step is not None:
+            self.step = batch.last_step
+        keys = set().union(*recs)
+        if "run/total_steps" in keys:
+            for v in reversed(batch.column("run/total_steps")):
+                if _as_int(v) is not None:
+                    self.total_steps = _as_int(v)
+                    break
+        keys.difference_update(NON_METRIC_KEYS)
+        keys.discard("event")
+        for key in keys:
+            col = batch.column(key)
+            if batch.monotonic:
+                try:
+                    ys = array("d", col)  # all present and numeric: fast path
+                except TypeError:
+                    pass
+                else:
+                    self._series(key).extend(steps, ys)
+                    self.latest[key] = col[-1]
+                    continue
+            self._ingest_slow(key, col, steps)
+        name = self.strings.get("run/name")
+        if name:
+            self.name = name
+        for i in range(n - 1, -1, -1):
+            if events[i] == TRAIN_EVENT:
+                t = recs[i].get("time")
+                if type(t) in (int, float) and _isfinite(t):
+                    self.last_time = (float(t), steps[i])
+                    if self.first_time is None:
+                        self._set_first_time(recs, steps, events)
+                break
         self.version += 1
+
+    def _set_first_time(self, recs: list[dict], steps: list[int], events: list[str]) -> None:
+        for obj, step, e in zip(recs, steps, events):
+            t = obj.get("time")
+            if e == TRAIN_EVENT and type(t) in (int, float) and _isfinite(t):
+                self.first_time = (float(t), step)
+                return
+
+    def _series(self, key: str) -> Series:
+        s = self.series.get(key)
+        if s is None:
+            s = self.series[key] = Series(self.max_points)
+        return s
+
+    def _ingest_slow(self, key: str, col: list, steps: list[int]) -> None:
+        series = None
+        last_num = last_str = None
+        for x, v in zip(steps, col):
+            t = type(v)
+            if t is float or t is int:
+                if series is None:
+                    series = self._series(key)
+                series.append(x, v)
+                last_num = v
+            elif t is str:
+                last_str = v
+        if last_num is not None:
+            self.latest[key] = last_num
+        if last_str is not None:
+            self.strings[key] = last_str
 
     def note_corrupt(self, bad: CorruptLine, keep: int = 100) -> None:
         self.corrupt_count += 1

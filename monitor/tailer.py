@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Callable
 
-from .stream import CorruptLine, MetricRecord, parse_lines
+from .stream import Batch, CorruptLine, parse_lines
 
 __all__ = ["FileTailer", "TailBatch", "TailChunk", "TailerThread"]
 
@@ -141,7 +141,7 @@ class FileTailer:
 class TailBatch:
     """Parsed new content of one file, as handed to the sink."""
 
-    records: list[MetricRecord] = field(default_factory=list)
+    batch: Batch = field(default_factory=Batch)
     corrupt: list[CorruptLine] = field(default_factory=list)
     reset: bool = False
     reason: str = ""
@@ -199,8 +199,8 @@ class TailerThread(threading.Thread):
                     stop.wait(self.interval)
                     continue
                 announced_missing = False
-                records, corrupt = parse_lines(chunk.lines, chunk.first_line_no)
-                batch = TailBatch(records, corrupt, chunk.reset, chunk.reason, True, chunk.more)
+                parsed, corrupt = parse_lines(chunk.lines, chunk.first_line_no)
+                batch = TailBatch(parsed, corrupt, chunk.reset, chunk.reason, True, chunk.more)
                 if not self._deliver(batch):
                     return
                 if not chunk.more:

@@ -62,6 +62,8 @@ class NPTConfig:
 class DataConfig:
     source: str = "shakespeare"  # "shakespeare" | a hub dataset name | "files"
     files: list = field(default_factory=list)  # local text/jsonl/json/parquet files (source: files)
+    eval_files: list = field(default_factory=list)  # held-out files (source: files)
+    eval_split: str = "validation"  # hub datasets
     text_key: str = "text"
     split: str = "train"
     seq_len: int = 128
@@ -234,6 +236,11 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         base = typing.get_origin(typ) or typ
         if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if base is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if base is int and isinstance(value, int) and not isinstance(value, bool):
             return value
         if base in (str, bool, list, dict) and isinstance(value, base):

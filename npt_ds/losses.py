@@ -118,7 +118,8 @@ def fidelity_loss(out: NPTForwardOutput, on: str) -> torch.Tensor:
     return total
 
 
-def kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+def kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+       temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``(T² · KL, KL)`` with KL = mean over tokens of Σ_v p_T,v (log p_T,v − log p_S,v), p = softmax(z / T)."""
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(f"KD needs student and teacher logits of one shape, got {tuple(student_logits.shape)} "
@@ -135,7 +136,8 @@ def modulation_coefficient(v_a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.einsum("btkd,btd->bt", v_a.float(), x.float())
 
 
-def modulation_guidance_loss(v_a: torch.Tensor, x: torch.Tensor, attn: torch.Tensor, h_in: torch.Tensor) -> torch.Tensor:
+def modulation_guidance_loss(v_a: torch.Tensor, x: torch.Tensor, attn: torch.Tensor,
+                             h_in: torch.Tensor) -> torch.Tensor:
     """Modulation strength should follow attention strength, and must not collapse.
 
     m = sigmoid(Σ_k v_a,k·x), g = sigmoid(‖a‖ / max(‖h_in‖, 1e-6)) per token (g detached);
@@ -153,16 +155,29 @@ def info_bottleneck_loss(v_a: torch.Tensor) -> torch.Tensor:
     return v_a.float().pow(2).sum(-1).mean()
 
 
+def principal_directions(h: torch.Tensor, num: int, oversample: int = 8, iters: int = 4) -> torch.Tensor:
+    """(p, d) top right singular vectors of the centred rows of h (N, d), p = min(num, N, d).
+
+    Randomized subspace iteration (fixed seed, so the global RNG is untouched) of width
+    q = min(num + oversample, N, d); exact when q = min(N, d), cheap for large N and d.
+    """
+    h = h - h.mean(0, keepdim=True)
+    q = min(num + oversample, *h.shape)
+    gen = torch.Generator(device=h.device).manual_seed(0)
+    basis = torch.linalg.qr(h @ torch.randn(h.shape[1], q, generator=gen, device=h.device, dtype=h.dtype)).Q
+    for _ in range(iters):
+        basis = torch.linalg.qr(h @ torch.linalg.qr(h.T @ basis).Q).Q
+    return torch.linalg.svd(basis.T @ h, full_matrices=False).Vh[: min(num, *h.shape)]
+
+
 def orthogonality_loss(v_a: torch.Tensor, h_in: torch.Tensor, num_pcs: int) -> torch.Tensor:
     """Fraction of v_a's energy in the top principal subspace of h_in.
 
-    P = top-``num_pcs`` right singular vectors of the batch's centred h_in (B·T, d), detached (p is capped
-    at min(B·T, d)).  loss = mean over (b, t, k) of ‖P v_a‖² / max(‖v_a‖², 1e-12) ∈ [0, 1].
+    P = :func:`principal_directions` of the batch's h_in rows (B·T, d), detached, ``num_pcs`` of them.
+    loss = mean over (b, t, k) of ‖P v_a‖² / max(‖v_a‖², 1e-12) ∈ [0, 1].
     """
     d = h_in.shape[-1]
-    h = h_in.detach().float().reshape(-1, d)
-    h = h - h.mean(0, keepdim=True)
-    basis = torch.linalg.svd(h, full_matrices=False).Vh[: min(num_pcs, *h.shape)]
+    basis = principal_directions(h_in.detach().float().reshape(-1, d), num_pcs)
     v = v_a.float().reshape(-1, d)
     return ((v @ basis.T).pow(2).sum(-1) / v.pow(2).sum(-1).clamp_min(1e-12)).mean()
 
@@ -317,7 +332,8 @@ class NPTLoss(nn.Module):
         if not self.training:
             return self.adaptive.weights(list(objectives))
         if params is None:
-            raise ValueError("loss.adaptive_weighting needs the trainable parameters: call loss(out, ..., params=[...])")
+            raise ValueError("loss.adaptive_weighting needs the trainable parameters: "
+                             "call loss(out, ..., params=[...])")
         return self.adaptive.update(objectives, params)
 
 

@@ -9,7 +9,8 @@ import torch
 from npt_ds.config import ConfigError, LossConfig
 from npt_ds.losses import (AdaptiveWeighter, NPTLoss, difficulty_token_weights, direct_mse, fidelity_loss,
                            info_bottleneck_loss, kd, modulation_guidance_loss, np_regularization,
-                           orthogonality_loss, parse_layer_weights, projection_consistency_loss)
+                           orthogonality_loss, parse_layer_weights, principal_directions,
+                           projection_consistency_loss)
 from npt_ds.model.outputs import LayerOutput, NPTForwardOutput
 
 B, T, K, D, FF, V = 2, 3, 2, 4, 5, 7
@@ -156,6 +157,21 @@ def test_orthogonality_against_eigh_basis():
     outside = torch.tensor(evecs[:, 0].tolist()).float().expand(4, 8, K, 6)
     assert orthogonality_loss(inside, h_in, 2).item() == pytest.approx(1.0, abs=1e-5)
     assert orthogonality_loss(outside, h_in, 2).item() == pytest.approx(0.0, abs=1e-5)
+
+
+def test_principal_directions_randomized_regime_matches_eigh():
+    g = torch.Generator().manual_seed(24)
+    # 300 x 80 with a dominant 3-dim subspace: q = 3 + 8 < min(N, d), so the randomized path is used
+    h = torch.randn(300, 80, generator=g) + torch.randn(300, 3, generator=g) @ torch.randn(3, 80, generator=g) * 4
+    hc = (h - h.mean(0)).double()
+    evecs = torch.linalg.eigh(hc.T @ hc).eigenvectors[:, -3:].flip(1).T.float()
+    got = principal_directions(h, 3)
+    assert got.shape == (3, 80)
+    assert (got @ evecs.T).abs().diagonal().tolist() == pytest.approx([1.0, 1.0, 1.0], abs=1e-4)
+    assert torch.equal(principal_directions(h, 3), got)  # deterministic
+    state = torch.get_rng_state()
+    principal_directions(h, 3)
+    assert torch.equal(torch.get_rng_state(), state)  # global RNG untouched
 
 
 def test_projection_consistency():

@@ -40,7 +40,7 @@ def test_modulated_mlp_matches_explicit_delta_w(k, dual, multiplicative):
     if comp.W_m is not None:
         nn.init.normal_(comp.W_m, std=0.5)
     attn, x = torch.randn(T, d, dtype=torch.float64), torch.randn(T, d, dtype=torch.float64)
-    mod = comp(attn)
+    mod = Modulation(*comp(attn))
     assert mod.v_a.shape == (T, k, d) and mod.v_b.shape == (T, k, f)
     got = modulated_mlp(mlp, x, mod, 0.1)
     want = reference_modulated_mlp(mlp, x, mod, 0.1)
@@ -133,7 +133,7 @@ def test_fold_reproduces_modulated_gate(multiplicative):
     for p in layer.np.parameters():
         nn.init.normal_(p, std=0.2)
     attn = torch.randn(64)
-    mod = layer.np(attn)
+    mod = Modulation(*layer.np(attn))
     x = torch.randn(9, 64)
     want_gate = (mod.factor if multiplicative else 1) * layer.mlp.gate_proj(x) + \
         0.37 * (x @ mod.v_a.T) @ mod.v_b

@@ -127,7 +127,7 @@ def fold_context(model: nn.Module, input_ids: torch.Tensor, positions: list[int]
     for layer in chosen:
         attn = captured[layer.layer_idx][0]  # (T, d)
         for pos in positions:
-            mod = layer.np(attn[pos])
+            mod = Modulation(*layer.np(attn[pos]))
             if len(positions) > 1:  # average the per-token updates
                 mod = Modulation(mod.v_a, mod.v_b / len(positions),
                                  None if mod.v_c is None else mod.v_c / len(positions), mod.factor)

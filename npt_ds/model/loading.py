@@ -12,7 +12,8 @@ from ..config import ConfigError, ModelConfig
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TINY_DEFAULTS = dict(vocab_size=320, hidden_size=64, intermediate_size=160, num_hidden_layers=4,
                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                     tie_word_embeddings=True, rms_norm_eps=1e-5)
+                     tie_word_embeddings=True, rms_norm_eps=1e-5,
+                     initializer_range=0.1)  # activations of a realistic scale, so NP gradients are too
 
 
 class ByteTokenizer:

@@ -47,7 +47,11 @@ class NPComponent(nn.Module):
         if self.W_m is not None:
             nn.init.zeros_(self.W_m)
 
-    def forward(self, attn: torch.Tensor) -> Modulation:
+    def forward(self, attn: torch.Tensor) -> tuple:
+        """-> (v_a, v_b, v_c | None, factor | None): a plain tuple so ZeRO-3's hooks see the tensors.
+
+        Wrap it as `Modulation(*np_component(attn))`.
+        """
         dtype = self.W_down.dtype
         r = attn.to(dtype) @ self.W_down  # (..., rank)
         lead = r.shape[:-1]
@@ -59,8 +63,7 @@ class NPComponent(nn.Module):
         factor = None
         if self.W_m is not None:
             factor = 0.5 + torch.sigmoid(r @ self.W_m)
-        return Modulation(up(self.W_a_up), up(self.W_b_up),
-                          up(self.W_c_up) if self.W_c_up is not None else None, factor)
+        return (up(self.W_a_up), up(self.W_b_up), up(self.W_c_up) if self.W_c_up is not None else None, factor)
 
 
 def modulated_mlp(mlp: nn.Module, x: torch.Tensor, mod: Modulation, scale: float) -> torch.Tensor:

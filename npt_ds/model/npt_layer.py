@@ -30,13 +30,14 @@ class NPTDecoderLayer(nn.Module):
         self.modulation_scale = modulation_scale
         self.mode = STUDENT
         self.zero_np_output = False  # testing/diagnostics: force the NP modulation to zero
+        self.checkpoint_student = False  # recompute the student MLP in backward (activation checkpointing)
 
     def attention(self, h: torch.Tensor, **attn_kwargs) -> torch.Tensor:
         out, _ = self.self_attn(hidden_states=self.input_layernorm(h), **attn_kwargs)
         return out
 
     def modulation(self, attn: torch.Tensor) -> Modulation:
-        mod = self.np(attn)
+        mod = Modulation(*self.np(attn))
         if self.zero_np_output:
             mod = Modulation(torch.zeros_like(mod.v_a), torch.zeros_like(mod.v_b),
                              None if mod.v_c is None else torch.zeros_like(mod.v_c),
@@ -80,7 +81,12 @@ class NPTDecoderLayer(nn.Module):
         else:
             h_in = h_s if ratio == 1.0 else (1.0 - ratio) * h_t + ratio * h_s
             attn = self.attention(h_in, **attn_kwargs)
-        y, mod, x = self.student_mlp(h_in, attn)
+        if self.checkpoint_student and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            y, mod, x = checkpoint(self.student_mlp, h_in, attn, use_reentrant=False)
+        else:
+            y, mod, x = self.student_mlp(h_in, attn)
         target, new_t = attn_t + mlp_t, h_mid + mlp_t
         new_s = None if h_s is None else h_s + y
         return new_t, new_s, LayerOutput(self.layer_idx, y, target, attn, mod.v_a, mod.v_b, x, h_in)

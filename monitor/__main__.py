@@ -1,0 +1,7 @@
+"""``python -m monitor`` == ``npt-monitor``."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

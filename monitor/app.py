@@ -1,0 +1,195 @@
+"""The npt-monitor Textual app: one :class:`RunView` column per metrics file.
+
+View state shared by all runs (so that runs compare step for step):
+
+* ``paused``   - display frozen; files are still read and alerts detected.
+* ``jump_step``- plots show a window around this step (an alert); ``None``
+  means follow the newest steps.
+* ``zoom``     - plotted step span (``None``: the whole run).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from textual.app import App, ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal
+from textual.reactive import reactive
+from textual.widgets import Footer, OptionList
+
+from .alerts import Alert, AlertConfig
+from .stream import metrics_path
+from .widgets import AlertsPanel, HelpScreen, MetricPickerScreen, RunView
+
+ZOOMS: tuple[int | None, ...] = (None, 5000, 1000, 200)
+
+
+class MonitorApp(App[int]):
+    CSS_PATH = "monitor.tcss"
+    TITLE = "npt-monitor"
+    AUTO_FOCUS = "AlertsPanel"
+
+    BINDINGS = [
+        Binding("q", "quit", "Quit"),
+        Binding("question_mark", "help", "Help", key_display="?"),
+        Binding("p", "toggle_pause", "Pause"),
+        Binding("f", "follow", "Follow"),
+        Binding("j", "jump", "Jump to alert"),
+        Binding("n", "next_alert(1)", "Next alert"),
+        Binding("N", "next_alert(-1)", "Prev alert", show=False),
+        Binding("z", "zoom", "Zoom"),
+        Binding("m", "pick_metrics", "Metrics"),
+    ]
+
+    paused: reactive[bool] = reactive(False)
+    jump_step: reactive[int | None] = reactive(None)
+    zoom: reactive[int | None] = reactive(None)
+
+    def __init__(
+        self,
+        paths: Sequence[str | Path],
+        config: AlertConfig | None = None,
+        poll_interval: float = 0.2,
+        refresh_interval: float = 0.25,
+        zooms: tuple[int | None, ...] = ZOOMS,
+    ) -> None:
+        super().__init__()
+        if not paths:
+            raise ValueError("npt-monitor needs at least one metrics file or run directory")
+        self.paths = [metrics_path(p) for p in paths]
+        self.config = config or AlertConfig()
+        self.poll_interval = poll_interval
+        self.refresh_interval = refresh_interval
+        self.zooms = zooms or (None,)
+        self.set_reactive(MonitorApp.zoom, self.zooms[0])
+
+    def compose(self) -> ComposeResult:
+        with Horizontal(id="runs", classes="-multi" if len(self.paths) > 1 else ""):
+            for i, path in enumerate(self.paths):
+                yield RunView(path, self.config, self.poll_interval, self.refresh_interval, id=f"run-{i}")
+        yield Footer()
+
+    # -- helpers -------------------------------------------------------------------
+    @property
+    def run_views(self) -> list[RunView]:
+        return list(self.query(RunView))
+
+    def refresh_runs(self, force: bool = True) -> None:
+        for view in self.run_views:
+            view.refresh_view(force=force)
+
+    def active_panel(self) -> AlertsPanel | None:
+        """The focused alert list, else the first one with a selection, else one with alerts."""
+        focused = self.focused
+        if isinstance(focused, AlertsPanel):
+            return focused
+        panels = list(self.query(AlertsPanel))
+        for panel in panels:
+            if panel.highlighted is not None:
+                return panel
+        for panel in panels:
+            if panel.alerts:
+                return panel
+        return panels[0] if panels else None
+
+    def jump_to(self, alert: Alert) -> None:
+        self.jump_step = alert.step
+
+    # -- reactive watchers -----------------------------------------------------------
+    def watch_paused(self, paused: bool) -> None:
+        self.refresh_runs(force=not paused)
+
+    def watch_jump_step(self, step: int | None) -> None:
+        self.refresh_runs()
+
+    def watch_zoom(self, zoom: int | None) -> None:
+        self.refresh_runs()
+
+    # -- actions ---------------------------------------------------------------------
+    def action_help(self) -> None:
+        if isinstance(self.screen, HelpScreen):
+            self.screen.dismiss(None)
+        else:
+            self.push_screen(HelpScreen(self.config))
+
+    def action_toggle_pause(self) -> None:
+        self.paused = not self.paused
+
+    def action_follow(self) -> None:
+        self.paused = False
+        self.jump_step = None
+
+    def action_jump(self) -> None:
+        panel = self.active_panel()
+        if panel is None or not panel.alerts:
+            self.notify("no alerts yet", timeout=2)
+            return
+        if panel.highlighted is None:
+            panel.highlighted = len(panel.alerts) - 1
+        alert = panel.selected_alert
+        if alert is not None:
+            self.jump_to(alert)
+
+    def action_next_alert(self, delta: int = 1) -> None:
+        panel = self.active_panel()
+        if panel is None or not panel.alerts:
+            self.notify("no alerts yet", timeout=2)
+            return
+        if panel.highlighted is None:
+            panel.highlighted = 0 if delta > 0 else len(panel.alerts) - 1
+        else:
+            panel.highlighted = max(0, min(len(panel.alerts) - 1, panel.highlighted + delta))
+        alert = panel.selected_alert
+        if alert is not None:
+            self.jump_to(alert)
+
+    def action_zoom(self) -> None:
+        i = self.zooms.index(self.zoom) if self.zoom in self.zooms else -1
+        self.zoom = self.zooms[(i + 1) % len(self.zooms)]
+        label = "whole run" if self.zoom is None else f"{self.zoom:,} steps"
+        self.notify(f"zoom: {label}", timeout=2)
+
+    def action_pick_metrics(self) -> None:
+        views = self.run_views
+        keys = sorted({k for v in views for k in v.state.numeric_keys()})
+        if not keys:
+            self.notify("no metrics yet", timeout=2)
+            return
+
+        def apply(chosen: tuple[str, ...] | None) -> None:
+            if chosen is None:
+                return
+            for v in views:
+                v.components = chosen
+            self.refresh_runs()
+
+        self.push_screen(MetricPickerScreen(keys, views[0].current_components()), apply)
+
+    def on_option_list_option_selected(self, event: OptionList.OptionSelected) -> None:
+        panel = event.option_list
+        if isinstance(panel, AlertsPanel):
+            alert = panel.selected_alert
+            if alert is not None:
+                self.jump_to(alert)
+
+    def on_unmount(self) -> None:
+        for view in self.run_views:
+            view.stop()
+
+
+def make_app(paths: Sequence[str | Path], config: AlertConfig | None = None, **options) -> MonitorApp:
+    """Factory used by the CLI and the tests.
+
+    ``options``: ``poll_interval``, ``refresh_interval``, ``zooms``; any
+    :class:`AlertConfig` field (e.g. ``kl_threshold=6``) overrides ``config``.
+    """
+    fields = set(AlertConfig.field_names())
+    overrides = {k: options.pop(k) for k in list(options) if k in fields}
+    cfg = config or AlertConfig()
+    if overrides:
+        from dataclasses import replace
+
+        cfg = replace(cfg, **overrides)
+    return MonitorApp(paths, cfg, **options)

@@ -1,0 +1,66 @@
+"""Keyboard help screen (``?``)."""
+
+from __future__ import annotations
+
+from rich.table import Table
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import VerticalScroll
+from textual.screen import ModalScreen
+from textual.widgets import Static
+
+from ..alerts import AlertConfig
+
+KEYS = (
+    ("?", "show / hide this help"),
+    ("q", "quit"),
+    ("p", "pause / resume the display (the file is still read)"),
+    ("f", "follow: resume live view, plots track the newest steps"),
+    ("j / enter", "jump the plots to the step of the selected alert"),
+    ("n / N", "select the next / previous alert and jump to it"),
+    ("z", "zoom: cycle the plotted step window"),
+    ("m", "metric picker for the lower plot"),
+    ("tab", "move focus (alert list of each run, layer table)"),
+)
+
+
+def help_renderable(cfg: AlertConfig) -> Table:
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold cyan", no_wrap=True)
+    grid.add_column()
+    for key, what in KEYS:
+        grid.add_row(key, what)
+    grid.add_row("", "")
+    grid.add_row(Text("alerts", style="bold"), "")
+    grid.add_row("nonfinite", "a NaN/Inf value on a line")
+    grid.add_row("skipped", "nan_step event or skipped_steps went up")
+    grid.add_row("kl_high", f"kd/kl > {cfg.kl_threshold:g}")
+    grid.add_row("grad_spike", f"grad_norm > {cfg.grad_spike_factor:g}x median of last {cfg.grad_spike_window}")
+    grid.add_row(
+        "oscillation",
+        f">= {cfg.osc_min_reversals} reversals of the EMA({cfg.osc_ema_alpha:g}) loss, each >= "
+        f"{cfg.osc_rel_amplitude:.0%} of its level, within {cfg.osc_window} steps",
+    )
+    grid.add_row("plateau", f"mean loss of the last {cfg.plateau_window // 2} steps >= the {cfg.plateau_window // 2} before")
+    return grid
+
+
+class HelpScreen(ModalScreen[None]):
+    BINDINGS = [
+        Binding("escape", "dismiss", "Close"),
+        Binding("question_mark", "dismiss", "Close", key_display="?"),
+    ]
+
+    def __init__(self, cfg: AlertConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+
+    def compose(self) -> ComposeResult:
+        with VerticalScroll(id="help-box") as box:
+            box.border_title = "npt-monitor keys"
+            box.border_subtitle = "esc / ? to close"
+            yield Static(help_renderable(self.cfg))
+
+    def action_dismiss(self, result: None = None) -> None:  # type: ignore[override]
+        self.dismiss(None)

@@ -1,0 +1,136 @@
+"""Line plot of one or more metric series, drawn with plotext (braille markers).
+
+The series are downsampled to about two points per column (min/max per bucket)
+before plotting, so a 100k-step run costs the same as a short one.  ``x_range``
+selects the visible steps (``None``: everything); ``marker`` draws a vertical
+line at a step (the selected alert).
+"""
+
+from __future__ import annotations
+
+import math
+
+import plotext as plt
+from rich.color import Color
+from rich.style import Style
+from rich.text import Text
+from textual.reactive import reactive
+from textual.widget import Widget
+
+from ..stream import RunState, fmt_num
+
+# plotext's "simple" theme colors signals in this order (256-colour codes)
+PALETTE = (12, 10, 9, 14, 13, 11, 1, 2, 3, 4, 5, 6)
+plt.terminal.limit(False, False)  # size comes from the widget, not the terminal
+
+
+def step_ticks(x0: float, x1: float, width: int) -> tuple[list[float], list[str]]:
+    """Round step numbers for the x axis, about one label per 12 columns."""
+    span = x1 - x0
+    if not math.isfinite(span) or span <= 0:
+        return [x0], [_step_label(x0)]
+    raw = span / max(1, width // 12)
+    mag = 10 ** math.floor(math.log10(raw))
+    step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw)
+    step = max(1, step)
+    first = math.ceil(x0 / step) * step
+    pos = []
+    v = first
+    while v <= x1 + 1e-9:
+        pos.append(v)
+        v += step
+    return pos, [_step_label(p) for p in pos]
+
+
+def _step_label(v: float) -> str:
+    if abs(v) >= 1_000_000:
+        return f"{v / 1e6:g}M"
+    if abs(v) >= 10_000:
+        return f"{v / 1e3:g}k"
+    return f"{int(round(v))}"
+
+
+def render_plot(
+    state: RunState,
+    metrics: tuple[str, ...],
+    width: int,
+    height: int,
+    x_range: tuple[float, float] | None = None,
+    marker: float | None = None,
+) -> tuple[str | None, list[tuple[str, int, float | None]]]:
+    """Build the plot as an ANSI string; also return the legend (name, colour, latest)."""
+    fig = plt.figure
+    fig.clear()
+    fig.theme("simple")
+    fig.plot_size(max(10, width), max(4, height))
+    x0, x1 = x_range if x_range else (None, None)
+    legend: list[tuple[str, int, float | None]] = []
+    drawn = 0
+    lo, hi = math.inf, -math.inf
+    for name in metrics:
+        series = state.series.get(name)
+        if series is None:
+            continue
+        xs, ys = series.window(x0, x1, max_points=max(8, 2 * width))
+        colour = PALETTE[drawn % len(PALETTE)]
+        legend.append((name, colour, series.last_y))
+        if not xs:
+            drawn += 1
+            fig.draw(fig.signal([math.nan], [math.nan], marker="braille"))
+            continue
+        fig.draw(fig.signal(xs, ys, marker="braille").lines(True))
+        lo, hi = min(lo, xs[0]), max(hi, xs[-1])
+        drawn += 1
+    if not legend:
+        return None, legend
+    fig.legend(False)
+    if x_range:
+        lo, hi = x_range
+        fig.ruler("x").lim(lo, hi)
+    if lo <= hi:
+        fig.ruler("x").ticks(*step_ticks(lo, hi, width))
+    if marker is not None:
+        fig.line(marker, orientation=1, pixel=plt.pixel(foreground=13))
+    return fig.build().string(), legend
+
+
+class MetricPlot(Widget):
+    """Plot of ``metrics`` from a :class:`RunState` (set ``state`` before mounting)."""
+
+    metrics: reactive[tuple[str, ...]] = reactive(tuple)
+    x_range: reactive[tuple[float, float] | None] = reactive(None)
+    marker: reactive[int | None] = reactive(None)
+    version: reactive[int] = reactive(0)
+
+    def __init__(self, state: RunState, metrics: tuple[str, ...] = (), **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.state = state
+        self.set_reactive(MetricPlot.metrics, tuple(metrics))
+        self._cache_key: tuple | None = None
+        self._cache: Text | None = None
+
+    def render(self) -> Text:
+        width, height = self.content_size
+        key = (self.version, self.metrics, self.x_range, self.marker, width, height)
+        if key == self._cache_key and self._cache is not None:
+            return self._cache
+        text = self._build(width, height)
+        self._cache_key, self._cache = key, text
+        return text
+
+    def _build(self, width: int, height: int) -> Text:
+        if not self.metrics:
+            return Text("no metric selected (press m)", style="dim italic")
+        if width < 12 or height < 5:
+            return Text("")
+        plot, legend = render_plot(self.state, self.metrics, width, height - 1, self.x_range, self.marker)
+        if plot is None:
+            return Text(f"waiting for {', '.join(self.metrics)}…", style="dim italic")
+        head = Text(no_wrap=True, overflow="ellipsis")
+        for name, colour, last in legend:
+            head.append("━ ", style=Style(color=Color.from_ansi(colour)))
+            head.append(name)
+            head.append(f" {fmt_num(last)}  ", style="dim")
+        body = Text.from_ansi(plot, no_wrap=True)
+        body.rstrip()
+        return Text("\n", no_wrap=True).join([head, body])

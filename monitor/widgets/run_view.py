@@ -1,0 +1,152 @@
+"""One run's column: header, loss plot, component plot, layer table, alerts.
+
+Owns the :class:`~monitor.run.Run` model and its tailer thread.  The thread
+posts :class:`~monitor.messages.TailUpdate` messages; they are folded into the
+model here (on the UI thread) and the widgets are refreshed on a timer, at most
+every ``refresh_interval`` seconds, unless the app is paused.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from textual.app import ComposeResult
+from textual.containers import Horizontal, Vertical
+
+from ..alerts import Alert, AlertConfig
+from ..messages import TailUpdate
+from ..run import Run
+from ..tailer import TailBatch, TailerThread
+from .alerts_panel import AlertsPanel
+from .header import RunHeader
+from .layers import LayerTable
+from .plot import MetricPlot
+
+DEFAULT_JUMP_SPAN = 200
+
+
+def default_components(keys: list[str]) -> tuple[str, ...]:
+    """Loss components (everything under ``loss/`` except the total)."""
+    return tuple(k for k in keys if k.startswith("loss/") and k != "loss/total")
+
+
+class RunView(Vertical):
+    def __init__(
+        self,
+        path: str | Path,
+        config: AlertConfig | None = None,
+        poll_interval: float = 0.2,
+        refresh_interval: float = 0.25,
+        **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.run = Run(path, config)
+        self.poll_interval = poll_interval
+        self.refresh_interval = refresh_interval
+        self.tailer: TailerThread | None = None
+        self.components: tuple[str, ...] | None = None  # None: default_components
+        self._shown_version = -1
+        self._shown_lines = 0
+        self._shown_view: tuple | None = None
+        self.n_batches = 0
+
+    # -- composition ---------------------------------------------------------------
+    def compose(self) -> ComposeResult:
+        state = self.run.state
+        yield RunHeader()
+        yield MetricPlot(state, ("loss/total",), classes="loss-plot")
+        yield MetricPlot(state, (), classes="components-plot")
+        with Horizontal(classes="bottom"):
+            yield LayerTable()
+            yield AlertsPanel()
+
+    def on_mount(self) -> None:
+        self.query_one(".loss-plot", MetricPlot).border_title = "total loss"
+        self.query_one(".components-plot", MetricPlot).border_title = "components (m: pick)"
+        self.query_one(LayerTable).border_title = "layers"
+        self.query_one(AlertsPanel).border_title = "Alerts (0)"
+        self.query_one(RunHeader).info = self.run.state.header(waiting=True)
+        self.tailer = TailerThread(self.run.path, self._from_thread, interval=self.poll_interval)
+        self.tailer.start()
+        self.set_interval(self.refresh_interval, self.refresh_view)
+
+    def on_unmount(self) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        if self.tailer is not None:
+            self.tailer.stop()
+
+    # -- data ----------------------------------------------------------------------
+    def _from_thread(self, batch: TailBatch) -> None:
+        """Runs in the tailer thread: only posts a message."""
+        if not self.post_message(TailUpdate(batch)) and self.tailer is not None:
+            self.tailer.done()
+
+    def on_tail_update(self, message: TailUpdate) -> None:
+        message.stop()
+        try:
+            batch = message.batch
+            self.run.apply(batch)
+            self.n_batches += 1
+            if batch.reset:
+                self.notify(f"{self.run.path.name} was {batch.reason}: reloaded", severity="warning", timeout=4)
+        finally:
+            if self.tailer is not None:
+                self.tailer.done()
+
+    # -- view ----------------------------------------------------------------------
+    @property
+    def state(self):
+        return self.run.state
+
+    def current_components(self) -> tuple[str, ...]:
+        if self.components is not None:
+            return self.components
+        return default_components(self.run.state.numeric_keys())
+
+    def x_range(self) -> tuple[float, float] | None:
+        app = self.app
+        zoom = getattr(app, "zoom", None)
+        jump = getattr(app, "jump_step", None)
+        if jump is not None:
+            span = zoom or DEFAULT_JUMP_SPAN
+            return (jump - span / 2, jump + span / 2)
+        if zoom and self.run.state.step is not None:
+            last = self.run.state.step
+            return (max(0, last - zoom), max(last, zoom))
+        return None
+
+    def refresh_view(self, force: bool = False) -> None:
+        """Push the model into the widgets (skipped while the app is paused)."""
+        app = self.app
+        paused = getattr(app, "paused", False) and not force
+        jump = getattr(app, "jump_step", None)
+        header = self.query_one(RunHeader)
+        header.mode = "paused" if paused else ("jump" if jump is not None else "live")
+        header.jump_step = jump
+        state = self.run.state
+        if paused:
+            header.pending = max(0, state.n_lines - self._shown_lines)
+            return
+        header.pending = 0
+        view = (self.x_range(), jump, self.current_components())
+        if state.version == self._shown_version and view == self._shown_view:
+            return
+        self._shown_version = state.version
+        self._shown_lines = state.n_lines
+        self._shown_view = view
+        header.info = state.header(waiting=not self.run.exists)
+        header.n_alerts = len(self.run.alerts)
+        x_range, marker, components = view
+        for plot in self.query(MetricPlot):
+            if plot.has_class("components-plot"):
+                plot.metrics = components
+            plot.x_range = x_range
+            plot.marker = marker
+            plot.version = state.version
+        self.query_one(LayerTable).show_layers(state.layers())
+        self.query_one(AlertsPanel).sync(self.run.alerts, self.run.dropped_alerts)
+
+    def selected_alert(self) -> Alert | None:
+        return self.query_one(AlertsPanel).selected_alert

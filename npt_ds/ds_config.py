@@ -1,0 +1,73 @@
+"""Build the DeepSpeed config dict from a ds_configs/*.json template and the run config.
+
+Template values "auto" are filled from the run config (batch, accumulation, clipping, optimizer
+hyper-parameters); precision and ZeRO stage from the `deepspeed:` section override the template.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+from .config import ConfigError, TrainConfig
+
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _resolve(path: str) -> Path:
+    p = Path(path)
+    for candidate in (p, PACKAGE_ROOT / p):
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"deepspeed.config: {path!r} not found; use one of ds_configs/*.json "
+                      "(zero3_fp32.json, zero3_bf16.json, zero2_bf16.json)")
+
+
+def build_ds_config(cfg: TrainConfig, world_size: int) -> dict:
+    path = _resolve(cfg.deepspeed.config)
+    try:
+        template = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"deepspeed.config: {path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    ds = copy.deepcopy(template)
+    fill = {
+        "train_micro_batch_size_per_gpu": cfg.data.micro_batch_size,
+        "gradient_accumulation_steps": cfg.optim.grad_accum,
+        "gradient_clipping": cfg.optim.grad_clip,
+    }
+    for key, value in fill.items():
+        if ds.get(key, "auto") == "auto":
+            ds[key] = value
+    ds["train_batch_size"] = ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * world_size
+    opt = ds.setdefault("optimizer", {"type": "Adam", "params": {}})
+    params = opt.setdefault("params", {})
+    for key, value in {"lr": cfg.optim.lr, "betas": list(cfg.optim.betas), "eps": cfg.optim.eps,
+                       "weight_decay": cfg.optim.weight_decay}.items():
+        if params.get(key, "auto") == "auto":
+            params[key] = value
+    params.setdefault("torch_adam", True)  # avoids a long C++ op build
+    precision = cfg.deepspeed.precision
+    ds.pop("bf16", None)
+    ds.pop("fp16", None)
+    if precision == "bf16":
+        ds["bf16"] = {"enabled": True}
+    elif precision == "fp16":
+        ds["fp16"] = {"enabled": True, "initial_scale_power": 12}
+    zero = ds.setdefault("zero_optimization", {"stage": 3})
+    if cfg.deepspeed.zero_stage is not None:
+        zero["stage"] = cfg.deepspeed.zero_stage
+    leftovers = [k for k, v in _walk(ds) if v == "auto"]
+    if leftovers:
+        raise ConfigError(f"deepspeed.config: {path.name} leaves {leftovers[0]!r} as 'auto' with nothing to fill it; "
+                          "set a value in the JSON")
+    ds.setdefault("steps_per_print", 10**9)
+    ds.setdefault("zero_allow_untested_optimizer", True)
+    return ds
+
+
+def _walk(node, prefix=""):
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _walk(v, f"{prefix}{k}.")
+    else:
+        yield prefix.rstrip("."), node

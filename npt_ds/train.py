@@ -1,0 +1,52 @@
+"""Thin training entry point: parse -> build -> train -> close.
+
+    npt-ds train configs/smollm2_demo.yaml [key.path=value ...]
+    deepspeed --num_gpus 2 -m npt_ds.train --config configs/smollm2_demo.yaml [key.path=value ...]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .config import ConfigError, load_config
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config_path", nargs="?", help="YAML recipe (configs/*.yaml)")
+    parser.add_argument("--config", dest="config_flag", help="YAML recipe (form used by the deepspeed launcher)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. schedule.total_steps=50")
+
+
+def run_train(args: argparse.Namespace) -> int:
+    path = args.config_flag or args.config_path
+    overrides = list(args.overrides)
+    if path and "=" in path and not path.endswith((".yaml", ".yml")):  # first positional was an override
+        overrides.insert(0, path)
+        path = args.config_flag
+    try:
+        cfg = load_config(path, overrides)
+        from .trainer import Trainer, TrainingDiverged
+
+        trainer = Trainer(cfg)
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"npt-ds train: {exc}", file=sys.stderr)
+        return 2
+    try:
+        trainer.train()
+    except TrainingDiverged as exc:
+        print(f"\nnpt-ds train: {exc}", file=sys.stderr)
+        return 3
+    finally:
+        trainer.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="npt_ds.train", description=__doc__.splitlines()[0])
+    add_train_arguments(parser)
+    return run_train(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,234 @@
+"""The training loop on a DeepSpeed engine: `train()` runs steps, `train_step()` is one optimizer step.
+
+Per step: schedules decide LR, curriculum stage/mixing ratio and KD weight; each micro-batch runs
+one fused forward through the engine; a non-finite loss on any rank skips that micro-batch on all
+ranks (one 1-element all-reduce per micro-batch: the only per-step host sync; loss values are read
+with `.item()` on log steps only).  Checkpoints, evaluation and the metric stream hang off the loop.
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from .checkpoint import list_steps, load_checkpoint, resolve_resume, save_checkpoint
+from .config import ConfigError, TrainConfig
+from .data import PackedBatches, eval_batches
+from .distributed import any_rank_true, barrier, init_distributed
+from .ds_config import build_ds_config
+from .evaluate import evaluate
+from .losses import NPTLoss
+from .metrics import MetricsWriter
+from .model import convert_model, load_base_model, load_tokenizer, npt_layers
+from .optim import build_param_groups, set_lr
+from .projector import LogitProjector
+from .schedules import difficulty_keep_at, kd_weight_at, lr_at, parse_curriculum
+from .train_module import NPTTrainModule, StepControls
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive non-finite steps; the last good checkpoint is left intact."""
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        import deepspeed
+
+        self.cfg = cfg
+        self.rank, self.world = init_distributed()
+        self.run_dir = Path(cfg.logging.run_dir)
+        self.ckpt_root = self.run_dir / "checkpoints"
+        self.curriculum = parse_curriculum(cfg.schedule.curriculum)
+        self.ds_config = build_ds_config(cfg, self.world)
+        torch.manual_seed(cfg.seed)
+        self._hf_ds = None
+        if self.ds_config["zero_optimization"].get("stage", 0) == 3:
+            from transformers.integrations import HfDeepSpeedConfig
+
+            self._hf_ds = HfDeepSpeedConfig(self.ds_config)  # from_pretrained builds partitioned under ZeRO-3
+        self.tokenizer = load_tokenizer(cfg.model)
+        model = load_base_model(cfg.model, seed=cfg.seed)
+        self.layer_indices = convert_model(model, cfg.npt)
+        if cfg.model.activation_checkpointing:
+            for layer in npt_layers(model):
+                layer.checkpoint_student = True
+        teacher, projector = self._cross_width_teacher(model)
+        loss_fn = NPTLoss(cfg.loss, len(self.layer_indices))
+        self.module = NPTTrainModule(model, loss_fn, teacher, projector)
+        groups = build_param_groups(self.module, cfg.optim)
+        self.engine, _, _, _ = deepspeed.initialize(model=self.module, model_parameters=groups, config=self.ds_config)
+        self.data = PackedBatches(cfg.data, self.tokenizer, self.rank, self.world, cfg.seed)
+        self.eval_data = eval_batches(cfg.data, self.tokenizer, self.rank, self.world)
+        self.metrics = MetricsWriter(self.run_dir, enabled=self.rank == 0, console=cfg.logging.console,
+                                     wandb_cfg={"project": cfg.logging.wandb_project, "name": cfg.run_name,
+                                                "config": cfg.to_dict()} if cfg.logging.wandb else None)
+        self.step = 0
+        self.skipped = 0
+        self.consecutive_bad = 0
+        self.tokens_seen = 0
+        self.log_buffer: dict[str, torch.Tensor] = {}
+        self.log_count = 0
+        self.last_eval: dict = {}
+        self._window_start, self._window_tokens = time.time(), 0
+        self._resume()
+
+    # ---------------------------------------------------------------- setup helpers
+    def _cross_width_teacher(self, model):
+        cfg = self.cfg
+        if not cfg.model.teacher_path:
+            return None, None
+        from .config import ModelConfig
+
+        tcfg = ModelConfig(path=cfg.model.teacher_path, dtype=cfg.model.dtype, tiny=cfg.model.teacher_tiny)
+        teacher = load_base_model(tcfg, seed=cfg.seed + 1)
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        if teacher.config.vocab_size != model.config.vocab_size:
+            raise ValueError(f"model.teacher_path: teacher vocab {teacher.config.vocab_size} != student vocab "
+                             f"{model.config.vocab_size}; KD needs a shared tokenizer")
+        return teacher, LogitProjector(teacher.config.hidden_size, model.config.hidden_size)
+
+    def _resume(self) -> None:
+        target = resolve_resume(self.ckpt_root, self.cfg.checkpoint.resume)
+        if target is None:
+            if self.cfg.checkpoint.resume == "none" and list_steps(self.ckpt_root):
+                raise ConfigError(f"logging.run_dir {str(self.run_dir)!r} already holds checkpoints; set "
+                                  "checkpoint.resume: auto to continue it, or choose a new logging.run_dir")
+            return
+        meta = load_checkpoint(self.engine, target, self.rank)
+        self.step, self.skipped = meta["step"], meta["skipped_steps"]
+        self.tokens_seen = meta.get("tokens_seen", 0)
+        self.data.load_state_dict(meta["data"])
+        self.metrics.message(f"resumed from {target} at step {self.step}")
+
+    # ---------------------------------------------------------------- the loop
+    def train(self) -> dict:
+        cfg = self.cfg
+        total = cfg.schedule.total_steps
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            cfg.save(self.run_dir / "config.json")
+        self.metrics.log({"step": self.step, "event": "start", "run/name": cfg.run_name, "run/total_steps": total,
+                          "run/world_size": self.world, "run/npt_layers": ",".join(map(str, self.layer_indices)),
+                          "run/trainable_params": sum(p.numel() for g in self.engine.optimizer.param_groups
+                                                      for p in g["params"])})
+        if self.step == 0:
+            self.run_eval()
+        start_step, t0 = self.step, time.time()
+        self._window_start, self._window_tokens = t0, 0
+        while self.step < total:
+            self.train_step()
+            self.step += 1
+            if self.step % cfg.logging.log_every == 0 or self.step == total:
+                self.log_train(start_step, t0)
+            if cfg.logging.eval_every and self.step % cfg.logging.eval_every == 0 and self.step < total:
+                self.run_eval()
+            if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < total:
+                self.save()
+        self.run_eval()
+        if cfg.checkpoint.save_final:
+            self.save()
+        self.metrics.log({"step": self.step, "event": "end", "skipped_steps": self.skipped})
+        return self.last_eval
+
+    def controls(self, step: int) -> StepControls:
+        cfg = self.cfg
+        stage, ratio = self.curriculum.stage_at(step)
+        if cfg.schedule.mode == "single_layer":
+            ratio = 0.0
+        kd = kd_weight_at(step, cfg.schedule.total_steps, cfg.loss.kd_weight, cfg.loss.kd_warmup_start,
+                          cfg.loss.kd_warmup_frac) if cfg.loss.kd_weight > 0 else 0.0
+        keep = difficulty_keep_at(step, cfg.schedule.total_steps) if cfg.loss.difficulty_mask else 1.0
+        needs_logits = cfg.loss.kd_weight > 0 or (cfg.loss.fidelity_weight > 0 and cfg.loss.fidelity_on != "hidden")
+        student_stream = cfg.schedule.mode != "single_layer" or cfg.loss.fidelity_weight > 0 or cfg.loss.kd_weight > 0
+        inject = cfg.inject_nan
+        poison = bool(inject) and step == inject.get("step") and self.rank == inject.get("rank", 0)
+        self._stage = stage
+        return StepControls(mixing_ratio=ratio, kd_weight=kd, difficulty_keep=keep, student_stream=student_stream,
+                            want_logits=needs_logits, poison=poison)
+
+    def train_step(self) -> None:
+        """One optimizer step: grad_accum good micro-batches; non-finite ones are skipped on all ranks."""
+        cfg = self.cfg
+        controls = self.controls(self.step)
+        lr = lr_at(self.step, cfg.optim.lr, cfg.schedule.warmup_steps, cfg.schedule.total_steps,
+                   cfg.schedule.min_lr_ratio)
+        set_lr(self.engine.optimizer, lr)
+        self._lr, self._controls = lr, controls
+        good = 0
+        while good < cfg.optim.grad_accum:
+            ids = next(self.data).to(self.engine.device)
+            loss, comps = self.engine(ids, controls)
+            if any_rank_true(not bool(torch.isfinite(loss))):
+                self.on_bad_batch(comps)
+                controls.poison = False
+                continue
+            self.engine.backward(loss)
+            self.engine.step()
+            self.consecutive_bad = 0
+            good += 1
+            self.tokens_seen += ids.numel() * self.world
+            self._window_tokens += ids.numel() * self.world
+            for k, v in comps.items():
+                self.log_buffer[k] = self.log_buffer.get(k, 0.0) + v
+            self.log_count += 1
+
+    def on_bad_batch(self, comps: dict) -> None:
+        self.skipped += 1
+        self.consecutive_bad += 1
+        loss = comps.get("loss/total")
+        self.metrics.log({"step": self.step, "event": "nan_step", "skipped_steps": self.skipped,
+                          "loss/total": float(loss) if loss is not None else float("nan")})
+        self.metrics.message(f"step {self.step}: non-finite loss on some rank; micro-batch skipped on all ranks "
+                             f"({self.skipped} skipped so far)")
+        limit = self.cfg.logging.max_consecutive_nan
+        if self.consecutive_bad >= limit:
+            steps = list_steps(self.ckpt_root)
+            last = f"last good checkpoint: {self.ckpt_root}/step-{steps[-1]:08d}" if steps else "no checkpoint was saved"
+            raise TrainingDiverged(f"{limit} consecutive non-finite micro-batches at step {self.step}; stopping "
+                                   f"({last}). Lower optim.lr or check the data.")
+
+    # ---------------------------------------------------------------- logging, eval, checkpoints
+    def log_train(self, start_step: int, t0: float) -> None:
+        cfg = self.cfg
+        now = time.time()
+        tps = self._window_tokens / max(now - self._window_start, 1e-9)
+        self._window_start, self._window_tokens = now, 0
+        per_step = (now - t0) / max(self.step - start_step, 1)
+        eta = per_step * (cfg.schedule.total_steps - self.step)
+        record = {"step": self.step, "event": "train", "lr": self._lr,
+                  "kd/weight": self._controls.kd_weight, "curriculum/stage": self._stage,
+                  "curriculum/mixing_ratio": self._controls.mixing_ratio, "tokens_per_s": round(tps, 2),
+                  "eta_s": round(eta, 1), "skipped_steps": self.skipped, "tokens": self.tokens_seen}
+        n = max(self.log_count, 1)
+        record.update({k: float(v) / n for k, v in self.log_buffer.items()})  # the host sync of a log step
+        grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is not None:
+            record["grad_norm"] = float(grad_norm)
+        self.log_buffer, self.log_count = {}, 0
+        self.metrics.log(record)
+        self.metrics.progress(self.step, cfg.schedule.total_steps, record.get("loss/total", math.nan), tps, eta,
+                              f"[{self._stage}]")
+
+    def run_eval(self) -> dict:
+        self.engine.eval()
+        result = evaluate(self.engine.module.model, self.eval_data)
+        self.engine.train()
+        self.last_eval = {"step": self.step, **result}
+        self.metrics.log({"event": "eval", **self.last_eval})
+        self.metrics.message(f"eval @ step {self.step}: ppl base {result['eval/ppl_base']:.3f}  "
+                             f"npt {result['eval/ppl_npt']:.3f}  fidelity mse {result['eval/fidelity_mse']:.4g}")
+        return result
+
+    def save(self) -> Path:
+        meta = {"step": self.step, "skipped_steps": self.skipped, "tokens_seen": self.tokens_seen,
+                "data": self.data.state_dict(), "config": self.cfg.to_dict(), "world_size": self.world}
+        target = save_checkpoint(self.engine, self.ckpt_root, self.step, meta, self.rank, self.cfg.checkpoint.keep_last)
+        self.metrics.log({"step": self.step, "event": "checkpoint", "path": str(target)})
+        return target
+
+    def close(self) -> None:
+        self.metrics.close()
+        barrier()
