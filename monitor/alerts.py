@@ -114,14 +114,6 @@ class _Detector:
         raise NotImplementedError
 
 
-def _train_values(batch: Batch, key: str):
-    """(index, value) of finite ``key`` values on train lines."""
-    events = batch.events
-    for i, v in enumerate(batch.column(key)):
-        if (type(v) is float or type(v) is int) and _isfinite(v) and events[i] == TRAIN_EVENT:
-            yield i, v
-
-
 class NonFiniteDetector(_Detector):
     kind, severity = "nonfinite", ERROR
 
@@ -234,37 +226,40 @@ class OscillationDetector(_Detector):
         cfg = self.cfg
         a, rel, window, need = cfg.osc_ema_alpha, cfg.osc_rel_amplitude, cfg.osc_window, cfg.osc_min_reversals
         rev, smoothed = self.reversals, self.smoothed
-        for i, loss in _train_values(batch, cfg.loss_key):
-            s = loss if self.ema is None else a * loss + (1.0 - a) * self.ema
-            self.ema = s
-            self.n += 1
-            smoothed.append(s)
-            h = rel * abs(s)
-            d = self.direction
+        ema, n, d, extreme, active = self.ema, self.n, self.direction, self.extreme, self.active
+        push, drop = smoothed.append, rev.popleft
+        for i, loss in batch.train_finite(cfg.loss_key):
+            s = loss if ema is None else a * loss + (1.0 - a) * ema
+            ema = s
+            n += 1
+            push(s)
+            h = rel * (s if s >= 0 else -s)
             if d > 0:
-                if s > self.extreme:
-                    self.extreme = s
-                elif self.extreme - s >= h:
-                    self.direction, self.extreme = -1, s
-                    rev.append(self.n)
+                if s > extreme:
+                    extreme = s
+                elif extreme - s >= h:
+                    d, extreme = -1, s
+                    rev.append(n)
             elif d < 0:
-                if s < self.extreme:
-                    self.extreme = s
-                elif s - self.extreme >= h:
-                    self.direction, self.extreme = 1, s
-                    rev.append(self.n)
+                if s < extreme:
+                    extreme = s
+                elif s - extreme >= h:
+                    d, extreme = 1, s
+                    rev.append(n)
             else:  # direction not known yet: the first large move sets it
-                self.run_min = min(self.run_min, s)
-                self.run_max = max(self.run_max, s)
+                if s < self.run_min:
+                    self.run_min = s
+                if s > self.run_max:
+                    self.run_max = s
                 if s > self.run_min and s - self.run_min >= h:
-                    self.direction, self.extreme = 1, s
+                    d, extreme = 1, s
                 elif s < self.run_max and self.run_max - s >= h:
-                    self.direction, self.extreme = -1, s
-            while rev and rev[0] <= self.n - window:
-                rev.popleft()
+                    d, extreme = -1, s
+            while rev and rev[0] <= n - window:
+                drop()
             if len(rev) >= need:
-                if not self.active:
-                    self.active = True
+                if not active:
+                    active = True
                     mean = sum(smoothed) / len(smoothed)
                     amp = (max(smoothed) - min(smoothed)) / abs(mean) if mean else math.inf
                     hits.append(
@@ -275,7 +270,8 @@ class OscillationDetector(_Detector):
                         )
                     )
             else:
-                self.active = False
+                active = False
+        self.ema, self.n, self.direction, self.extreme, self.active = ema, n, d, extreme, active
         return hits
 
 
@@ -298,7 +294,7 @@ class PlateauDetector(_Detector):
         half = self.half
         older, newer = self.older, self.newer
         min_dec = self.cfg.plateau_min_rel_decrease
-        for i, loss in _train_values(batch, self.cfg.loss_key):
+        for i, loss in batch.train_finite(self.cfg.loss_key):
             newer.append(loss)
             self.sum_newer += loss
             if len(newer) > half:

@@ -81,13 +81,13 @@ class MonitorApp(App[int]):
             view.refresh_view(force=force)
 
     def active_panel(self) -> AlertsPanel | None:
-        """The focused alert list, else the first one with a selection, else one with alerts."""
+        """The focused alert list, else one with a selection, else the first with alerts."""
         focused = self.focused
-        if isinstance(focused, AlertsPanel):
+        if isinstance(focused, AlertsPanel) and focused.alerts:
             return focused
         panels = list(self.query(AlertsPanel))
         for panel in panels:
-            if panel.highlighted is not None:
+            if panel.highlighted is not None and panel.alerts:
                 return panel
         for panel in panels:
             if panel.alerts:

@@ -35,8 +35,8 @@ __all__ = [
     "parse_lines",
 ]
 
-#: keys that are not metrics (never plotted)
-NON_METRIC_KEYS = frozenset({"step", "time", "run/total_steps"})
+#: keys that are not metrics (never plotted); ``run/*`` keys are metadata too
+NON_METRIC_KEYS = frozenset({"step", "time"})
 LAYER_KEY = re.compile(r"^layer/(\d+)/(.+)$")
 LAYER_FIELDS = ("direct_mse", "v_a_norm", "v_b_norm", "v_a_attn_sim")
 TRAIN_EVENT = "train"
@@ -136,33 +136,67 @@ class Batch:
             col = self._cols[key] = [o.get(key) for o in self.records]
         return col
 
+    def train_finite(self, key: str) -> list[tuple[int, float]]:
+        """(index, value) of finite numeric ``key`` values on train lines; cached."""
+        ck = "\0train:" + key
+        got = self._cols.get(ck)
+        if got is not None:
+            return got
+        col = self.column(key)
+        events = self.events
+        out = None
+        if events.count(TRAIN_EVENT) == len(col) and col.count(None) == 0:
+            try:
+                if _isfinite(sum(col)):
+                    out = list(enumerate(col))
+            except TypeError:
+                pass
+        if out is None:
+            out = [
+                (i, v)
+                for i, v in enumerate(col)
+                if (type(v) is float or type(v) is int) and _isfinite(v) and events[i] == TRAIN_EVENT
+            ]
+        self._cols[ck] = out  # type: ignore[assignment]
+        return out
+
     def nonfinite_keys(self, i: int) -> list[str]:
         return [
             k for k, v in self.records[i].items() if type(v) is float and not _isfinite(v) and k not in NON_METRIC_KEYS
         ]
 
 
-def parse_line(raw: bytes | str, line_no: int = 0) -> dict | None:
-    """Parse one line.  Blank lines give ``None``; bad lines raise :class:`CorruptLine`."""
-    if not raw.strip():
-        return None
+_scan_once = json.JSONDecoder().scan_once  # the C scanner, minus json.loads' Python wrappers
+
+
+def _loads(raw: bytes | str) -> object:
+    """``json.loads`` for one line; raises ValueError (incl. JSONDecodeError)."""
+    if type(raw) is not str:
+        return json.loads(raw)
     try:
-        obj = json.loads(raw)
-    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError
-        msg = exc.msg if isinstance(exc, json.JSONDecodeError) else type(exc).__name__
-        raise CorruptLine(line_no, f"not JSON ({msg})") from None
-    if type(obj) is not dict:
-        raise CorruptLine(line_no, f"not a JSON object ({type(obj).__name__})")
+        obj, end = _scan_once(raw, 0)
+    except StopIteration:  # leading whitespace or not JSON at all: let json explain
+        return json.loads(raw)
+    if end != len(raw) and not raw[end:].isspace():
+        raise json.JSONDecodeError("Extra data", raw, end)
     return obj
 
 
+def parse_line(raw: bytes | str, line_no: int = 0) -> dict | None:
+    """Parse one line.  Blank lines give ``None``; bad lines raise :class:`CorruptLine`."""
+    batch, corrupt = parse_lines([raw], line_no)
+    if corrupt:
+        raise corrupt[0]
+    return batch.records[0] if batch.records else None
+
+
 def parse_lines(lines: Iterable[bytes | str], first_line_no: int = 1) -> tuple[Batch, list[CorruptLine]]:
-    """Parse consecutive lines numbered from ``first_line_no``."""
+    """Parse consecutive lines numbered from ``first_line_no`` (blank lines are skipped)."""
     records: list[dict] = []
     line_nos: list[int] = []
     suspicious: list[int] = []
     corrupt: list[CorruptLine] = []
-    loads = json.loads
+    loads = _loads
     for i, raw in enumerate(lines, first_line_no):
         try:
             obj = loads(raw)
@@ -175,7 +209,7 @@ def parse_lines(lines: Iterable[bytes | str], first_line_no: int = 1) -> tuple[B
         if type(obj) is not dict:
             corrupt.append(CorruptLine(i, f"not a JSON object ({type(obj).__name__})"))
             continue
-        if (b"NaN" in raw or b"Infinity" in raw) if type(raw) is bytes else ("NaN" in raw or "Infinity" in raw):
+        if ("NaN" in raw or "Infinity" in raw) if type(raw) is str else (b"NaN" in raw or b"Infinity" in raw):
             suspicious.append(len(records))
         records.append(obj)
         line_nos.append(i)
@@ -183,7 +217,11 @@ def parse_lines(lines: Iterable[bytes | str], first_line_no: int = 1) -> tuple[B
 
 
 class Series:
-    """Step-indexed numeric series with bounded memory (stride doubling)."""
+    """Step-indexed numeric series with bounded memory (stride doubling).
+
+    Only finite values are stored (a plot cannot draw NaN); ``last_x``/``last_y``
+    and ``count`` always reflect the newest value, finite or not.
+    """
 
     __slots__ = ("xs", "ys", "cap", "stride", "_skip", "last_x", "last_y", "count")
 
@@ -200,14 +238,27 @@ class Series:
     def __len__(self) -> int:
         return len(self.xs)
 
+    def _rewind(self, x: float) -> None:
+        """The trainer restarted from an earlier step: drop the stale tail."""
+        cut = bisect_left(self.xs, x)
+        del self.xs[cut:]
+        del self.ys[cut:]
+
+    def _decimate(self) -> None:
+        while len(self.xs) >= self.cap:
+            self.xs = self.xs[::2]
+            self.ys = self.ys[::2]
+            self.stride *= 2
+            self._skip = 0
+
     def append(self, x: float, y: float) -> None:
-        if x < self.last_x:  # trainer restarted from an earlier step: drop the stale tail
-            cut = bisect_left(self.xs, x)
-            del self.xs[cut:]
-            del self.ys[cut:]
+        if x < self.last_x:
+            self._rewind(x)
         self.last_x = x
         self.last_y = y
         self.count += 1
+        if not _isfinite(y):
+            return
         self._skip += 1
         if self._skip < self.stride:
             return
@@ -215,67 +266,75 @@ class Series:
         self.xs.append(x)
         self.ys.append(y)
         if len(self.xs) >= self.cap:
-            self.xs = self.xs[::2]
-            self.ys = self.ys[::2]
-            self.stride *= 2
+            self._decimate()
 
-    def extend(self, xs: list[int], ys) -> None:
-        """Append many points; ``xs`` must be non-decreasing."""
+    def extend(self, xs: list[int], ys: array) -> None:
+        """Append many points; ``xs`` must be non-decreasing, ``ys`` an ``array('d')``."""
         n = len(xs)
         if not n:
             return
         if xs[0] < self.last_x:
-            cut = bisect_left(self.xs, xs[0])
-            del self.xs[cut:]
-            del self.ys[cut:]
-        s, k = self.stride, self._skip
-        start = s - 1 - k
-        if start == 0 and s == 1:
-            self.xs.extend(array("d", xs))
-            self.ys.extend(ys if type(ys) is array else array("d", ys))
-        elif start < n:
-            self.xs.extend(array("d", xs[start::s]))
-            self.ys.extend(array("d", ys[start::s]))
-        self._skip = (k + n) % s
+            self._rewind(xs[0])
         self.last_x = xs[-1]
         self.last_y = ys[-1]
         self.count += n
-        while len(self.xs) >= self.cap:
-            self.xs = self.xs[::2]
-            self.ys = self.ys[::2]
-            self.stride *= 2
-            self._skip = 0
+        if not _isfinite(sum(ys)):  # rare: drop NaN/Inf before storing
+            keep = [i for i, y in enumerate(ys) if _isfinite(y)]
+            xs = [xs[i] for i in keep]
+            ys = array("d", [ys[i] for i in keep])
+            n = len(xs)
+            if not n:
+                return
+        s, k = self.stride, self._skip
+        if s == 1:
+            self.xs.extend(array("d", xs))
+            self.ys.extend(ys)
+        else:
+            start = s - 1 - k
+            if start < n:
+                self.xs.extend(array("d", xs[start::s]))
+                self.ys.extend(ys[start::s])
+            self._skip = (k + n) % s
+        if len(self.xs) >= self.cap:
+            self._decimate()
 
     def window(
         self, x0: float | None = None, x1: float | None = None, max_points: int = 400
     ) -> tuple[list[float], list[float]]:
-        """Finite points with x0 <= x <= x1, reduced to about ``max_points``.
-
-        Reduction keeps the min and max of each bucket so spikes stay visible.
-        """
+        """Points with x0 <= x <= x1 (plus the newest finite one), reduced to about
+        ``max_points``: each bucket keeps its min and max, so spikes stay visible."""
         xs, ys = self.xs, self.ys
         lo = 0 if x0 is None else bisect_left(xs, x0)
         hi = len(xs) if x1 is None else bisect_right(xs, x1)
-        px = list(xs[lo:hi])
-        py = list(ys[lo:hi])
-        lx, ly = self.last_x, self.last_y
-        if self.count and (not px or px[-1] != lx) and (x0 is None or lx >= x0) and (x1 is None or lx <= x1):
-            px.append(lx)
-            py.append(ly)
-        pts = [(x, y) for x, y in zip(px, py) if _isfinite(y)]
-        n = len(pts)
+        n = hi - lo
         if n > max_points and max_points >= 4:
             buckets = max_points // 2
-            out: list[tuple[float, float]] = []
+            px: list[float] = []
+            py: list[float] = []
             for b in range(buckets):
-                chunk = pts[b * n // buckets : (b + 1) * n // buckets]
-                if not chunk:
+                a = lo + b * n // buckets
+                e = lo + (b + 1) * n // buckets
+                if e <= a:
                     continue
-                lo_pt = min(chunk, key=lambda p: p[1])
-                hi_pt = max(chunk, key=lambda p: p[1])
-                out.extend(sorted({lo_pt, hi_pt}))
-            pts = out
-        return [p[0] for p in pts], [p[1] for p in pts]
+                chunk = ys[a:e]
+                i_min = chunk.index(min(chunk))
+                i_max = chunk.index(max(chunk))
+                for i in sorted({i_min, i_max}):
+                    px.append(xs[a + i])
+                    py.append(chunk[i])
+        else:
+            px, py = xs[lo:hi].tolist(), ys[lo:hi].tolist()
+        lx, ly = self.last_x, self.last_y
+        if (
+            self.count
+            and _isfinite(ly)
+            and (not px or px[-1] < lx)
+            and (x0 is None or lx >= x0)
+            and (x1 is None or lx <= x1)
+        ):
+            px.append(lx)
+            py.append(ly)
+        return px, py
 
 
 @dataclass(frozen=True)
@@ -383,16 +442,26 @@ class RunState:
                     break
         keys.difference_update(NON_METRIC_KEYS)
         keys.discard("event")
+        meta = [k for k in keys if k.startswith("run/")]  # start-line metadata: latest value only
+        for key in meta:
+            keys.discard(key)
+            for v in reversed(batch.column(key)):
+                if v is not None:
+                    (self.strings if type(v) is str else self.latest)[key] = v
+                    break
+        dropped: dict[tuple[int, ...], list[int]] = {}
         for key in keys:
             col = batch.column(key)
             if batch.monotonic:
+                xs, vals = self._present(col, steps, dropped)
                 try:
-                    ys = array("d", col)  # all present and numeric: fast path
+                    ys = array("d", vals)  # all numeric: fast path
                 except TypeError:
                     pass
                 else:
-                    self._series(key).extend(steps, ys)
-                    self.latest[key] = col[-1]
+                    if vals:
+                        self._series(key).extend(xs, ys)
+                        self.latest[key] = vals[-1]
                     continue
             self._ingest_slow(key, col, steps)
         name = self.strings.get("run/name")
@@ -414,6 +483,32 @@ class RunState:
             if e == TRAIN_EVENT and type(t) in (int, float) and _isfinite(t):
                 self.first_time = (float(t), step)
                 return
+
+    @staticmethod
+    def _present(col: list, steps: list[int], cache: dict) -> tuple[list[int], list]:
+        """(steps, values) of the records that have the key (C-level work where possible)."""
+        missing = col.count(None)
+        if not missing:
+            return steps, col
+        n = len(col)
+        if missing * 8 > n:  # sparse key (eval lines, ...)
+            return [s for s, v in zip(steps, col) if v is not None], [v for v in col if v is not None]
+        holes = []
+        i = -1
+        for _ in range(missing):
+            i = col.index(None, i + 1)
+            holes.append(i)
+        sig = tuple(holes)
+        xs = cache.get(sig)
+        if xs is None:
+            xs = list(steps)
+            for i in reversed(holes):
+                del xs[i]
+            cache[sig] = xs
+        vals = list(col)
+        for i in reversed(holes):
+            del vals[i]
+        return xs, vals
 
     def _series(self, key: str) -> Series:
         s = self.series.get(key)
@@ -456,7 +551,7 @@ class RunState:
         return self.path.parent.name if self.path.name == "metrics.jsonl" and self.path.parent.name else self.path.stem
 
     def numeric_keys(self) -> list[str]:
-        return sorted(k for k in self.series if k != "run/total_steps")
+        return sorted(self.series)
 
     def eta_seconds(self) -> float | None:
         eta = self.latest.get("eta_s")

@@ -31,7 +31,9 @@ def synth_records(
     n_layers: int = 4,
     layer_every: int = 1,
     eval_every: int = 0,
+    checkpoint_every: int = 0,
     start: bool = True,
+    end: bool = False,
     noise: float = 0.01,
     nan_at: tuple[int, ...] | set[int] = (),
     kl_at: dict[int, float] | None = None,
@@ -42,7 +44,8 @@ def synth_records(
     t0: float = 1_700_000_000.0,
     step_time: float = 0.8,
 ) -> Iterator[dict]:
-    """Yield ``n`` step lines (plus a start line and eval lines) as dicts.
+    """Yield ``n`` step lines (plus start/eval/checkpoint/end lines) as dicts,
+    shaped like ``npt_ds.trainer`` writes them (``time`` first, ``event`` set).
 
     Loss converges as ``2 + 6 exp(-3 t / n)`` with multiplicative noise; the
     curriculum goes teacher -> mixed (ratio ramps 0..1) -> student.
@@ -55,14 +58,22 @@ def synth_records(
     tau = max(1.0, n / 3.0)
     skipped = 0
     if start:
-        yield {"step": 0, "time": t0, "event": "start", "run/name": run_name, "run/total_steps": total}
+        yield {
+            "time": t0,
+            "step": 0,
+            "event": "start",
+            "run/name": run_name,
+            "run/total_steps": total,
+            "run/world_size": 2,
+            "run/npt_layers": ",".join(str(i) for i in range(n_layers)),
+        }
     for i in range(n):
         step = i + 1
         frac = step / total
         now = round(t0 + step * step_time, 3)
         if step in nan_at:
             skipped += 1
-            yield {"step": step, "time": now, "event": "nan_step", "skipped_steps": skipped, "loss/total": math.nan}
+            yield {"time": now, "step": step, "event": "nan_step", "skipped_steps": skipped, "loss/total": math.nan}
             continue
         base = 2.0 + 6.0 * math.exp(-step / tau)
         loss = base * (1.0 + noise * rng.gauss(0.0, 1.0))
@@ -80,8 +91,9 @@ def synth_records(
         direct = 0.45 * loss
         kd = kd_w * kl
         rec = {
-            "step": step,
             "time": now,
+            "step": step,
+            "event": "train",
             "lr": round(3e-4 * min(1.0, step / 100) * (0.5 + 0.5 * math.cos(math.pi * frac)), 8),
             "loss/total": round(loss, 6),
             "loss/direct": round(direct, 6),
@@ -97,6 +109,7 @@ def synth_records(
             "tokens_per_s": round(12000 * (1 + 0.02 * rng.gauss(0, 1)), 1),
             "eta_s": round((total - step) * step_time, 1),
             "skipped_steps": skipped,
+            "tokens": step * 16384,
         }
         if n_layers and step % layer_every == 0:
             for layer in range(n_layers):
@@ -108,13 +121,17 @@ def synth_records(
         yield rec
         if eval_every and step % eval_every == 0:
             yield {
-                "step": step,
                 "time": now,
                 "event": "eval",
+                "step": step,
                 "eval/ppl_base": 12.5,
                 "eval/ppl_npt": round(12.5 * (1 + 2 * math.exp(-step / tau)), 4),
                 "eval/fidelity_mse": round(0.05 * math.exp(-step / tau) + 0.002, 6),
             }
+        if checkpoint_every and step % checkpoint_every == 0:
+            yield {"time": now, "step": step, "event": "checkpoint", "path": f"checkpoints/step-{step:08d}"}
+    if end:
+        yield {"time": round(t0 + n * step_time, 3), "step": n, "event": "end", "skipped_steps": skipped}
 
 
 def synth_lines(n: int, **kwargs) -> list[str]:

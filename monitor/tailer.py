@@ -30,9 +30,24 @@ from .stream import Batch, CorruptLine, parse_lines
 __all__ = ["FileTailer", "TailBatch", "TailChunk", "TailerThread"]
 
 
+def _decode_lines(data: bytes) -> list[str | bytes]:
+    """Split complete lines, decoding once per chunk; lines that are not valid
+    UTF-8 stay ``bytes`` (the parser reports them as corrupt)."""
+    try:
+        return data.decode("utf-8").split("\n")
+    except UnicodeDecodeError:
+        out: list[str | bytes] = []
+        for line in data.split(b"\n"):
+            try:
+                out.append(line.decode("utf-8"))
+            except UnicodeDecodeError:
+                out.append(line)
+        return out
+
+
 @dataclass
 class TailChunk:
-    lines: list[bytes]
+    lines: list[str | bytes]  # str, or bytes for a line that is not valid UTF-8
     first_line_no: int
     reset: bool = False
     reason: str = ""
@@ -109,8 +124,9 @@ class FileTailer:
             if data.startswith(b"\n"):
                 data = data[1:]
         buf = self.partial + data if self.partial else data
-        lines = buf.split(b"\n")
-        self.partial = lines.pop()
+        cut = buf.rfind(b"\n")
+        self.partial = buf[cut + 1 :]
+        lines = _decode_lines(buf[:cut]) if cut >= 0 else []
         if not more and self.partial and self.partial.rstrip().endswith(b"}"):
             # a complete object missing only its newline (writer without trailing \n)
             try:
@@ -118,7 +134,7 @@ class FileTailer:
             except ValueError:
                 ok = False
             if ok:
-                lines.append(self.partial)
+                lines.extend(_decode_lines(self.partial))
                 self.partial = b""
                 self._swallow_newline = True
         first = self.line_no + 1

@@ -118,6 +118,7 @@ class ScheduleConfig:
     min_lr_ratio: float = 0.1
     curriculum: str = ""  # "teacher:5000,mixed:5000:0.5,student:20000"; "" = teacher throughout
     sequential_steps_per_layer: int = 0  # sequential mode; 0 = total_steps / n_layers
+    stop_at: int = 0  # end this invocation at this step (checkpointed); resume continues to total_steps
 
     def __post_init__(self):
         _choice("schedule.mode", self.mode, ("single_layer", "multi_layer", "sequential"))

@@ -39,17 +39,21 @@ class MetricsWriter:
     def progress(self, step: int, total: int, loss: float, tokens_per_s: float, eta_s: float, extra: str = "") -> None:
         if not self.console:
             return
+        tty = sys.stdout.isatty()
+        if not tty and step % max(1, total // 20) and step < total:
+            return  # in a log file: about 20 progress lines per run
         bar = int(30 * step / max(total, 1))
         eta = time.strftime("%H:%M:%S", time.gmtime(max(eta_s, 0)))
-        sys.stdout.write(f"\rstep {step:>6}/{total} [{'#' * bar}{'.' * (30 - bar)}] loss {loss:.4g} "
-                         f"{tokens_per_s:,.0f} tok/s ETA {eta} {extra}   ")
-        sys.stdout.flush()
-        if step >= total:
+        line = (f"step {step:>6}/{total} [{'#' * bar}{'.' * (30 - bar)}] loss {loss:.4g} "
+                f"{tokens_per_s:,.0f} tok/s ETA {eta} {extra}")
+        sys.stdout.write(f"\r{line}   " if tty else line + "\n")
+        if tty and step >= total:
             sys.stdout.write("\n")
+        sys.stdout.flush()
 
     def message(self, text: str) -> None:
         if self.console:
-            print(("\n" if text else "") + text, flush=True)
+            print(("\n" if sys.stdout.isatty() else "") + text, flush=True)
 
     def close(self) -> None:
         if self._file is not None:

@@ -19,11 +19,14 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    path = args.config_flag or args.config_path
-    overrides = list(args.overrides)
-    if path and "=" in path and not path.endswith((".yaml", ".yml")):  # first positional was an override
-        overrides.insert(0, path)
+    path, overrides = args.config_path, list(args.overrides)
+    if args.config_flag:  # --config given: every positional is an override
+        if path:
+            overrides.insert(0, path)
         path = args.config_flag
+    elif path and "=" in path and not path.endswith((".yaml", ".yml")):  # overrides only, no recipe
+        overrides.insert(0, path)
+        path = None
     try:
         cfg = load_config(path, overrides)
         from .trainer import Trainer, TrainingDiverged

@@ -112,21 +112,26 @@ class Trainer:
             cfg.save(self.run_dir / "config.json")
         self.metrics.log({"step": self.step, "event": "start", "run/name": cfg.run_name, "run/total_steps": total,
                           "run/world_size": self.world, "run/npt_layers": ",".join(map(str, self.layer_indices)),
-                          "run/trainable_params": sum(p.numel() for g in self.engine.optimizer.param_groups
+                          "run/trainable_params": sum(getattr(p, "ds_numel", p.numel()) for g in self.engine.optimizer.param_groups
                                                       for p in g["params"])})
         if self.step == 0:
             self.run_eval()
         start_step, t0 = self.step, time.time()
         self._window_start, self._window_tokens = t0, 0
-        while self.step < total:
+        stop = min(total, cfg.schedule.stop_at) if cfg.schedule.stop_at > 0 else total
+        while self.step < stop:
             self.train_step()
             self.step += 1
             if self.step % cfg.logging.log_every == 0 or self.step == total:
                 self.log_train(start_step, t0)
             if cfg.logging.eval_every and self.step % cfg.logging.eval_every == 0 and self.step < total:
                 self.run_eval()
-            if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < total:
+            if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < stop:
                 self.save()
+        if self.step < total:  # stopped early on purpose: checkpoint so `resume: auto` continues here
+            self.save()
+            self.metrics.log({"step": self.step, "event": "stop", "skipped_steps": self.skipped})
+            return self.last_eval
         self.run_eval()
         if cfg.checkpoint.save_final:
             self.save()

@@ -8,6 +8,7 @@ every ``refresh_interval`` seconds, unless the app is paused.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from textual.app import ComposeResult
@@ -23,6 +24,7 @@ from .layers import LayerTable
 from .plot import MetricPlot
 
 DEFAULT_JUMP_SPAN = 200
+LOADING_PLOT_INTERVAL = 1.0
 
 
 def default_components(keys: list[str]) -> tuple[str, ...]:
@@ -49,6 +51,8 @@ class RunView(Vertical):
         self._shown_lines = 0
         self._shown_view: tuple | None = None
         self.n_batches = 0
+        self.loading = False  # a big backlog is being read: plots refresh at most every LOADING_PLOT_INTERVAL
+        self._last_full = 0.0
 
     # -- composition ---------------------------------------------------------------
     def compose(self) -> ComposeResult:
@@ -89,6 +93,7 @@ class RunView(Vertical):
             batch = message.batch
             self.run.apply(batch)
             self.n_batches += 1
+            self.loading = batch.more
             if batch.reset:
                 self.notify(f"{self.run.path.name} was {batch.reason}: reloaded", severity="warning", timeout=4)
         finally:
@@ -138,6 +143,11 @@ class RunView(Vertical):
         self._shown_view = view
         header.info = state.header(waiting=not self.run.exists)
         header.n_alerts = len(self.run.alerts)
+        now = time.monotonic()
+        if self.loading and not force and now - self._last_full < LOADING_PLOT_INTERVAL:
+            self._shown_version = -1  # header is current; plots/table catch up later
+            return
+        self._last_full = now
         x_range, marker, components = view
         for plot in self.query(MetricPlot):
             if plot.has_class("components-plot"):

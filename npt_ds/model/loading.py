@@ -97,6 +97,13 @@ def load_tokenizer(cfg: ModelConfig):
 
 
 def quantization_config(cfg: ModelConfig, compute_dtype: torch.dtype):
+    """transformers' BitsAndBytesConfig for cfg.quantization (None for "none").
+
+    int8: LLM.int8() weights (bitsandbytes casts the matmul inputs to fp16 on CPU).  nf4: 4-bit
+    NormalFloat (one fp32 absmax per 64-weight block, as npt_ds.plan assumes), computed in the model
+    dtype, the packed 4-bit codes stored in that dtype too (``bnb_4bit_quant_storage``), so every
+    parameter of the base has one floating dtype.
+    """
     if cfg.quantization == "none":
         return None
     from transformers import BitsAndBytesConfig
@@ -108,27 +115,38 @@ def quantization_config(cfg: ModelConfig, compute_dtype: torch.dtype):
 
 
 def load_base_model(cfg: ModelConfig, seed: int = 0) -> nn.Module:
-    """The frozen base as a LlamaForCausalLM in cfg.dtype (call under HfDeepSpeedConfig for ZeRO-3)."""
+    """The frozen base as a LlamaForCausalLM in cfg.dtype (call under HfDeepSpeedConfig for ZeRO-3).
+
+    A quantised base (cfg.quantization int8 / nf4) is loaded through bitsandbytes, never partitioned;
+    see npt_ds.quant for the DeepSpeed stages and precisions that work with it.
+    """
     from transformers import AutoModelForCausalLM
 
     dtype = DTYPES[cfg.dtype]
     if cfg.path == "tiny" and cfg.quantization == "none":
         return tiny_llama(cfg.tiny, seed).to(dtype)
-    if cfg.path == "tiny":  # quantised tiny model: materialise it in a temp dir, then load via bnb
-        import tempfile
-
-        tmp = Path(tempfile.mkdtemp(prefix="npt-tiny-"))
-        tiny_llama(cfg.tiny, seed).save_pretrained(tmp)
-        directory, gguf = tmp, None
-    else:
-        directory, gguf = resolve_model_path(cfg.path)
     kwargs = dict(dtype=dtype)
-    if gguf:
-        kwargs["gguf_file"] = gguf
     qcfg = quantization_config(cfg, dtype)
     if qcfg is not None:
         kwargs["quantization_config"] = qcfg
+    if cfg.path == "tiny":  # quantised tiny model: materialise it in a temp dir, then load via bnb
+        import tempfile
+
+        from ..quant import prepare_quantized_model, without_hf_zero3
+
+        with tempfile.TemporaryDirectory(prefix="npt-tiny-") as tmp:
+            with without_hf_zero3():  # full tensors, not ZeRO-3 placeholders, go into the checkpoint
+                tiny_llama(cfg.tiny, seed).save_pretrained(tmp)
+            model = AutoModelForCausalLM.from_pretrained(tmp, **kwargs)
+        return prepare_quantized_model(model).eval()
+    directory, gguf = resolve_model_path(cfg.path)
+    if gguf:
+        kwargs["gguf_file"] = gguf
     model = AutoModelForCausalLM.from_pretrained(str(directory), **kwargs)
     if getattr(model.config, "model_type", None) != "llama":
         raise ConfigError(f"model.path {cfg.path!r} is a {model.config.model_type!r} model; NPT needs a Llama")
+    if qcfg is not None:
+        from ..quant import prepare_quantized_model
+
+        prepare_quantized_model(model)
     return model.eval()

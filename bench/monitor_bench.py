@@ -1,0 +1,222 @@
+"""Benchmark npt-monitor: big-file open time and responsiveness while tailing.
+
+    PYTHONPATH=. .venv/bin/python bench/monitor_bench.py [--lines 100000] [--rate 50] [--seconds 5]
+
+(a) generates a ``--lines`` metric file (synthetic converging run, 4 NPT
+    layers logged every step, an eval line every 500 steps) and measures
+    - ``model_load_s``: parse + fold the whole file into the model (no UI),
+    - in ``App.run_test()``: ``first_render_s`` (first data on screen) and
+      ``full_load_s`` (last step shown, plots drawn) counted from app start.
+(b) while a writer thread appends ``--rate`` lines/s for ``--seconds`` s to that
+    same (already loaded) file, it measures
+    - ``apply_ms``: handling of each tail update (fold + alerts) on the UI thread,
+    - ``refresh_ms``: pushing the model into the widgets, ``plot_render_ms``,
+    - ``line_to_screen_ms``: from a line being written to its step in the header,
+    - ``keypress_ms``: ``pilot.press("z")`` (zoom: re-plots) until processed,
+    - ``loop_lag_ms``: event-loop lag seen by a 10 ms ticker (UI stalls).
+Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from monitor.app import make_app  # noqa: E402
+from monitor.run import Run  # noqa: E402
+from monitor.stream import parse_lines  # noqa: E402
+from monitor.synth import synth_records  # noqa: E402
+from monitor.tailer import FileTailer  # noqa: E402
+from monitor.widgets import MetricPlot, RunHeader, RunView  # noqa: E402
+
+
+def stats(xs: list[float]) -> dict:
+    if not xs:
+        return {"n": 0}
+    xs = sorted(xs)
+    return {
+        "n": len(xs),
+        "median": round(statistics.median(xs), 2),
+        "p95": round(xs[min(len(xs) - 1, int(0.95 * len(xs)))], 2),
+        "max": round(xs[-1], 2),
+    }
+
+
+def generate(path: Path, n: int) -> tuple[list[str], int]:
+    """Write the first ``n`` steps; return the lines for the tail phase too."""
+    gen = synth_records(n + 2000, total_steps=n + 2000, n_layers=4, eval_every=500)
+    with open(path, "w") as fh:
+        count = 0
+        for rec in gen:
+            fh.write(json.dumps(rec) + "\n")
+            count += 1
+            if rec.get("step") == n and rec.get("event") is None:
+                break
+        rest = [json.dumps(r) for r in gen]
+    return rest, count
+
+
+def model_load(path: Path) -> tuple[float, int]:
+    t0 = time.perf_counter()
+    run = Run(path)
+    tailer = FileTailer(path, read_size=1 << 20)
+    while (chunk := tailer.poll()) is not None:
+        batch, corrupt = parse_lines(chunk.lines, chunk.first_line_no)
+        run.ingest(batch, corrupt)
+    tailer.close()
+    return time.perf_counter() - t0, run.state.n_records
+
+
+class Timed:
+    """Wrap a bound method and record its durations in ms."""
+
+    def __init__(self, obj, name: str, sink: list[float]) -> None:
+        self.fn = getattr(obj, name)
+        self.sink = sink
+        setattr(obj, name, self)
+
+    def __call__(self, *a, **kw):
+        t = time.perf_counter()
+        try:
+            return self.fn(*a, **kw)
+        finally:
+            self.sink.append(1000 * (time.perf_counter() - t))
+
+
+async def bench_app(path: Path, n_steps: int, rest: list[str], rate: float, seconds: float, size) -> dict:
+    out: dict = {}
+    apply_ms: list[float] = []
+    refresh_ms: list[float] = []
+    plot_ms: list[float] = []
+    key_ms: list[float] = []
+    lag_ms: list[float] = []
+    line_ms: list[float] = []
+    t_start = time.perf_counter()
+    app = make_app([path])
+    async with app.run_test(size=size) as pilot:
+        t_enter = time.perf_counter()
+        view = app.query_one(RunView)
+        header = view.query_one(RunHeader)
+        plots = list(view.query(MetricPlot))
+        for plot in plots:
+            Timed(plot, "_build", plot_ms)
+        first = None
+        while True:
+            if first is None and header.info.step is not None:
+                first = time.perf_counter()
+            if header.info.step == n_steps and all(p.version == view.run.state.version for p in plots):
+                break
+            await asyncio.sleep(0.005)
+        await pilot.pause()
+        t_full = time.perf_counter()
+        out["app_start_s"] = round(t_enter - t_start, 3)
+        out["first_render_s"] = round((first or t_full) - t_start, 3)
+        out["full_load_s"] = round(t_full - t_start, 3)
+        out["load_batches"] = view.n_batches
+        out["plot_render_ms_initial"] = stats(plot_ms)
+        plot_ms.clear()
+
+        Timed(view.run, "apply", apply_ms)
+        Timed(view, "refresh_view", refresh_ms)
+
+        written: dict[int, float] = {}
+        stop = threading.Event()
+
+        def writer() -> None:
+            interval = 1.0 / rate
+            t_next = time.perf_counter()
+            with open(path, "a") as fh:
+                for line in rest:
+                    if stop.is_set() or time.perf_counter() - t_w0 > seconds:
+                        break
+                    fh.write(line + "\n")
+                    fh.flush()
+                    rec = json.loads(line)
+                    if rec.get("event") is None:
+                        written[rec["step"]] = time.perf_counter()
+                    t_next += interval
+                    time.sleep(max(0.0, t_next - time.perf_counter()))
+
+        async def ticker() -> None:
+            while not stop.is_set():
+                t = time.perf_counter()
+                await asyncio.sleep(0.01)
+                lag_ms.append(max(0.0, 1000 * (time.perf_counter() - t - 0.01)))
+
+        t_w0 = time.perf_counter()
+        wt = threading.Thread(target=writer, daemon=True)
+        wt.start()
+        tick = asyncio.ensure_future(ticker())
+        last_seen = header.info.step
+        next_key = time.perf_counter() + 0.25
+        while wt.is_alive() or time.perf_counter() - t_w0 < seconds + 1.0:
+            step = header.info.step
+            if step != last_seen and step in written:
+                line_ms.append(1000 * (time.perf_counter() - written[step]))
+                last_seen = step
+            if time.perf_counter() >= next_key:
+                before = app.zoom
+                t = time.perf_counter()
+                await pilot.press("z")
+                key_ms.append(1000 * (time.perf_counter() - t))
+                assert app.zoom != before
+                next_key = time.perf_counter() + 0.25
+            await asyncio.sleep(0.005)
+            if time.perf_counter() - t_w0 > seconds + 5:
+                break
+        stop.set()
+        await tick
+        wt.join(2)
+        out["tail"] = {
+            "lines_written": len(written),
+            "seconds": seconds,
+            "rate_lines_per_s": rate,
+            "final_step_shown": header.info.step,
+            "apply_ms": stats(apply_ms),
+            "refresh_ms": stats(refresh_ms),
+            "plot_render_ms": stats(plot_ms),
+            "line_to_screen_ms": stats(line_ms),
+            "keypress_ms": stats(key_ms),
+            "loop_lag_ms": stats(lag_ms),
+        }
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--lines", type=int, default=100_000)
+    ap.add_argument("--rate", type=float, default=50.0)
+    ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--size", default="160x48", help="terminal WxH for run_test")
+    args = ap.parse_args(argv)
+    size = tuple(int(x) for x in args.size.split("x"))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "metrics.jsonl"
+        t = time.perf_counter()
+        rest, n_lines = generate(path, args.lines)
+        result: dict = {
+            "file_lines": n_lines,
+            "file_mb": round(os.path.getsize(path) / 1e6, 1),
+            "generate_s": round(time.perf_counter() - t, 2),
+            "cpu_count": os.cpu_count(),
+        }
+        load_s, n_rec = model_load(path)
+        result["model_load_s"] = round(load_s, 3)
+        result["model_records"] = n_rec
+        result["app"] = asyncio.run(bench_app(path, args.lines, rest, args.rate, args.seconds, size))
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

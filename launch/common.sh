@@ -1,0 +1,21 @@
+# Shared helpers for launch/*.sh (sourced, not run).
+set -euo pipefail
+LAUNCH_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REPO_ROOT="$(cd "$LAUNCH_DIR/.." && pwd)"
+PYTHON="${PYTHON:-python}"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"   # one thread per rank: oversubscription on small CPUs is 5x slower
+export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"
+
+free_port() { "$PYTHON" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+
+need_config() {
+  if [[ $# -lt 1 || ! -f "$1" ]]; then
+    echo "error: config '${1:-}' not found; usage: $0 CONFIG.yaml [key.path=value ...]" >&2
+    exit 2
+  fi
+}
+
+run() {  # print, and execute unless DRY_RUN=1
+  echo "+ $*" >&2
+  if [[ "${DRY_RUN:-0}" != "1" ]]; then "$@"; fi
+}

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Train on this machine with NUM_RANKS DeepSpeed ranks (CPU ranks when there is no GPU).
+#
+#   launch/train_local.sh CONFIG.yaml [key.path=value ...]
+#
+# Env: NUM_RANKS (default 2), MASTER_PORT (default: a free port), OMP_NUM_THREADS (default 1),
+#      DRY_RUN=1 prints the command without running it.
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+need_config "$@"
+CONFIG="$1"; shift
+NUM_RANKS="${NUM_RANKS:-2}"
+MASTER_PORT="${MASTER_PORT:-$(free_port)}"
+cd "$REPO_ROOT"
+run deepspeed --num_gpus "$NUM_RANKS" --master_addr 127.0.0.1 --master_port "$MASTER_PORT" \
+    --module npt_ds.train --config "$CONFIG" "$@"

@@ -1,0 +1,126 @@
+"""Quantised frozen base (bitsandbytes int8 / nf4): what works with DeepSpeed, and the loading helpers.
+
+Measured with bitsandbytes 0.50.2, deepspeed 0.19.8, transformers 5.23, torch 2.13 (CPU):
+
+* ZeRO 0, 1 and 2 train the NP components on an int8 or nf4 base (the base is frozen, so these stages
+  only shard the NP optimizer state / gradients; every rank holds the whole quantised base).
+* ZeRO-3 is refused (:func:`check_quantization_support`).  transformers loads a quantised model outside
+  ``zero.Init``, and ``deepspeed.initialize`` then partitions every parameter, the bitsandbytes ones
+  included.  int8: ``Linear8bitLt`` computes from ``weight.CB``, a second reference to the full int8
+  matrix, and writes it back into ``weight.data`` after each forward, so nothing is saved and ZeRO-3's
+  gather/release bookkeeping is defeated.  nf4: even with ``bnb_4bit_quant_storage`` = the compute dtype
+  (the QLoRA recipe) the partitioned packed weights lose their ``quant_state`` on gather/release.
+* ``deepspeed.precision: bf16`` is refused: DeepSpeed casts every floating parameter of the module to
+  bf16, i.e. the NP components (which must stay fp32 on a quantised base) and, for nf4 with fp32
+  ``quant_storage``, the packed 4-bit codes themselves (silently corrupting the weights).  Use
+  ``precision: fp32`` and ``model.dtype: bfloat16`` to run the quantised base's matmuls in bf16.
+* fp16 is refused by :class:`npt_ds.config.TrainConfig` already.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Iterator
+
+from torch import nn
+
+from .config import ConfigError, TrainConfig
+
+SUPPORTED_ZERO_STAGES = (0, 1, 2)
+_INT8_CAST_LOGGER = "bitsandbytes.autograd._functions"
+
+
+def check_quantization_support(cfg: TrainConfig, zero_stage: int) -> None:
+    """Raise a one-line ConfigError when a quantised base cannot train with this ZeRO stage / precision.
+
+    Call it before loading the model, with the ZeRO stage of the built DeepSpeed config.
+    """
+    q = cfg.model.quantization
+    if q == "none":
+        return
+    precision = cfg.deepspeed.precision
+    if precision == "fp16":
+        raise ConfigError(f"deepspeed.precision: fp16 cannot be combined with model.quantization={q}; "
+                          "use deepspeed.precision: fp32")
+    if precision == "bf16":
+        raise ConfigError(f"deepspeed.precision: bf16 with model.quantization={q} would cast the NP components "
+                          "(and nf4's packed weights) to bf16; use deepspeed.precision: fp32, with "
+                          "model.dtype: bfloat16 for bf16 base compute")
+    if zero_stage not in SUPPORTED_ZERO_STAGES:
+        raise ConfigError(f"deepspeed.zero_stage: ZeRO-{zero_stage} cannot partition the bitsandbytes weights of "
+                          f"model.quantization={q}; set deepspeed.zero_stage: 2 (stages 0-2 are supported; the "
+                          "frozen quantised base is replicated, the NP optimizer state sharded)")
+
+
+@contextlib.contextmanager
+def without_hf_zero3() -> Iterator[None]:
+    """Hide an active ``HfDeepSpeedConfig`` so transformers builds a model unpartitioned.
+
+    A quantised model is loaded outside ``zero.Init`` anyway; the tiny random Llama that is saved and
+    reloaded through bitsandbytes must be materialised in full too (under ZeRO-3 its parameters would be
+    0-size placeholders and the saved checkpoint empty).
+    """
+    from transformers.integrations import deepspeed as hf_ds
+
+    ref = hf_ds._hf_deepspeed_config_weak_ref
+    hf_ds._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_ds._hf_deepspeed_config_weak_ref = ref
+
+
+class _OncePerMessage(logging.Filter):
+    """Let each distinct record message through once (bitsandbytes logs a cast warning on every matmul)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if not msg.startswith("MatMul8bitLt: inputs will be cast"):
+            return True
+        if msg in self.seen:
+            return False
+        self.seen.add(msg)
+        return True
+
+
+def quiet_int8_cast_warning() -> None:
+    """Log bitsandbytes' "inputs will be cast ... to float16" warning once instead of once per matmul."""
+    log = logging.getLogger(_INT8_CAST_LOGGER)
+    if not any(isinstance(f, _OncePerMessage) for f in log.filters):
+        log.addFilter(_OncePerMessage())
+
+
+def prepare_quantized_model(model: nn.Module) -> nn.Module:
+    """Post-load fixes for a bitsandbytes base on CPU; returns the model.
+
+    * nf4: turn off bitsandbytes' CPU inference repacking.  On AVX512-BF16 CPUs ``Linear4bit.forward``
+      rewrites its weight in place into a packed layout (bf16 absmax) the first time it runs in eval
+      mode without grad.  That fails for layers whose input width is not a multiple of the 64-element
+      quantisation block (the tiny Llama's down_proj, 160), and elsewhere makes evaluation compute with
+      other numerics than training.  Training and evaluation then share the dequantise + matmul path.
+    * int8: see :func:`quiet_int8_cast_warning`.
+    """
+    try:
+        import bitsandbytes as bnb
+    except ImportError:  # pragma: no cover - quantised loading needs it anyway
+        return model
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+        elif isinstance(module, bnb.nn.Linear8bitLt):
+            quiet_int8_cast_warning()
+    return model
+
+
+def quantized_linear_names(model: nn.Module) -> list[str]:
+    """Names of the bitsandbytes linear layers in ``model`` (empty for an unquantised model)."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:  # pragma: no cover
+        return []
+    kinds = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+    return [name for name, m in model.named_modules() if isinstance(m, kinds)]

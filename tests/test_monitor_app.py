@@ -1,0 +1,299 @@
+"""npt-monitor Textual app driven with App.run_test() + Pilot, fed from JSONL files in tmp_path."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+from pathlib import Path
+
+import pytest
+
+from monitor.app import MonitorApp, make_app
+from monitor.synth import synth_lines
+from monitor.widgets import AlertsPanel, HelpScreen, MetricPickerScreen, MetricPlot, RunHeader, RunView
+
+pytestmark = pytest.mark.timeout(60)
+
+FAST = dict(poll_interval=0.03, refresh_interval=0.03)
+
+
+def write_run(path: Path, n: int, tail: str = "", **faults) -> Path:
+    """A realistic converging run of ``n`` steps (see monitor.synth), plus optional faults."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(synth_lines(n, **faults)) + "\n" + tail)
+    return path
+
+
+def append(path: Path, text: str) -> None:
+    with open(path, "a") as fh:
+        fh.write(text)
+
+
+async def wait_for(pilot, cond, timeout: float = 8.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await pilot.pause(0.03)
+
+
+def header(app: MonitorApp, i: int = 0) -> RunHeader:
+    return app.query_one(f"#run-{i}", RunView).query_one(RunHeader)
+
+
+def panel(app: MonitorApp, i: int = 0) -> AlertsPanel:
+    return app.query_one(f"#run-{i}", RunView).query_one(AlertsPanel)
+
+
+def shown_step(app, i=0):
+    return header(app, i).info.step
+
+
+def run_app(app: MonitorApp, body, size=(120, 40)):
+    async def main():
+        async with app.run_test(size=size) as pilot:
+            await body(pilot)
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize(
+    "faults, expected",
+    [
+        (dict(nan_at={120}), [(120, "nonfinite"), (120, "skipped")]),
+        (dict(kl_at={150: 9.4}), [(150, "kl_high")]),
+        (dict(oscillate=(200, 260)), [("osc", "oscillation")]),
+        ({}, []),  # a clean converging run raises nothing
+    ],
+    ids=["nan", "kl-9.4", "oscillation", "clean"],
+)
+def test_fixture_runs_raise_the_right_alerts(tmp_path, faults, expected):
+    path = write_run(tmp_path / "run" / "metrics.jsonl", 400, **faults)
+    app = make_app([path.parent], **FAST)
+
+    async def body(pilot):
+        await wait_for(pilot, lambda: shown_step(app) == 400, what="step 400")
+        got = [(a.step, a.kind) for a in panel(app).alerts]
+        if expected and expected[0][0] == "osc":
+            assert [k for _, k in got] == ["oscillation"]
+            assert 200 < got[0][0] < 260
+        else:
+            assert got == expected
+        assert panel(app).option_count == len(expected)
+        assert panel(app).border_title == f"Alerts ({len(expected)})"
+        assert header(app).n_alerts == len(expected)
+
+    run_app(app, body)
+
+
+def test_appending_lines_updates_the_step(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    lines = synth_lines(300)
+    path.write_text("\n".join(lines[:101]) + "\n")  # start line + steps 1..100
+    app = make_app([path], **FAST)
+
+    async def body(pilot):
+        await wait_for(pilot, lambda: shown_step(app) == 100, what="step 100")
+        append(path, "\n".join(lines[101:151]) + "\n")
+        await wait_for(pilot, lambda: shown_step(app) == 150, timeout=3, what="step 150 after append")
+        view = app.query_one(RunView)
+        assert view.run.state.series["loss/total"].count == 150
+        plot = view.query_one(".loss-plot", MetricPlot)
+        assert plot.version == view.run.state.version  # plot follows the new data
+
+    run_app(app, body)
+
+
+def test_half_written_line_and_truncation_do_not_crash(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    lines = synth_lines(200, kl_at={30: 9.4})
+    path.write_text("\n".join(lines[:101]) + "\n")
+    app = make_app([path], **FAST)
+
+    async def body(pilot):
+        await wait_for(pilot, lambda: shown_step(app) == 100)
+        assert [a.kind for a in panel(app).alerts] == ["kl_high"]
+        half = len(lines[101]) // 2
+        append(path, lines[101][:half])  # writer flushed half a line
+        await pilot.pause(0.3)
+        assert shown_step(app) == 100 and header(app).info.corrupt == 0
+        append(path, lines[101][half:] + "\n")
+        await wait_for(pilot, lambda: shown_step(app) == 101, what="completed line")
+        # truncate: the trainer restarted and rewrote the file
+        path.write_text("\n".join(lines[:11]) + "\n")
+        await wait_for(pilot, lambda: shown_step(app) == 10, what="reload after truncation")
+        assert panel(app).alerts == [] and panel(app).option_count == 0
+        view = app.query_one(RunView)
+        assert view.run.resets == 1 and view.run.last_reset_reason == "truncated"
+        append(path, "\n".join(lines[11:41]) + "\n")
+        await wait_for(pilot, lambda: shown_step(app) == 40)
+        assert [(a.step, a.kind) for a in panel(app).alerts] == [(30, "kl_high")]
+
+    run_app(app, body)
+
+
+def test_corrupt_lines_are_counted_not_fatal(tmp_path):
+    lines = synth_lines(50)
+    lines[5] = "{not json"
+    lines[6] = "[1, 2]"
+    path = write_run(tmp_path / "m.jsonl", 0)
+    path.write_text("\n".join(lines) + "\n")
+    app = make_app([path], **FAST)
+
+    async def body(pilot):
+        await wait_for(pilot, lambda: shown_step(app) == 50)
+        assert header(app).info.corrupt == 2
+        state = app.query_one(RunView).run.state
+        assert [c.line_no for c in state.corrupt_samples] == [6, 7]
+
+    run_app(app, body)
+
+
+def test_waits_for_a_file_that_does_not_exist_yet(tmp_path):
+    run_dir = tmp_path / "later"
+    app = make_app([run_dir], **FAST)
+
+    async def body(pilot):
+        await wait_for(pilot, lambda: header(app).info.waiting, what="waiting state")
+        assert shown_step(app) is None
+        write_run(run_dir / "metrics.jsonl", 20)
+        await wait_for(pilot, lambda: shown_step(app) == 20, what="file to appear")
+        assert not header(app).info.waiting
+
+    run_app(app, body)
+
+
+def test_pause_freezes_display_and_follow_resumes(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    lines = synth_lines(200)
+    path.write_text("\n".join(lines[:51]) + "\n")
+    app = make_app([path], **FAST)
+
+    async def body(pilot):
+        await wait_for(pilot, lambda: shown_step(app) == 50)
+        await pilot.press("p")
+        assert app.paused and header(app).mode == "paused"
+        append(path, "\n".join(lines[51:81]) + "\n")
+        view = app.query_one(RunView)
+        await wait_for(pilot, lambda: view.run.state.step == 80, what="model to keep reading")
+        await wait_for(pilot, lambda: header(app).pending == 30, what="pending count")
+        assert shown_step(app) == 50  # frozen
+        await pilot.press("p")
+        await wait_for(pilot, lambda: shown_step(app) == 80)
+        assert header(app).mode == "live"
+        await pilot.press("p")
+        await pilot.press("f")  # follow also un-pauses
+        assert not app.paused and app.jump_step is None
+
+    run_app(app, body)
+
+
+def test_alert_jump_moves_plots_to_the_alert_step(tmp_path):
+    path = write_run(tmp_path / "m.jsonl", 1000, kl_at={300: 9.4}, nan_at={700})
+    app = make_app([path], **FAST)
+
+    async def body(pilot):
+        await wait_for(pilot, lambda: shown_step(app) == 1000)
+        assert [(a.step, a.kind) for a in panel(app).alerts] == [(300, "kl_high"), (700, "nonfinite"), (700, "skipped")]
+        await pilot.press("n")  # first alert
+        await pilot.pause(0.1)
+        assert app.jump_step == 300
+        plots = list(app.query(MetricPlot))
+        assert all(p.x_range == (200.0, 400.0) and p.marker == 300 for p in plots)
+        assert header(app).mode == "jump"
+        await pilot.press("down", "j")  # select the next alert in the list and jump
+        await pilot.pause(0.1)
+        assert app.jump_step == 700
+        await pilot.press("z")  # zoom changes the span around the alert
+        await pilot.pause(0.1)
+        assert app.zoom == 5000 and plots[0].x_range == (700 - 2500, 700 + 2500)
+        await pilot.press("f")
+        await pilot.pause(0.1)
+        assert app.jump_step is None and header(app).mode == "live"
+        assert plots[0].x_range == (0, 5000)  # following with a 5000-step zoom
+
+    run_app(app, body)
+
+
+def test_help_and_quit_keys(tmp_path):
+    path = write_run(tmp_path / "m.jsonl", 20)
+    app = make_app([path], **FAST)
+
+    async def body(pilot):
+        await wait_for(pilot, lambda: shown_step(app) == 20)
+        await pilot.press("question_mark")
+        await pilot.pause()
+        assert isinstance(app.screen, HelpScreen)
+        await pilot.press("escape")
+        await pilot.pause()
+        assert not isinstance(app.screen, HelpScreen)
+        await pilot.press("q")
+        await pilot.pause()
+        assert not app.is_running
+
+    run_app(app, body)
+
+
+def test_metric_picker_changes_component_plot(tmp_path):
+    path = write_run(tmp_path / "m.jsonl", 50)
+    app = make_app([path], **FAST)
+
+    async def body(pilot):
+        await wait_for(pilot, lambda: shown_step(app) == 50)
+        comp = app.query_one(".components-plot", MetricPlot)
+        assert comp.metrics == ("loss/direct", "loss/fidelity", "loss/guidance/attn", "loss/kd", "loss/reg")
+        await pilot.press("m")
+        await pilot.pause()
+        screen = app.screen
+        assert isinstance(screen, MetricPickerScreen)
+        assert "kd/kl" in screen.keys and "layer/3/v_a_attn_sim" in screen.keys
+        from textual.widgets import SelectionList
+
+        sl = screen.query_one(SelectionList)
+        sl.deselect_all()
+        sl.select("kd/kl")
+        sl.select("grad_norm")
+        await pilot.press("escape")
+        await wait_for(pilot, lambda: comp.metrics == ("grad_norm", "kd/kl"), what="picked metrics")
+
+    run_app(app, body)
+
+
+def test_two_runs_side_by_side(tmp_path):
+    a = write_run(tmp_path / "a" / "metrics.jsonl", 300, run_name="baseline")
+    b = write_run(tmp_path / "b" / "metrics.jsonl", 250, run_name="high-lr", kl_at={100: 9.4})
+    app = make_app([a.parent, b], **FAST)
+
+    async def body(pilot):
+        await wait_for(pilot, lambda: shown_step(app, 0) == 300 and shown_step(app, 1) == 250)
+        assert header(app, 0).info.name == "baseline" and header(app, 1).info.name == "high-lr"
+        assert panel(app, 0).alerts == [] and [a.step for a in panel(app, 1).alerts] == [100]
+        v0, v1 = app.query_one("#run-0", RunView), app.query_one("#run-1", RunView)
+        assert v0.region.x < v1.region.x and v0.region.y == v1.region.y  # side by side
+        await pilot.press("j")  # only run 1 has alerts: it is the one jumped to
+        await pilot.pause(0.1)
+        assert app.jump_step == 100
+        assert all(p.marker == 100 for p in app.query(MetricPlot))  # both runs show that step
+
+    run_app(app, body, size=(160, 44))
+
+
+def test_nonfinite_values_render(tmp_path):
+    # a NaN in a layer metric shows as NaN in the table and does not break the plots
+    rec = json.loads(synth_lines(3)[-1])
+    rec["layer/1/direct_mse"] = math.nan
+    path = tmp_path / "m.jsonl"
+    path.write_text("\n".join(synth_lines(2)) + "\n" + json.dumps(rec).replace('"step": 3', '"step": 3') + "\n")
+    app = make_app([path], **FAST)
+
+    async def body(pilot):
+        await wait_for(pilot, lambda: shown_step(app) == 3)
+        from monitor.widgets import LayerTable
+
+        table = app.query_one(LayerTable)
+        assert str(table.get_cell("1", "direct_mse")) == "NaN"
+        assert [a.kind for a in panel(app).alerts] == ["nonfinite"]
+
+    run_app(app, body)

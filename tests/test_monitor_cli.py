@@ -1,0 +1,94 @@
+"""npt-monitor --check (headless) and argument handling."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from monitor.cli import build_parser, config_from_args, main
+from monitor.synth import synth_lines
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write(path: Path, lines: list[str], tail: str = "") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n" + tail)
+    return path
+
+
+def test_check_clean_run_exits_zero(tmp_path, capsys):
+    path = write(tmp_path / "run" / "metrics.jsonl", synth_lines(800, eval_every=100))
+    assert main(["--check", str(tmp_path / "run")]) == 0  # RUN_DIR form; start + 800 steps + 8 evals
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert f"{path}: 809 records, last step 800, 0 alerts, 0 corrupt lines" in err
+
+
+def test_check_prints_alerts_with_steps_and_exits_one(tmp_path, capsys):
+    path = write(tmp_path / "m.jsonl", synth_lines(300, nan_at={40}, kl_at={120: 9.4}))
+    assert main(["--check", str(path)]) == 1
+    out, _ = capsys.readouterr()
+    assert out.splitlines() == [
+        "step 40: ERROR nonfinite: non-finite loss/total=NaN",
+        "step 40: ERROR skipped: step skipped (nan_step event, skipped_steps=1)",
+        "step 120: ERROR kl_high: KL 9.4 > 8",
+    ]
+
+
+def test_check_threshold_flags(tmp_path, capsys):
+    path = write(tmp_path / "m.jsonl", synth_lines(300, kl_at={120: 9.4}))
+    assert main(["--check", "--kl-threshold", "10", str(path)]) == 0
+    assert main(["--check", "--kl-threshold", "9", str(path)]) == 1
+
+
+def test_check_corrupt_lines_are_warnings_not_failures(tmp_path, capsys):
+    lines = synth_lines(50)
+    lines[10] = '{"step": 10, "loss/total": 1.2'  # cut short
+    lines[20] = "[]"
+    path = write(tmp_path / "m.jsonl", lines, tail='{"step": 51, "lo')
+    assert main(["--check", str(path)]) == 0
+    out, err = capsys.readouterr()
+    assert out == ""
+    warnings = [l for l in err.splitlines() if l.startswith("warning:")]
+    assert warnings == [
+        f"warning: {path}:11: corrupt line ignored: not JSON (Expecting ',' delimiter)",
+        f"warning: {path}:21: corrupt line ignored: not a JSON object (list)",
+        f"warning: {path}:52: corrupt line ignored: incomplete last line (no newline)",
+    ]
+    assert "3 corrupt lines" in err
+
+
+def test_check_missing_file_exits_two(tmp_path, capsys):
+    assert main(["--check", str(tmp_path / "nope.jsonl")]) == 2
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_check_several_files_prefixes_alerts(tmp_path, capsys):
+    a = write(tmp_path / "a.jsonl", synth_lines(200))
+    b = write(tmp_path / "b.jsonl", synth_lines(200, kl_at={50: 12.0}))
+    assert main(["--check", str(a), str(b)]) == 1
+    assert capsys.readouterr().out.splitlines() == [f"{b}: step 50: ERROR kl_high: KL 12 > 8"]
+
+
+def test_parser_maps_flags_to_config():
+    args = build_parser().parse_args(["--osc-window", "30", "--osc-min-reversals", "6", "--plateau-window", "80", "x"])
+    cfg = config_from_args(args)
+    assert (cfg.osc_window, cfg.osc_min_reversals, cfg.plateau_window, cfg.kl_threshold) == (30, 6, 80, 8.0)
+
+
+@pytest.mark.timeout(60)
+def test_module_entry_point_check(tmp_path):
+    path = write(tmp_path / "m.jsonl", synth_lines(100, kl_at={7: 9.4}))
+    proc = subprocess.run(
+        [sys.executable, "-m", "monitor", "--check", str(path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 1
+    assert proc.stdout == "step 7: ERROR kl_high: KL 9.4 > 8\n"
