@@ -9,7 +9,7 @@ export TOKENIZERS_PARALLELISM := false
 export WANDB_MODE ?= offline
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup test test-fast demo demo-multi-layer bench monitor clean
+.PHONY: setup test test-fast demo bench monitor clean
 
 setup: $(STAMP)
 
@@ -27,11 +27,10 @@ test: setup        ## the whole suite, slow and multi-process tests included (wh
 test-fast: setup   ## skip the slow/multi-process tests
 	$(PY) -m pytest -q -p no:cacheprovider -m "not slow and not multiproc"
 
-demo: setup        ## train NPT on SmolLM2-135M + Shakespeare, 2 CPU ranks, ZeRO-3
-	PATH=$(abspath $(VENV))/bin:$$PATH bash launch/train_local.sh configs/smollm2_demo.yaml $(ARGS)
-
-demo-multi-layer: setup
-	PATH=$(abspath $(VENV))/bin:$$PATH bash launch/train_local.sh configs/smollm2_demo.yaml schedule.mode=multi_layer $(ARGS)
+demo: setup        ## train NPT on SmolLM2-135M + Shakespeare, 2 CPU ranks, ZeRO-3 (MODE=multi_layer switches mode)
+	PATH=$(abspath $(VENV))/bin:$$PATH PYTHON=$(abspath $(PY)) bash launch/train_local.sh configs/smollm2_demo.yaml \
+	    $(if $(MODE),schedule.mode=$(MODE) logging.run_dir=runs/demo-$(MODE)) $(ARGS)
+	@echo "metric stream: $$(ls -d runs/demo$(if $(MODE),-$(MODE)))/metrics.jsonl  (watch it: .venv/bin/npt-monitor runs/demo$(if $(MODE),-$(MODE)))"
 
 bench: setup       ## micro, step and distributed benchmarks -> bench/results/*.json
 	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m bench.run $(ARGS)

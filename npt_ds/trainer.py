@@ -7,8 +7,11 @@ with `.item()` on log steps only).  Checkpoints, evaluation and the metric strea
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+import re
 import time
+from fnmatch import fnmatchcase
 from pathlib import Path
 
 import torch
@@ -28,6 +31,24 @@ from .schedules import difficulty_keep_at, kd_weight_at, lr_at, parse_curriculum
 from .train_module import NPTTrainModule, StepControls
 
 
+def default_curriculum(cfg: TrainConfig) -> str:
+    """multi_layer without a curriculum: thirds of teacher, mixed 0.5, student scaffolding."""
+    if cfg.schedule.mode != "multi_layer":
+        return ""
+    third = max(cfg.schedule.total_steps // 3, 1)
+    return f"teacher:{third},mixed:{third}:0.5,student:{max(cfg.schedule.total_steps - 2 * third, 1)}"
+
+
+def sequential_optim_config(optim, layer_indices: list[int]):
+    """One param group per NPT layer (keeping the LR multiplier configured for NP params)."""
+    probe = "model.model.layers.{}.np.W_down"
+    groups = []
+    for i in layer_indices:
+        mult = next((g.get("lr_mult", 1.0) for g in optim.param_groups if fnmatchcase(probe.format(i), g["pattern"])), 1.0)
+        groups.append({"pattern": f"*layers.{i}.np.*", "lr_mult": mult})
+    return dataclasses.replace(optim, param_groups=groups + list(optim.param_groups))
+
+
 class TrainingDiverged(RuntimeError):
     """Too many consecutive non-finite steps; the last good checkpoint is left intact."""
 
@@ -40,7 +61,7 @@ class Trainer:
         self.rank, self.world = init_distributed()
         self.run_dir = Path(cfg.logging.run_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
-        self.curriculum = parse_curriculum(cfg.schedule.curriculum)
+        self.curriculum = parse_curriculum(cfg.schedule.curriculum or default_curriculum(cfg))
         self.ds_config = build_ds_config(cfg, self.world)
         torch.manual_seed(cfg.seed)
         self._hf_ds = None
@@ -55,9 +76,17 @@ class Trainer:
             for layer in npt_layers(model):
                 layer.checkpoint_student = True
         teacher, projector = self._cross_width_teacher(model)
-        loss_fn = NPTLoss(cfg.loss, len(self.layer_indices))
+        self.sequential = cfg.schedule.mode == "sequential"
+        if self.sequential:  # one layer per stage: the loss sees one layer; each layer gets its own LR group
+            loss_fn = NPTLoss(dataclasses.replace(cfg.loss, layer_weights="uniform"), 1)
+        else:
+            loss_fn = NPTLoss(cfg.loss, len(self.layer_indices))
         self.module = NPTTrainModule(model, loss_fn, teacher, projector)
-        groups = build_param_groups(self.module, cfg.optim)
+        groups = build_param_groups(self.module, sequential_optim_config(cfg.optim, self.layer_indices)
+                                    if self.sequential else cfg.optim)
+        for group in groups:  # which NPT layer a group belongs to (sequential mode zeroes the others' LR)
+            found = re.fullmatch(r"\*layers\.(\d+)\.np\.\*(/no_decay)?", group["name"])
+            group["layer"] = int(found[1]) if found else None
         self.engine, _, _, _ = deepspeed.initialize(model=self.module, model_parameters=groups, config=self.ds_config)
         self.data = PackedBatches(cfg.data, self.tokenizer, self.rank, self.world, cfg.seed)
         self.eval_data = eval_batches(cfg.data, self.tokenizer, self.rank, self.world)
@@ -152,7 +181,15 @@ class Trainer:
         poison = bool(inject) and step == inject.get("step") and self.rank == inject.get("rank", 0)
         self._stage = stage
         return StepControls(mixing_ratio=ratio, kd_weight=kd, difficulty_keep=keep, student_stream=student_stream,
-                            want_logits=needs_logits, poison=poison)
+                            want_logits=needs_logits, poison=poison, active_layers=self.active_layers(step))
+
+    def active_layers(self, step: int) -> tuple[int, ...] | None:
+        """Sequential mode: the one layer trained at `step` (earlier ones are carried); else None = all."""
+        if not self.sequential:
+            return None
+        n = len(self.layer_indices)
+        per_layer = self.cfg.schedule.sequential_steps_per_layer or math.ceil(self.cfg.schedule.total_steps / n)
+        return (self.layer_indices[min(step // per_layer, n - 1)],)
 
     def train_step(self) -> None:
         """One optimizer step: grad_accum good micro-batches; non-finite ones are skipped on all ranks."""
@@ -161,6 +198,10 @@ class Trainer:
         lr = lr_at(self.step, cfg.optim.lr, cfg.schedule.warmup_steps, cfg.schedule.total_steps,
                    cfg.schedule.min_lr_ratio)
         set_lr(self.engine.optimizer, lr)
+        if controls.active_layers is not None:  # freeze every other layer exactly: LR 0 leaves Adam's update at 0
+            for group in self.engine.optimizer.param_groups:
+                if group.get("layer") is not None and group["layer"] not in controls.active_layers:
+                    group["lr"] = 0.0
         self._lr, self._controls = lr, controls
         good = 0
         while good < cfg.optim.grad_accum:
@@ -207,6 +248,8 @@ class Trainer:
                   "kd/weight": self._controls.kd_weight, "curriculum/stage": self._stage,
                   "curriculum/mixing_ratio": self._controls.mixing_ratio, "tokens_per_s": round(tps, 2),
                   "eta_s": round(eta, 1), "skipped_steps": self.skipped, "tokens": self.tokens_seen}
+        if self._controls.active_layers is not None:
+            record["sequential/layer"] = self._controls.active_layers[0]
         n = max(self.log_count, 1)
         record.update({k: float(v) / n for k, v in self.log_buffer.items()})  # the host sync of a log step
         grad_norm = self.engine.get_global_grad_norm()

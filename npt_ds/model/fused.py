@@ -6,6 +6,8 @@ frozen forward plus one extra modulated MLP per NPT layer, and nothing after the
 """
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import torch
 from torch import nn
 from transformers.masking_utils import create_causal_mask
@@ -16,11 +18,22 @@ from .outputs import NPTForwardOutput
 
 
 def fused_forward(model: nn.Module, input_ids: torch.Tensor, *, mixing_ratio: float = 0.0,
-                  student_stream: bool = False, want_logits: bool = False) -> NPTForwardOutput:
-    """Run teacher and NPT student together on `input_ids` (B, T) of a converted model."""
+                  student_stream: bool = False, want_logits: bool = False,
+                  active: Collection[int] | None = None) -> NPTForwardOutput:
+    """Run teacher and NPT student together on `input_ids` (B, T) of a converted model.
+
+    `active` (layer indices, default all NPT layers) selects the layers trained this step and
+    returned in `out.layers`.  Other NPT layers before the last active one are *carried*: already
+    trained, their NPT output propagates in the student stream (no autograd).  NPT layers after
+    the last active one are not trained yet and behave as the teacher in both streams.
+    """
     inner = model.model
     layers = decoder_layers(model)
-    last_npt = max(i for i, layer in enumerate(layers) if isinstance(layer, NPTDecoderLayer))
+    npt_idx = [i for i, layer in enumerate(layers) if isinstance(layer, NPTDecoderLayer)]
+    active = set(npt_idx if active is None else active)
+    last_npt = max(active)
+    carried = {i for i in npt_idx if i not in active and i < last_npt}
+    student_stream = student_stream or bool(carried)
     with torch.no_grad():
         embeds = inner.embed_tokens(input_ids)
         position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
@@ -34,16 +47,21 @@ def fused_forward(model: nn.Module, input_ids: torch.Tensor, *, mixing_ratio: fl
     for i, layer in enumerate(layers):
         if i > last_npt and not student_stream:
             break  # nothing downstream of the last NPT layer feeds a loss
-        if isinstance(layer, NPTDecoderLayer):
-            if student_stream and h_s is None:
-                h_s = h_t
+        if student_stream and h_s is None and (i in active or i in carried):
+            h_s = h_t
+        if i in active:
             h_t, h_s, layer_out = layer.fused(h_t, h_s, mixing_ratio, attn_kwargs)
             out.layers.append(layer_out)
             continue
+        if i in carried:
+            with torch.no_grad():
+                h_t, h_s = layer.teacher_step(h_t, attn_kwargs), layer.student_step(h_s, attn_kwargs)
+            continue
+        step = layer.teacher_step if isinstance(layer, NPTDecoderLayer) else (lambda h, kw, f=layer: f(h, **kw))
         with torch.no_grad():
-            new_t = layer(h_t, **attn_kwargs)
+            new_t = step(h_t, attn_kwargs)
         if h_s is not None:
-            h_s = layer(h_s, **attn_kwargs)
+            h_s = step(h_s, attn_kwargs)
         h_t = new_t
     if student_stream:
         with torch.no_grad():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 from .np_component import Modulation, NPComponent, modulated_mlp
 from .outputs import LayerOutput
@@ -15,10 +16,13 @@ from .outputs import LayerOutput
 TEACHER, STUDENT = "teacher", "student"
 
 
-class NPTDecoderLayer(nn.Module):
+class NPTDecoderLayer(LlamaDecoderLayer):
+    """Subclasses LlamaDecoderLayer so transformers treats it as a decoder layer (hidden-state capture,
+    gradient checkpointing); it takes over the wrapped layer's submodules instead of building new ones."""
+
     def __init__(self, layer: nn.Module, layer_idx: int, np_component: NPComponent,
                  modulation_scale: float = 0.1):
-        super().__init__()
+        nn.Module.__init__(self)
         # take over the frozen submodules so their parameter names stay model.layers.i.<name>
         self.self_attn = layer.self_attn
         self.mlp = layer.mlp
@@ -54,14 +58,19 @@ class NPTDecoderLayer(nn.Module):
         attn_kwargs = dict(attention_mask=attention_mask, position_ids=position_ids,
                            past_key_values=past_key_values, use_cache=use_cache,
                            position_embeddings=position_embeddings, **kwargs)
-        residual = hidden_states
-        attn = self.attention(hidden_states, **attn_kwargs)
-        if self.mode == TEACHER:  # identical op order to transformers' LlamaDecoderLayer
-            hidden_states = residual + attn
-            residual = hidden_states
-            return residual + self.mlp(self.post_attention_layernorm(hidden_states))
-        y, _, _ = self.student_mlp(residual, attn)
-        return residual + y
+        if self.mode == TEACHER:
+            return self.teacher_step(hidden_states, attn_kwargs)
+        return self.student_step(hidden_states, attn_kwargs)
+
+    def teacher_step(self, h: torch.Tensor, attn_kwargs: dict) -> torch.Tensor:
+        """The original layer, with transformers' LlamaDecoderLayer op order (bit-identical)."""
+        hidden_states = h + self.attention(h, **attn_kwargs)
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+    def student_step(self, h: torch.Tensor, attn_kwargs: dict) -> torch.Tensor:
+        """The NPT layer: h + MLP_mod(N2(h)), modulated by A(N1 h)."""
+        y, _, _ = self.student_mlp(h, self.attention(h, **attn_kwargs))
+        return h + y
 
     def fused(self, h_t: torch.Tensor, h_s: torch.Tensor | None, ratio: float,
               attn_kwargs: dict) -> tuple[torch.Tensor, torch.Tensor | None, LayerOutput]:

@@ -1,0 +1,182 @@
+"""Step benchmark: one full NPT training step, fused vs two-pass vs a plain forward+backward.
+
+Variants (same model object, same batch, interleaved in one process):
+
+* ``fused``          -- NPTTrainModule(model, NPTLoss) forward + backward + torch.optim.Adam step on the NP
+                        params (single-layer mode, no DeepSpeed): what the trainer runs.
+* ``two_pass``       -- bench/two_pass.py: teacher pass with hooks, then a student pass over the NPT layers
+                        recomputing attention from the captured inputs; same NPTLoss, backward, Adam step.
+* ``two_pass_full``  -- the student pass walks the whole model up to the last NPT layer (DESIGN §3's
+                        "runs the whole model twice"); supplementary.
+* ``plain``          -- the base model (NPT layers in teacher mode = the unconverted model), every weight
+                        frozen, embedding output requires grad, LM cross-entropy, backward to the embeddings:
+                        the physical reference of a forward+backward through the same frozen weights.
+"""
+from __future__ import annotations
+
+import torch
+
+from npt_ds.config import LossConfig
+from npt_ds.losses import NPTLoss
+from npt_ds.model import np_named_parameters, npt_layers, set_mode
+from npt_ds.train_module import NPTTrainModule, StepControls
+
+from .common import (alloc_peak_mb, count_flops, format_table, interleaved, ratio, run_probe, stats,
+                     target)
+from .models import build_model, make_batch
+from .two_pass import student_full_pass, two_pass_forward
+
+VARIANTS = ("fused", "two_pass", "two_pass_full", "plain")
+
+
+class StepBench:
+    """Holds the model, batch, loss and one optimizer per variant; `steps[name]()` runs one step."""
+
+    def __init__(self, opts, model=None, ids=None):
+        self.opts = opts
+        self.model = model if model is not None else build_model(opts)
+        self.ids = ids if ids is not None else make_batch(opts, self.model)
+        self.n_layers = len(npt_layers(self.model))
+        self.loss_fn = NPTLoss(LossConfig(), self.n_layers)
+        self.module = NPTTrainModule(self.model, self.loss_fn)
+        self.params = [p for _, p in np_named_parameters(self.model)]
+        self.opt = {name: torch.optim.Adam(self.params, lr=1e-4) for name in ("fused", "two_pass", "two_pass_full")}
+        self.steps = {"fused": self.fused_step, "two_pass": self.two_pass_step,
+                      "two_pass_full": self.two_pass_full_step, "plain": self.plain_step}
+
+    # -- losses (no optimizer step): used by the equivalence checks
+    def fused_loss(self) -> torch.Tensor:
+        loss, _ = self.module(self.ids, StepControls())
+        return loss
+
+    def two_pass_loss(self) -> torch.Tensor:
+        loss, _ = self.loss_fn(two_pass_forward(self.model, self.ids))
+        return loss
+
+    def two_pass_full_loss(self) -> torch.Tensor:
+        loss, _ = self.loss_fn(student_full_pass(self.model, self.ids))
+        return loss
+
+    # -- full training steps
+    def _train(self, name: str, loss_of) -> None:
+        opt = self.opt[name]
+        opt.zero_grad(set_to_none=True)
+        loss_of().backward()
+        opt.step()
+
+    def fused_step(self) -> None:
+        self._train("fused", self.fused_loss)
+
+    def two_pass_step(self) -> None:
+        self._train("two_pass", self.two_pass_loss)
+
+    def two_pass_full_step(self) -> None:
+        self._train("two_pass_full", self.two_pass_full_loss)
+
+    def plain_step(self) -> None:
+        model = self.model
+        set_mode(model, "teacher")
+        try:
+            with torch.no_grad():
+                embeds = model.model.embed_tokens(self.ids)
+            embeds.requires_grad_(True)
+            out = model(inputs_embeds=embeds, labels=self.ids, use_cache=False)
+            out.loss.backward()
+        finally:
+            set_mode(model, "student")
+
+    def check_equivalence(self) -> dict:
+        """Loss and NP-gradient agreement of fused vs two-pass on this batch and these params."""
+        res = {}
+        ref_loss, ref_grads = self._loss_and_grads(self.fused_loss)
+        for name, fn in (("two_pass", self.two_pass_loss), ("two_pass_full", self.two_pass_full_loss)):
+            loss, grads = self._loss_and_grads(fn)
+            res[name] = {"loss_fused": ref_loss, "loss": loss, "abs_diff": abs(loss - ref_loss),
+                         "rel_diff": abs(loss - ref_loss) / max(abs(ref_loss), 1e-30),
+                         "grad_max_rel_diff": max(float((a - b).abs().max() / a.abs().max().clamp_min(1e-30))
+                                                  for a, b in zip(ref_grads, grads))}
+        return res
+
+    def _loss_and_grads(self, fn) -> tuple[float, list[torch.Tensor]]:
+        for p in self.params:
+            p.grad = None
+        loss = fn()
+        loss.backward()
+        grads = [p.grad.detach().clone() for p in self.params]
+        for p in self.params:
+            p.grad = None
+        return float(loss), grads
+
+
+def run_step(opts) -> dict:
+    bench = StepBench(opts)
+    tokens = bench.ids.numel()
+    variants = [v for v in VARIANTS if v in opts.step_variants]
+    result: dict = {"config": {"shape": opts.shape, "npt_layers": [l.layer_idx for l in npt_layers(bench.model)],
+                               "seq": opts.seq, "batch": opts.batch, "tokens_per_step": tokens,
+                               "dtype": opts.dtype, "device": opts.device, "repeats": opts.step_repeats,
+                               "mode": "single_layer", "optimizer": "torch.optim.Adam (NP params)",
+                               "two_pass_teacher": "model.model (decoder stack, no LM head), use_cache=False"},
+                    "equivalence": bench.check_equivalence(), "rows": [], "ratios": {}}
+    times = interleaved({v: bench.steps[v] for v in variants}, opts.step_repeats, inner=1, warmup=1,
+                        device=opts.device)
+    flops = {v: count_flops(bench.steps[v]) for v in variants}
+    for v in variants:
+        s = stats(times[v])
+        row = {"variant": v, "s_median": s["median_s"], "s_min": s["min_s"], "tokens_per_s": tokens / s["median_s"],
+               "gflop": flops[v] / 1e9, "gflops_per_s": flops[v] / 1e9 / s["median_s"], "samples_s": times[v]}
+        if opts.peak_tflops:
+            row["mfu"] = flops[v] / s["median_s"] / (opts.peak_tflops * 1e12)
+        if opts.memory:
+            row["alloc_peak_mb"] = alloc_peak_mb(bench.steps[v], opts.device)
+        result["rows"].append(row)
+    for a, b in (("fused", "two_pass"), ("fused", "two_pass_full"), ("fused", "plain"), ("two_pass", "plain")):
+        if a in times and b in times:
+            result["ratios"][f"{a}/{b}"] = ratio(times, a, b)
+            result["ratios"][f"{a}/{b}"]["flops"] = flops[a] / flops[b]
+    if opts.memory and opts.rss_probe and opts.device == "cpu":
+        for row in result["rows"]:
+            row.update(run_probe(["step", row["variant"], *probe_args(opts)]))
+    result["targets"] = step_targets(result["ratios"])
+    return result
+
+
+def step_targets(ratios: dict) -> dict:
+    ab = ratios.get("fused/two_pass")
+    ac = ratios.get("fused/plain")
+    return {
+        "fused_vs_two_pass_throughput": target(1 / ab["paired_median"] if ab else None, 1.4, ">=",
+                                               "fused tokens/s ÷ two-pass tokens/s"),
+        "fused_vs_plain_cost": target(ac["paired_median"] if ac else None, 1.6, "<=",
+                                      "fused step time ÷ plain forward+backward time"),
+    }
+
+
+def probe_args(opts) -> list[str]:
+    args = ["--shape", opts.shape, "--seq", str(opts.seq), "--batch", str(opts.batch), "--dtype", opts.dtype,
+            "--threads", str(opts.threads)]
+    if opts.num_layers:
+        args += ["--num-layers", str(opts.num_layers)]
+    if opts.npt_layers:
+        args += ["--npt-layers", opts.npt_layers]
+    return args
+
+
+def print_step(res: dict) -> str:
+    cols = [("variant", "variant", ""), ("s/step (median)", "s_median", ".3f"), ("s (min)", "s_min", ".3f"),
+            ("tokens/s", "tokens_per_s", ",.1f"), ("GFLOP/step", "gflop", ".1f"), ("GFLOP/s", "gflops_per_s", ".1f"),
+            ("alloc peak MB", "alloc_peak_mb", ".0f"), ("peak RSS MB", "peak_rss_mb", ".0f"),
+            ("RSS delta MB", "rss_delta_mb", ".0f")]
+    if any("mfu" in r for r in res["rows"]):
+        cols.append(("MFU", "mfu", ".3f"))
+    c = res["config"]
+    lines = [format_table(res["rows"], cols, f"== step: {c['shape']}, NPT layers {c['npt_layers'][0]}-"
+                                              f"{c['npt_layers'][-1]}, seq {c['seq']} x {c['batch']}, "
+                                              f"{c['dtype']} on {c['device']}")]
+    for name, r in res["ratios"].items():
+        lines.append(f"time {name}: paired {r['paired_median']:.3f}, medians {r['of_medians']:.3f}, "
+                     f"minima {r['of_minima']:.3f}, FLOPs {r['flops']:.3f}")
+    for name, e in res["equivalence"].items():
+        lines.append(f"equivalence fused vs {name}: loss {e['loss_fused']:.6g} vs {e['loss']:.6g} "
+                     f"(rel {e['rel_diff']:.1e}), grad max rel diff {e['grad_max_rel_diff']:.1e}")
+    return "\n".join(lines)

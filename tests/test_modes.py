@@ -1,0 +1,138 @@
+"""Training modes: multi-layer teacher scaffolding, sequential layer-by-layer, cross-width KD."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from npt_ds.config import NPTConfig, load_config
+from npt_ds.model import convert_model, fused_forward, npt_layers, set_mode, tiny_llama
+
+
+def attn_kwargs(model, ids):
+    pos = torch.arange(ids.shape[1]).unsqueeze(0)
+    emb = model.model.embed_tokens(ids)
+    return emb, dict(attention_mask=None, position_ids=pos, position_embeddings=model.model.rotary_emb(emb, position_ids=pos))
+
+
+def manual_streams(model, ids, ratio):
+    """Teacher and student streams layer by layer, written out independently of fused_forward."""
+    layers = model.model.layers
+    h, kw = attn_kwargs(model, ids)
+    h_t, h_s, inputs = h, h, {}
+    for i, layer in enumerate(layers):
+        if hasattr(layer, "np"):
+            h_in = (1 - ratio) * h_t + ratio * h_s
+            inputs[i] = h_in
+            y = layer.student_step(h_in, kw) - h_in
+            h_t, h_s = layer.teacher_step(h_t, kw), h_s + y
+        else:
+            h_t, h_s = layer(h_t, **kw), layer(h_s, **kw)
+    return h_t, h_s, inputs
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.5, 1.0])
+def test_mixing_ratio_sets_the_student_input_and_outputs_propagate(ratio):
+    model = tiny_llama()
+    convert_model(model, NPTConfig(layers="1,3", rank=4, init_std_b=0.05))
+    ids = torch.randint(0, 256, (2, 12))
+    with torch.no_grad():
+        out = fused_forward(model, ids, mixing_ratio=ratio, student_stream=True)
+        h_t, h_s, inputs = manual_streams(model, ids, ratio)
+        ref_hidden = tiny_llama()(input_ids=ids, output_hidden_states=True).hidden_states
+        set_mode(model, "student")
+        student_hidden = model(input_ids=ids, output_hidden_states=True).hidden_states
+    layer3 = out.layers[1]
+    assert layer3.index == 3
+    assert torch.allclose(layer3.h_in, inputs[3], atol=1e-6)
+    if ratio == 0.0:
+        assert torch.allclose(layer3.h_in, ref_hidden[3], atol=1e-6)  # the teacher state
+    if ratio == 1.0:
+        assert torch.allclose(layer3.h_in, student_hidden[3], atol=1e-6)  # the student state
+    # the NPT outputs always propagate: the student stream is not the teacher stream, in every stage
+    assert torch.allclose(out.student_hidden, model.model.norm(h_s), atol=1e-6)
+    assert torch.allclose(out.teacher_hidden, model.model.norm(h_t), atol=1e-6)
+    assert (out.student_hidden - out.teacher_hidden).abs().max() > 1e-4
+
+
+def test_sequential_forward_carries_earlier_layers():
+    model = tiny_llama()
+    convert_model(model, NPTConfig(layers="1,2", rank=4, init_std_b=0.1, init_std_a=0.2))
+    ids = torch.randint(0, 256, (1, 10))
+    with torch.no_grad():
+        out = fused_forward(model, ids, mixing_ratio=1.0, active={2})
+        assert [lo.index for lo in out.layers] == [2]
+        h, kw = attn_kwargs(model, ids)
+        h = model.model.layers[0](h, **kw)
+        carried = npt_layers(model)[0].student_step(h, kw)
+        assert torch.allclose(out.layers[0].h_in, carried, atol=1e-6)  # layer 1's NPT output is used
+        assert not torch.allclose(carried, npt_layers(model)[0].teacher_step(h, kw), atol=1e-4)
+        first = fused_forward(model, ids, mixing_ratio=1.0, active={1})
+        assert [lo.index for lo in first.layers] == [1]  # layer 2 is not trained yet: teacher behaviour
+
+
+def tiny_run(tmp_path, *overrides):
+    from npt_ds.trainer import Trainer
+
+    cfg = load_config("configs/tiny_debug.yaml", [f"logging.run_dir={tmp_path}", "logging.console=false",
+                                                  "checkpoint.resume=none", *overrides])
+    trainer = Trainer(cfg)
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    return trainer, [r for r in rows if r.get("event") == "train"]
+
+
+@pytest.mark.slow
+def test_multi_layer_run_follows_the_curriculum(tmp_path):
+    _, rows = tiny_run(tmp_path, "schedule.mode=multi_layer", "npt.layers=1-3", "schedule.total_steps=9",
+                       "loss.fidelity_weight=0.5", "checkpoint.every=0", "checkpoint.save_final=false")
+    stages = [(r["step"], r["curriculum/stage"], r["curriculum/mixing_ratio"]) for r in rows]
+    # default curriculum for multi_layer: thirds of teacher, mixed 0.5, student (logged after the step)
+    assert stages[0] == (1, "teacher", 0.0) and stages[3] == (4, "mixed", 0.5) and stages[-1] == (9, "student", 1.0)
+    assert all(f"layer/{i}/direct_mse" in rows[-1] and f"layer/{i}/v_a_attn_sim" in rows[-1] for i in (1, 2, 3))
+    assert rows[-1]["loss/fidelity"] > 0
+
+
+@pytest.mark.slow
+def test_sequential_keeps_trained_layers(tmp_path):
+    trainer, rows = tiny_run(tmp_path, "schedule.mode=sequential", "schedule.total_steps=8", "checkpoint.every=4",
+                             "schedule.curriculum=student:8")
+    assert [r["sequential/layer"] for r in rows] == [2, 2, 2, 2, 3, 3, 3, 3]
+    assert list(rows[0]) and all("layer/3/direct_mse" not in r for r in rows[:4])
+    w4 = load_file(str(tmp_path / "checkpoints" / "step-00000004" / "np" / "np_weights.safetensors"))
+    w8 = load_file(str(tmp_path / "checkpoints" / "step-00000008" / "np" / "np_weights.safetensors"))
+    init = tiny_llama()
+    convert_model(init, NPTConfig(layers="2,3", rank=8))
+    for name in ("W_down", "W_a_up", "W_b_up"):
+        key2, key3 = f"model.layers.2.np.{name}", f"model.layers.3.np.{name}"
+        assert torch.equal(w4[key2], w8[key2])  # layer 2 is carried unchanged while layer 3 trains
+        assert not torch.equal(w4[key3], w8[key3])
+    # layer 3 did not move while layer 2 trained: its step-4 weights are still the initial ones
+    torch.manual_seed(0)
+    fresh = tiny_llama()
+    convert_model(fresh, NPTConfig(layers="2,3", rank=8))
+    assert all(w4[f"model.layers.3.np.{n}"].shape == dict(fresh.named_parameters())[f"model.layers.3.np.{n}"].shape
+               for n in ("W_down", "W_a_up", "W_b_up"))
+    assert torch.equal(w4["model.layers.3.np.W_down"], dict(fresh.named_parameters())["model.layers.3.np.W_down"])
+
+
+@pytest.mark.slow
+def test_cross_width_kd(tmp_path):
+    trainer, rows = tiny_run(
+        tmp_path, "model.teacher_path=tiny", "model.teacher_tiny={hidden_size: 96, intermediate_size: 224}",
+        "loss.kd_weight=0.7", "loss.kd_temperature=1.0", "schedule.total_steps=40", "checkpoint.every=0",
+        "checkpoint.save_final=false", "optim.lr=0.001")
+    kl = [r["kd/kl"] for r in rows]
+    assert kl[0] < 8.0, kl[0]  # the spec initialisation of the projector: nowhere near "random"
+    assert sum(kl[-8:]) / 8 < 0.9 * sum(kl[:8]) / 8, kl
+    weights = [r["kd/weight"] for r in rows]
+    assert weights[0] == pytest.approx(0.1) and weights[-1] == pytest.approx(0.7)
+    groups = {g["name"]: g for g in trainer.engine.optimizer.param_groups}
+    proj = next(g for n, g in groups.items() if "logit_projector" in n)
+    np_group = next(g for n, g in groups.items() if ".np." in n)
+    assert proj["lr"] == pytest.approx(5 * np_group["lr"])
