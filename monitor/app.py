@@ -6,6 +6,7 @@ View state shared by all runs (so that runs compare step for step):
 * ``jump_step``- plots show a window around this step (an alert); ``None``
   means follow the newest steps.
 * ``zoom``     - plotted step span (``None``: the whole run).
+* ``log_y``    - log-scale y axes (for positive series).
 """
 
 from __future__ import annotations
@@ -40,12 +41,14 @@ class MonitorApp(App[int]):
         Binding("n", "next_alert(1)", "Next alert"),
         Binding("N", "next_alert(-1)", "Prev alert", show=False),
         Binding("z", "zoom", "Zoom"),
+        Binding("l", "toggle_log", "Log y"),
         Binding("m", "pick_metrics", "Metrics"),
     ]
 
     paused: reactive[bool] = reactive(False)
     jump_step: reactive[int | None] = reactive(None)
     zoom: reactive[int | None] = reactive(None)
+    log_y: reactive[bool] = reactive(False)
 
     def __init__(
         self,
@@ -107,6 +110,9 @@ class MonitorApp(App[int]):
     def watch_zoom(self, zoom: int | None) -> None:
         self.refresh_runs()
 
+    def watch_log_y(self, log_y: bool) -> None:
+        self.refresh_runs()
+
     # -- actions ---------------------------------------------------------------------
     def action_help(self) -> None:
         if isinstance(self.screen, HelpScreen):
@@ -145,11 +151,12 @@ class MonitorApp(App[int]):
         if alert is not None:
             self.jump_to(alert)
 
+    def action_toggle_log(self) -> None:
+        self.log_y = not self.log_y
+
     def action_zoom(self) -> None:
         i = self.zooms.index(self.zoom) if self.zoom in self.zooms else -1
         self.zoom = self.zooms[(i + 1) % len(self.zooms)]
-        label = "whole run" if self.zoom is None else f"{self.zoom:,} steps"
-        self.notify(f"zoom: {label}", timeout=2)
 
     def action_pick_metrics(self) -> None:
         views = self.run_views

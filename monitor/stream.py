@@ -79,7 +79,7 @@ class Batch:
     last step seen) and ``events`` (default ``"train"``).
     """
 
-    __slots__ = ("records", "line_nos", "maybe_nonfinite", "steps", "events", "last_step", "monotonic", "_cols")
+    __slots__ = ("records", "line_nos", "maybe_nonfinite", "steps", "events", "last_step", "monotonic", "_cols", "_keys")
 
     def __init__(
         self,
@@ -97,6 +97,7 @@ class Batch:
         self.last_step: int | None = None
         self.monotonic = True
         self._cols: dict[str, list] = {}
+        self._keys: set[str] | None = None
 
     @classmethod
     def from_dicts(cls, records: Iterable[dict], first_line_no: int = 1) -> "Batch":
@@ -127,6 +128,18 @@ class Batch:
             e if type(e) is str and e else TRAIN_EVENT for e in [o.get("event") for o in self.records]
         ]
         self.monotonic = all(a <= b for a, b in zip(steps, steps[1:]))
+        return self
+
+    def keys(self) -> set[str]:
+        """Every key that occurs in the batch (a fresh set)."""
+        if self._keys is None:
+            self._keys = set().union(*self.records)
+        return set(self._keys)
+
+    def precompute(self) -> "Batch":
+        """Build every column now (the tailer thread does this, off the UI thread)."""
+        for key in self.keys():
+            self.column(key)
         return self
 
     def column(self, key: str) -> list:
@@ -434,7 +447,7 @@ class RunState:
                 counts[e] = counts.get(e, 0) + 1
         if batch.last_step is not None:
             self.step = batch.last_step
-        keys = set().union(*recs)
+        keys = batch.keys()
         if "run/total_steps" in keys:
             for v in reversed(batch.column("run/total_steps")):
                 if _as_int(v) is not None:

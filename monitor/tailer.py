@@ -216,6 +216,7 @@ class TailerThread(threading.Thread):
                     continue
                 announced_missing = False
                 parsed, corrupt = parse_lines(chunk.lines, chunk.first_line_no)
+                parsed.precompute()
                 batch = TailBatch(parsed, corrupt, chunk.reset, chunk.reason, True, chunk.more)
                 if not self._deliver(batch):
                     return

@@ -200,7 +200,7 @@ class TrainConfig:
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
-    inject_nan: dict = field(default_factory=dict)  # testing aid: {step: N, rank: R}
+    inject_nan: dict = field(default_factory=dict)  # testing aid: {step: N, rank: R, repeat: 1} NaN micro-batches
 
     def __post_init__(self):
         if self.model.quantization != "none" and self.deepspeed.precision == "fp16":

@@ -100,6 +100,8 @@ class Trainer:
         self.log_buffer: dict[str, torch.Tensor] = {}
         self.log_count = 0
         self.last_eval: dict = {}
+        self.first_eval: dict | None = None
+        self._poison_left = int(cfg.inject_nan.get("repeat", 1)) if cfg.inject_nan else 0
         self._window_start, self._window_tokens = time.time(), 0
         self._resume()
 
@@ -165,7 +167,17 @@ class Trainer:
         if cfg.checkpoint.save_final:
             self.save()
         self.metrics.log({"step": self.step, "event": "end", "skipped_steps": self.skipped})
+        self.summary()
         return self.last_eval
+
+    def summary(self) -> None:
+        first, last = self.first_eval, self.last_eval
+        lines = [f"done: {self.step} steps, {self.skipped} skipped, {self.tokens_seen:,} tokens"]
+        if first and last:
+            lines.append(f"held-out perplexity  base {last['eval/ppl_base']:.3f} | NPT step {first['step']}: "
+                         f"{first['eval/ppl_npt']:.3f} -> step {last['step']}: {last['eval/ppl_npt']:.3f}")
+        lines.append(f"metric stream: {self.metrics.path}   (watch: npt-monitor {self.run_dir})")
+        self.metrics.message("\n".join(lines))
 
     def controls(self, step: int) -> StepControls:
         cfg = self.cfg
@@ -178,7 +190,8 @@ class Trainer:
         needs_logits = cfg.loss.kd_weight > 0 or (cfg.loss.fidelity_weight > 0 and cfg.loss.fidelity_on != "hidden")
         student_stream = cfg.schedule.mode != "single_layer" or cfg.loss.fidelity_weight > 0 or cfg.loss.kd_weight > 0
         inject = cfg.inject_nan
-        poison = bool(inject) and step == inject.get("step") and self.rank == inject.get("rank", 0)
+        poison = bool(inject) and step >= inject.get("step", 0) and self.rank == inject.get("rank", 0) \
+            and self._poison_left > 0
         self._stage = stage
         return StepControls(mixing_ratio=ratio, kd_weight=kd, difficulty_keep=keep, student_stream=student_stream,
                             want_logits=needs_logits, poison=poison, active_layers=self.active_layers(step))
@@ -208,8 +221,10 @@ class Trainer:
             ids = next(self.data).to(self.engine.device)
             loss, comps = self.engine(ids, controls)
             if any_rank_true(not bool(torch.isfinite(loss))):
+                if controls.poison:
+                    self._poison_left -= 1
+                    controls.poison = self._poison_left > 0
                 self.on_bad_batch(comps)
-                controls.poison = False
                 continue
             self.engine.backward(loss)
             self.engine.step()
@@ -265,6 +280,8 @@ class Trainer:
         result = evaluate(self.engine.module.model, self.eval_data)
         self.engine.train()
         self.last_eval = {"step": self.step, **result}
+        if self.first_eval is None:
+            self.first_eval = self.last_eval
         self.metrics.log({"event": "eval", **self.last_eval})
         self.metrics.message(f"eval @ step {self.step}: ppl base {result['eval/ppl_base']:.3f}  "
                              f"npt {result['eval/ppl_npt']:.3f}  fidelity mse {result['eval/fidelity_mse']:.4g}")

@@ -285,7 +285,7 @@ def test_nonfinite_values_render(tmp_path):
     rec = json.loads(synth_lines(3)[-1])
     rec["layer/1/direct_mse"] = math.nan
     path = tmp_path / "m.jsonl"
-    path.write_text("\n".join(synth_lines(2)) + "\n" + json.dumps(rec).replace('"step": 3', '"step": 3') + "\n")
+    path.write_text("\n".join(synth_lines(2)) + "\n" + json.dumps(rec) + "\n")
     app = make_app([path], **FAST)
 
     async def body(pilot):
@@ -295,5 +295,25 @@ def test_nonfinite_values_render(tmp_path):
         table = app.query_one(LayerTable)
         assert str(table.get_cell("1", "direct_mse")) == "NaN"
         assert [a.kind for a in panel(app).alerts] == ["nonfinite"]
+
+    run_app(app, body)
+
+
+def test_log_scale_toggle_and_zoom_shown_in_header(tmp_path):
+    path = write_run(tmp_path / "m.jsonl", 300)
+    app = make_app([path], **FAST)
+
+    async def body(pilot):
+        await wait_for(pilot, lambda: shown_step(app) == 300)
+        await pilot.press("l")
+        await pilot.pause(0.1)
+        assert app.log_y and all(p.log_y for p in app.query(MetricPlot))
+        await pilot.press("z", "z")
+        await pilot.pause(0.1)
+        assert app.zoom == 1000 and header(app).zoom == 1000
+        assert all(p.x_range == (0, 1000) for p in app.query(MetricPlot))
+        await pilot.press("l")
+        await pilot.pause(0.1)
+        assert not any(p.log_y for p in app.query(MetricPlot))
 
     run_app(app, body)

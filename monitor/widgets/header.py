@@ -17,11 +17,19 @@ class RunHeader(Widget):
     pending: reactive[int] = reactive(0, layout=True)  # lines read while paused
     jump_step: reactive[int | None] = reactive(None, layout=True)
     n_alerts: reactive[int] = reactive(0, layout=True)
+    zoom: reactive[int | None] = reactive(None, layout=True)  # plotted step span
 
     def render(self) -> Text:
         i = self.info
         t = Text(no_wrap=False, overflow="fold")
         t.append(i.name or "run", style="bold")
+        if self.mode == "paused":
+            extra = f" +{self.pending:,} lines" if self.pending else ""
+            t.append(f"  ⏸ PAUSED{extra}", style="bold black on yellow")
+        elif self.mode == "jump" and self.jump_step is not None:
+            t.append(f"  ⤓ AT STEP {self.jump_step:,} (f: follow)", style="bold black on magenta")
+        else:
+            t.append("  ● LIVE", style="bold green")
         if i.waiting and not i.lines:
             t.append("  waiting for metrics file…", style="italic yellow")
             return t
@@ -49,11 +57,6 @@ class RunHeader(Widget):
             t.append(f"  {i.corrupt} corrupt line{'s' if i.corrupt != 1 else ''}", style="yellow")
         if self.n_alerts:
             t.append(f"  {self.n_alerts} alert{'s' if self.n_alerts != 1 else ''}", style="bold red")
-        if self.mode == "paused":
-            extra = f" +{self.pending:,} lines" if self.pending else ""
-            t.append(f"  ⏸ PAUSED{extra}", style="bold black on yellow")
-        elif self.mode == "jump" and self.jump_step is not None:
-            t.append(f"  ⤓ STEP {self.jump_step:,} (f: follow)", style="bold black on magenta")
-        else:
-            t.append("  ● LIVE", style="bold green")
+        if self.zoom:
+            t.append(f"  zoom {self.zoom:,}", style="dim")
         return t

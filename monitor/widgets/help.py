@@ -19,7 +19,8 @@ KEYS = (
     ("f", "follow: resume live view, plots track the newest steps"),
     ("j / enter", "jump the plots to the step of the selected alert"),
     ("n / N", "select the next / previous alert and jump to it"),
-    ("z", "zoom: cycle the plotted step window"),
+    ("z", "zoom: cycle the plotted step window (whole run, 5000, 1000, 200)"),
+    ("l", "log / linear y axis"),
     ("m", "metric picker for the lower plot"),
     ("tab", "move focus (alert list of each run, layer table)"),
 )

@@ -3,7 +3,8 @@
 The series are downsampled to about two points per column (min/max per bucket)
 before plotting, so a 100k-step run costs the same as a short one.  ``x_range``
 selects the visible steps (``None``: everything); ``marker`` draws a vertical
-line at a step (the selected alert).
+line at a step (the selected alert); ``log_y`` uses a log y axis when all the
+plotted values are positive.
 """
 
 from __future__ import annotations
@@ -50,6 +51,19 @@ def _step_label(v: float) -> str:
     return f"{int(round(v))}"
 
 
+def log_ticks(lo: float, hi: float) -> tuple[list[float], list[str]]:
+    """Decade ticks (1e-3, 1e-2, ...) inside [lo, hi]; the ends when fewer than two fit."""
+    e0, e1 = math.ceil(math.log10(lo)), math.floor(math.log10(hi))
+    pos = [10.0**e for e in range(e0, e1 + 1)]
+    if len(pos) > 8:
+        step = math.ceil(len(pos) / 8)
+        pos = pos[::step]
+    if len(pos) < 2:
+        pos = sorted({lo, hi, *pos})
+        return pos, [fmt_num(p, 2) for p in pos]
+    return pos, [f"1e{round(math.log10(p))}" for p in pos]
+
+
 def render_plot(
     state: RunState,
     metrics: tuple[str, ...],
@@ -57,6 +71,7 @@ def render_plot(
     height: int,
     x_range: tuple[float, float] | None = None,
     marker: float | None = None,
+    log_y: bool = False,
 ) -> tuple[str | None, list[tuple[str, int, float | None]]]:
     """Build the plot as an ANSI string; also return the legend (name, colour, latest)."""
     fig = plt.figure
@@ -67,6 +82,7 @@ def render_plot(
     legend: list[tuple[str, int, float | None]] = []
     drawn = 0
     lo, hi = math.inf, -math.inf
+    y_lo, y_hi = math.inf, -math.inf
     for name in metrics:
         series = state.series.get(name)
         if series is None:
@@ -80,6 +96,7 @@ def render_plot(
             continue
         fig.draw(fig.signal(xs, ys, marker="braille").lines(True))
         lo, hi = min(lo, xs[0]), max(hi, xs[-1])
+        y_lo, y_hi = min(y_lo, min(ys)), max(y_hi, max(ys))
         drawn += 1
     if not legend:
         return None, legend
@@ -89,6 +106,9 @@ def render_plot(
         fig.ruler("x").lim(lo, hi)
     if lo <= hi:
         fig.ruler("x").ticks(*step_ticks(lo, hi, width))
+    if log_y and 0 < y_lo <= y_hi:  # log scale only makes sense for positive data
+        fig.ruler("y").scale("log")
+        fig.ruler("y").ticks(*log_ticks(y_lo, y_hi))
     if marker is not None:
         fig.line(marker, orientation=1, pixel=plt.pixel(foreground=13))
     return fig.build().string(), legend
@@ -101,6 +121,7 @@ class MetricPlot(Widget):
     x_range: reactive[tuple[float, float] | None] = reactive(None)
     marker: reactive[int | None] = reactive(None)
     version: reactive[int] = reactive(0)
+    log_y: reactive[bool] = reactive(False)
 
     def __init__(self, state: RunState, metrics: tuple[str, ...] = (), **kwargs) -> None:
         super().__init__(**kwargs)
@@ -111,7 +132,7 @@ class MetricPlot(Widget):
 
     def render(self) -> Text:
         width, height = self.content_size
-        key = (self.version, self.metrics, self.x_range, self.marker, width, height)
+        key = (self.version, self.metrics, self.x_range, self.marker, self.log_y, width, height)
         if key == self._cache_key and self._cache is not None:
             return self._cache
         text = self._build(width, height)
@@ -123,7 +144,9 @@ class MetricPlot(Widget):
             return Text("no metric selected (press m)", style="dim italic")
         if width < 12 or height < 5:
             return Text("")
-        plot, legend = render_plot(self.state, self.metrics, width, height - 1, self.x_range, self.marker)
+        plot, legend = render_plot(
+            self.state, self.metrics, width, height - 1, self.x_range, self.marker, self.log_y
+        )
         if plot is None:
             return Text(f"waiting for {', '.join(self.metrics)}…", style="dim italic")
         head = Text(no_wrap=True, overflow="ellipsis")
@@ -131,6 +154,7 @@ class MetricPlot(Widget):
             head.append("━ ", style=Style(color=Color.from_ansi(colour)))
             head.append(name)
             head.append(f" {fmt_num(last)}  ", style="dim")
+        head.truncate(width, overflow="ellipsis")
         body = Text.from_ansi(plot, no_wrap=True)
         body.rstrip()
         return Text("\n", no_wrap=True).join([head, body])

@@ -125,17 +125,19 @@ class RunView(Vertical):
     def refresh_view(self, force: bool = False) -> None:
         """Push the model into the widgets (skipped while the app is paused)."""
         app = self.app
-        paused = getattr(app, "paused", False) and not force
+        paused = getattr(app, "paused", False)
         jump = getattr(app, "jump_step", None)
         header = self.query_one(RunHeader)
         header.mode = "paused" if paused else ("jump" if jump is not None else "live")
+        paused = paused and not force  # a forced refresh (jump, zoom) shows current data even when paused
         header.jump_step = jump
+        header.zoom = getattr(app, "zoom", None)
         state = self.run.state
         if paused:
             header.pending = max(0, state.n_lines - self._shown_lines)
             return
         header.pending = 0
-        view = (self.x_range(), jump, self.current_components())
+        view = (self.x_range(), jump, self.current_components(), getattr(app, "log_y", False))
         if state.version == self._shown_version and view == self._shown_view:
             return
         self._shown_version = state.version
@@ -148,12 +150,13 @@ class RunView(Vertical):
             self._shown_version = -1  # header is current; plots/table catch up later
             return
         self._last_full = now
-        x_range, marker, components = view
+        x_range, marker, components, log_y = view
         for plot in self.query(MetricPlot):
             if plot.has_class("components-plot"):
                 plot.metrics = components
             plot.x_range = x_range
             plot.marker = marker
+            plot.log_y = log_y
             plot.version = state.version
         self.query_one(LayerTable).show_layers(state.layers())
         self.query_one(AlertsPanel).sync(self.run.alerts, self.run.dropped_alerts)

@@ -134,9 +134,15 @@ def load_base_model(cfg: ModelConfig, seed: int = 0) -> nn.Module:
 
         from ..quant import prepare_quantized_model, without_hf_zero3
 
+        from safetensors.torch import save_model
+
         with tempfile.TemporaryDirectory(prefix="npt-tiny-") as tmp:
             with without_hf_zero3():  # full tensors, not ZeRO-3 placeholders, go into the checkpoint
-                tiny_llama(cfg.tiny, seed).save_pretrained(tmp)
+                tiny = tiny_llama(cfg.tiny, seed)
+            # written by every rank (save_pretrained writes on rank 0 only); tied lm_head stored once
+            tiny.config.save_pretrained(tmp)
+            save_model(tiny, str(Path(tmp) / "model.safetensors"), metadata={"format": "pt"})
+            del tiny
             model = AutoModelForCausalLM.from_pretrained(tmp, **kwargs)
         return prepare_quantized_model(model).eval()
     directory, gguf = resolve_model_path(cfg.path)

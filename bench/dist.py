@@ -1,0 +1,251 @@
+"""Distributed benchmark: the real trainer (`npt_ds.train`) under DeepSpeed on CPU ranks.
+
+Runs (each a fresh launch with a temp YAML recipe; single-layer mode, SmolLM2-135M, upper half):
+
+* ``z3_2r`` -- ZeRO-3, 2 ranks: `deepspeed --num_gpus 2 --module npt_ds.train --config X.yaml`,
+               OMP_NUM_THREADS=1 per rank, ds_configs/zero3_fp32.json (+ log_trace_cache_warnings)
+* ``z2_2r`` -- ZeRO-2, 2 ranks, ds_configs/zero2_bf16.json with precision fp32
+* ``z2_1r`` / ``z3_1r`` -- one process (`python -m npt_ds.train X.yaml`), OMP_NUM_THREADS=2
+
+tokens/s is read from RUN_DIR/metrics.jsonl ("event": "train" lines, global tokens over the log
+window), skipping the first `--dist-warmup` steps.  Rank logs are scanned for DeepSpeed's
+"Invalidate trace cache" messages (enabled through `zero_optimization.log_trace_cache_warnings`)
+and each is attributed to the training step during which it was printed.  A separate 2-rank probe
+(bench/sync_probe.py) profiles `Trainer.train_step` and counts host syncs and collectives per step.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .common import REPO_ROOT, format_table, target
+
+RUNS = {  # name -> (ZeRO stage, ranks, DeepSpeed template)
+    "z3_2r": (3, 2, "ds_configs/zero3_fp32.json"),
+    "z2_2r": (2, 2, "ds_configs/zero2_bf16.json"),
+    "z3_1r": (3, 1, "ds_configs/zero3_fp32.json"),
+    "z2_1r": (2, 1, "ds_configs/zero2_bf16.json"),
+}
+TRACE_RE = re.compile(r"Invalidate trace cache @ step (\d+)")
+PROGRESS_RE = re.compile(r"step\s+(\d+)/(\d+)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_recipe(work: Path, name: str, stage: int, template: str, opts, model: str = "smollm2",
+                 layers: str = "upper_half", steps: int | None = None) -> Path:
+    """A YAML recipe + DeepSpeed JSON (trace warnings on) for one run; returns the YAML path."""
+    ds = json.loads((REPO_ROOT / template).read_text())
+    ds.setdefault("zero_optimization", {})["log_trace_cache_warnings"] = True
+    ds_path = work / f"{name}.ds.json"
+    ds_path.write_text(json.dumps(ds, indent=1))
+    precision = getattr(opts, "dist_precision", "fp32")
+    tiny = model == "tiny"
+    recipe = {
+        "run_name": f"bench-{name}",
+        "seed": 0,
+        "model": {"path": model, "dtype": "float32"},
+        "npt": {"layers": layers, "rank": 8 if tiny else 64, "num_ranks": 1},
+        "data": {"source": "shakespeare", "seq_len": 32 if tiny else opts.dist_seq, "micro_batch_size": 1,
+                 "eval_seq_len": 32, "eval_batches": 1},
+        "schedule": {"mode": "single_layer", "total_steps": steps or opts.dist_steps, "warmup_steps": 2},
+        "optim": {"lr": 1.0e-3},
+        "deepspeed": {"config": str(ds_path), "precision": precision, "zero_stage": stage},
+        "checkpoint": {"every": 0, "save_final": False, "resume": "none"},
+        "logging": {"run_dir": str(work / f"run-{name}"), "log_every": 1, "eval_every": 0, "console": True},
+    }
+    path = work / f"{name}.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def launch_cmd(ranks: int, module: str, recipe: Path, extra: list[str] | None = None) -> list[str]:
+    if ranks == 1:
+        return [sys.executable, "-m", module, "--config", str(recipe), *(extra or [])]
+    launcher = Path(sys.executable).parent / "deepspeed"
+    launcher = str(launcher) if launcher.exists() else (shutil.which("deepspeed") or "deepspeed")
+    return [launcher, "--num_gpus", str(ranks), "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+            "--module", module, "--config", str(recipe), *(extra or [])]
+
+
+def run_env(ranks: int, total_threads: int = 2) -> dict:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS=str(max(1, total_threads // ranks)), MKL_NUM_THREADS=str(max(1, total_threads // ranks)),
+               TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", WANDB_MODE="offline", PYTHONUNBUFFERED="1")
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    if "TORCH_EXTENSIONS_DIR" not in env:  # see ext_cache_dir()
+        env["TORCH_EXTENSIONS_DIR"] = str(ext_cache_dir())
+    return env
+
+
+def ext_cache_dir() -> Path:
+    """A per-virtualenv JIT-extension cache for DeepSpeed's shm_comm op.
+
+    Several checkouts/venvs sharing ~/.cache/torch_extensions compile shm_comm with different
+    include paths; ninja then sees a changed command line and rebuilds it (40-90 s on 2 busy
+    cores) on almost every launch.  Keying the cache by sys.prefix builds it once per venv.
+    """
+    import hashlib
+
+    key = hashlib.sha1(sys.prefix.encode()).hexdigest()[:10]
+    return Path.home() / ".cache" / "torch_extensions" / f"venv-{key}"
+
+
+def parse_metrics(path: Path, warmup: int) -> dict:
+    records = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if rec.get("event") == "train":
+                records.append(rec)
+    steady = [r for r in records if r["step"] > warmup]
+    tps = [r["tokens_per_s"] for r in steady]
+    out = {"train_records": len(records), "steady_steps": len(steady),
+           "tokens_per_s_median": statistics.median(tps) if tps else None,
+           "tokens_per_s_all": [r["tokens_per_s"] for r in records],
+           "loss_first": records[0].get("loss/total") if records else None,
+           "loss_last": records[-1].get("loss/total") if records else None}
+    return out
+
+
+def scan_trace_warnings(log: str) -> dict:
+    """Count ZeRO-3 trace invalidations and the training step during which each was printed."""
+    step, per_step, events = 0, {}, 0
+    for token in re.split(r"[\r\n]", log):
+        m = PROGRESS_RE.search(token)
+        if m and "tok/s" in token:
+            step = int(m.group(1))
+        if TRACE_RE.search(token):
+            events += 1
+            per_step[step + 1] = per_step.get(step + 1, 0) + 1  # printed while running step `step`+1
+    return {"invalidations": events, "by_train_step": per_step}
+
+
+def run_one(name: str, opts, work: Path) -> dict:
+    stage, ranks, template = RUNS[name]
+    recipe = write_recipe(work, name, stage, template, opts)
+    cmd = launch_cmd(ranks, "npt_ds.train", recipe)
+    t0 = time.time()
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=run_env(ranks, opts.threads), text=True, capture_output=True,
+                          timeout=opts.dist_timeout)
+    wall = time.time() - t0
+    log = proc.stdout + "\n" + proc.stderr
+    (work / f"{name}.log").write_text(log)
+    res = {"run": name, "zero_stage": stage, "ranks": ranks, "threads_per_rank": max(1, opts.threads // ranks),
+           "template": template, "precision": getattr(opts, "dist_precision", "fp32"), "rc": proc.returncode,
+           "wall_s": round(wall, 1), "cmd": " ".join(cmd[:1] + [c for c in cmd[1:]]), "log": str(work / f"{name}.log")}
+    res.update(parse_metrics(work / f"run-{name}" / "metrics.jsonl", opts.dist_warmup))
+    tokens_per_step = opts.dist_seq * ranks
+    if res["tokens_per_s_median"]:
+        res["s_per_step"] = tokens_per_step / res["tokens_per_s_median"]
+    res["trace"] = scan_trace_warnings(log)
+    if proc.returncode != 0:
+        res["error_tail"] = log.strip()[-1500:]
+    return res
+
+
+def run_sync_probe(opts, work: Path) -> dict:
+    """2-rank ZeRO-3 profile of Trainer.train_step: host syncs (.item()/bool()) and collectives per step."""
+    model = getattr(opts, "sync_probe_model", "tiny")
+    layers = "2,3" if model == "tiny" else "upper_half"
+    recipe = write_recipe(work, f"probe_{model}", 3, RUNS["z3_2r"][2], opts, model=model, layers=layers,
+                          steps=8)
+    out = work / f"probe_{model}.json"
+    cmd = launch_cmd(2, "bench.sync_probe", recipe, ["--out", str(out), "--warm", "3", "--steps", "3"])
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=run_env(2, opts.threads), text=True, capture_output=True,
+                          timeout=opts.dist_timeout)
+    (work / f"probe_{model}.log").write_text(proc.stdout + "\n" + proc.stderr)
+    if proc.returncode != 0 or not out.is_file():
+        return {"error": f"sync probe failed (rc {proc.returncode}): {(proc.stdout + proc.stderr).strip()[-1500:]}"}
+    res = json.loads(out.read_text())
+    res["model"], res["npt_layers"] = model, layers
+    return res
+
+
+def run_dist(opts) -> dict:
+    opts.dist_timeout = getattr(opts, "dist_timeout", 900)
+    work = Path(tempfile.mkdtemp(prefix="npt-bench-dist-"))
+    names = [n.strip() for n in str(opts.dist_runs).split(",") if n.strip()]
+    unknown = [n for n in names if n not in RUNS]
+    if unknown:
+        raise SystemExit(f"--dist-runs: unknown run {unknown[0]!r}; choose from {', '.join(RUNS)}")
+    result: dict = {"config": {"model": "smollm2", "npt_layers": "upper_half", "mode": "single_layer",
+                               "seq": opts.dist_seq, "micro_batch": 1, "steps": opts.dist_steps,
+                               "warmup_skipped": opts.dist_warmup, "precision": getattr(opts, "dist_precision", "fp32"),
+                               "work_dir": str(work)}, "runs": [], "ratios": {}}
+    for name in names:
+        print(f"  dist run {name} ...", flush=True)
+        result["runs"].append(run_one(name, opts, work))
+    by = {r["run"]: r for r in result["runs"]}
+
+    def tps(n):
+        return by.get(n, {}).get("tokens_per_s_median")
+
+    for a, b in (("z2_2r", "z3_2r"), ("z2_1r", "z3_2r"), ("z3_1r", "z3_2r"), ("z2_1r", "z2_2r")):
+        if tps(a) and tps(b):
+            result["ratios"][f"tokens_per_s {a}/{b}"] = tps(a) / tps(b)
+    z3 = by.get("z3_2r", {}).get("trace", {})
+    steps_run = opts.dist_steps
+    result["trace_cache"] = {
+        "z3_2r_invalidations": z3.get("invalidations"),
+        "z3_2r_by_train_step": z3.get("by_train_step"),
+        "invalidated_every_step": (z3.get("invalidations", 0) >= steps_run - 1) if z3 else None,
+    }
+    if opts.sync_probe:
+        print("  dist sync probe ...", flush=True)
+        result["sync_probe"] = run_sync_probe(opts, work)
+    over = result["ratios"].get("tokens_per_s z2_2r/z3_2r")
+    result["targets"] = {"zero3_overhead_vs_zero2": target(over, float("inf"), "<=",
+                                                           "ZeRO-2 tokens/s ÷ ZeRO-3 tokens/s, 2 ranks (report)")}
+    return result
+
+
+def print_dist(res: dict) -> str:
+    cols = [("run", "run", ""), ("stage", "zero_stage", "d"), ("ranks", "ranks", "d"), ("thr/rank", "threads_per_rank", "d"),
+            ("rc", "rc", "d"), ("tokens/s (median)", "tokens_per_s_median", ",.1f"), ("s/step", "s_per_step", ".3f"),
+            ("steady steps", "steady_steps", "d"), ("wall s", "wall_s", ".0f"), ("loss first", "loss_first", ".4g"),
+            ("loss last", "loss_last", ".4g")]
+    rows = [dict(r, trace_n=r["trace"]["invalidations"]) for r in res["runs"]]
+    cols.append(("trace invalidations", "trace_n", "d"))
+    c = res["config"]
+    lines = [format_table(rows, cols, f"== dist: SmolLM2 {c['npt_layers']}, seq {c['seq']} x {c['micro_batch']}, "
+                                      f"{c['steps']} steps ({c['warmup_skipped']} warm-up skipped), {c['precision']}")]
+    for k, v in res["ratios"].items():
+        lines.append(f"{k} = {v:.3f}")
+    tc = res["trace_cache"]
+    lines.append(f"ZeRO-3 trace invalidations (2 ranks): {tc['z3_2r_invalidations']} at train steps "
+                 f"{tc['z3_2r_by_train_step']}; every step: {tc['invalidated_every_step']}")
+    for r in res["runs"]:
+        if r.get("error_tail"):
+            lines.append(f"{r['run']} FAILED:\n{r['error_tail']}")
+    sp = res.get("sync_probe")
+    if sp:
+        if "error" in sp:
+            lines.append(sp["error"])
+        else:
+            lines.append(f"host syncs per train_step (ZeRO-3, 2 ranks, {sp['model']}): "
+                         f"{sp['syncs_per_step']:.1f} (.item()/bool()/float() -> _local_scalar_dense); "
+                         f"collectives per step: {sp['collectives_per_step']}")
+            for site, n in sp["sync_sites"].items():
+                lines.append(f"   {n / sp['steps']:.1f}/step  {site}")
+    return "\n".join(lines)

@@ -1,0 +1,80 @@
+"""Profile `Trainer.train_step` and count host syncs and collectives per step (run under the launcher).
+
+    deepspeed --num_gpus 2 --module bench.sync_probe --config X.yaml --out probe.json
+
+A host sync is any tensor -> Python scalar read (`.item()`, `bool(t)`, `float(t)`), which lands in
+`aten::_local_scalar_dense`; on CPU it costs nothing, on a GPU it stalls the host until the device
+catches up, so the count is what matters.  Each is attributed to the innermost npt_ds/deepspeed
+frame of its Python stack.  Collectives are the c10d/gloo ops the profiler records.  Log steps
+(`Trainer.log_train`, the documented `.item()` point) are not part of `train_step` and are excluded.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+COLLECTIVE = re.compile(r"all_?reduce|all_?gather|reduce_?scatter|broadcast|barrier|all_to_all", re.I)
+SITE_KEYS = ("npt_ds/", "deepspeed/", "bench/")
+
+
+def _site(event, depth: int = 2) -> str:
+    """The innermost npt_ds/deepspeed/bench Python frames above a profiler op event."""
+    frames, e = [], event.cpu_parent
+    while e is not None:
+        if getattr(e, "is_python_function", False) and any(k in e.name for k in SITE_KEYS):
+            m = re.search(r"((?:npt_ds|deepspeed|bench)/[^()]*)\((\d+)\): (.*)", e.name)
+            frames.append(f"{m.group(1)}:{m.group(2)} {m.group(3)}" if m else e.name)
+            if len(frames) == depth:
+                break
+        e = e.cpu_parent
+    return " < ".join(frames) if frames else "<outside npt_ds/deepspeed>"
+
+
+def analyse(events, steps: int) -> dict:
+    ops = [e for e in events if not getattr(e, "is_python_function", False)]
+    syncs = [e for e in ops if e.name == "aten::_local_scalar_dense"]
+    colls = [e for e in ops if e.name.startswith("c10d::") and COLLECTIVE.search(e.name)]
+    return {"steps": steps, "syncs_per_step": len(syncs) / steps,
+            "sync_sites": dict(Counter(_site(e) for e in syncs).most_common()),
+            "collectives_per_step": {k: v / steps for k, v in Counter(e.name for e in colls).most_common()},
+            "collective_sites": dict(Counter(f"{e.name} @ {_site(e, 1)}" for e in colls).most_common())}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="bench.sync_probe")
+    p.add_argument("--config", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--warm", type=int, default=3)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None)
+    args = p.parse_args(argv)
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from npt_ds.config import load_config
+    from npt_ds.trainer import Trainer
+
+    trainer = Trainer(load_config(args.config))
+    try:
+        for _ in range(args.warm):
+            trainer.train_step()
+            trainer.step += 1
+        with profile(activities=[ProfilerActivity.CPU], with_stack=True) as prof:
+            for _ in range(args.steps):
+                trainer.train_step()
+                trainer.step += 1
+        if trainer.rank == 0:
+            res = analyse(prof.events(), args.steps)
+            res["world_size"] = trainer.world
+            res["zero_stage"] = trainer.ds_config["zero_optimization"].get("stage")
+            Path(args.out).write_text(json.dumps(res, indent=1))
+    finally:
+        trainer.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
