@@ -30,7 +30,6 @@ test-fast: setup   ## skip the slow/multi-process tests
 demo: setup        ## train NPT on SmolLM2-135M + Shakespeare, 2 CPU ranks, ZeRO-3 (MODE=multi_layer switches mode)
 	PATH=$(abspath $(VENV))/bin:$$PATH PYTHON=$(abspath $(PY)) bash launch/train_local.sh configs/smollm2_demo.yaml \
 	    $(if $(MODE),schedule.mode=$(MODE) logging.run_dir=runs/demo-$(MODE)) $(ARGS)
-	@echo "metric stream: $$(ls -d runs/demo$(if $(MODE),-$(MODE)))/metrics.jsonl  (watch it: .venv/bin/npt-monitor runs/demo$(if $(MODE),-$(MODE)))"
 
 bench: setup       ## micro, step and distributed benchmarks -> bench/results/*.json
 	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m bench.run $(ARGS)

@@ -17,7 +17,7 @@ from collections import Counter
 from pathlib import Path
 
 COLLECTIVE = re.compile(r"all_?reduce|all_?gather|reduce_?scatter|broadcast|barrier|all_to_all", re.I)
-SITE_KEYS = ("npt_ds/", "deepspeed/", "bench/")
+SITE_KEYS = ("npt_ds/", "deepspeed/", "bench/", "transformers/")
 
 
 def _site(event, depth: int = 2) -> str:
@@ -25,7 +25,7 @@ def _site(event, depth: int = 2) -> str:
     frames, e = [], event.cpu_parent
     while e is not None:
         if getattr(e, "is_python_function", False) and any(k in e.name for k in SITE_KEYS):
-            m = re.search(r"((?:npt_ds|deepspeed|bench)/[^()]*)\((\d+)\): (.*)", e.name)
+            m = re.search(r"((?:npt_ds|deepspeed|bench|transformers)/[^()]*)\((\d+)\): (.*)", e.name)
             frames.append(f"{m.group(1)}:{m.group(2)} {m.group(3)}" if m else e.name)
             if len(frames) == depth:
                 break
@@ -37,7 +37,18 @@ def analyse(events, steps: int) -> dict:
     ops = [e for e in events if not getattr(e, "is_python_function", False)]
     syncs = [e for e in ops if e.name == "aten::_local_scalar_dense"]
     colls = [e for e in ops if e.name.startswith("c10d::") and COLLECTIVE.search(e.name)]
+    comm_us = sum(e.cpu_time_total for e in colls)
+    comm_bytes = 0
+    for e in colls:
+        shapes = [s for s in (e.input_shapes or []) if s]
+        if shapes:
+            numel = 1
+            for dim in shapes[0]:
+                numel *= dim
+            comm_bytes += numel * 4
     return {"steps": steps, "syncs_per_step": len(syncs) / steps,
+            "collective_s_per_step": comm_us / 1e6 / steps,
+            "collective_mb_per_step": comm_bytes / 2**20 / steps,
             "sync_sites": dict(Counter(_site(e) for e in syncs).most_common()),
             "collectives_per_step": {k: v / steps for k, v in Counter(e.name for e in colls).most_common()},
             "collective_sites": dict(Counter(f"{e.name} @ {_site(e, 1)}" for e in colls).most_common())}
@@ -62,13 +73,18 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.warm):
             trainer.train_step()
             trainer.step += 1
-        with profile(activities=[ProfilerActivity.CPU], with_stack=True) as prof:
+        import time
+
+        with profile(activities=[ProfilerActivity.CPU], with_stack=True, record_shapes=True) as prof:
+            t0 = time.perf_counter()
             for _ in range(args.steps):
                 trainer.train_step()
                 trainer.step += 1
+            wall = time.perf_counter() - t0
         if trainer.rank == 0:
             res = analyse(prof.events(), args.steps)
             res["world_size"] = trainer.world
+            res["profiled_s_per_step"] = wall / args.steps
             res["zero_stage"] = trainer.ds_config["zero_optimization"].get("stage")
             Path(args.out).write_text(json.dumps(res, indent=1))
     finally:

@@ -192,6 +192,16 @@ def attn_similarity(v_a: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
     return F.cosine_similarity(v_a.float().sum(-2), attn.float(), dim=-1, eps=1e-8).mean()
 
 
+def attn_alignment(v_a: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+    """The logged ``v_a_attn_sim``: mean over tokens and k of |cos(v_a,k, a)|.
+
+    Sign-invariant on purpose: the modulation s·v_b (v_a·x) is unchanged when v_a and v_b flip sign
+    together, so only the magnitude of the alignment with the attention output is meaningful.
+    """
+    a = attn.float().unsqueeze(-2).expand_as(v_a)
+    return F.cosine_similarity(v_a.float(), a, dim=-1, eps=1e-8).abs().mean()
+
+
 def grad_norm(term: torch.Tensor, params: Sequence[torch.Tensor]) -> torch.Tensor:
     """L2 norm of d term / d params over all of ``params`` (unused params count 0); graph kept."""
     if not term.requires_grad or not params:
@@ -249,7 +259,7 @@ class NPTLoss(nn.Module):
     * ``reg``: uniform mean over the NPT layers of mean v_a² + mean v_b² (not layer-weighted).
     * guidance terms: uniform mean over the NPT layers.
     * per-layer diagnostics keyed by ``LayerOutput.index``: ``layer/{i}/direct_mse`` (raw MSE: unscaled,
-      unmasked), ``v_a_norm`` / ``v_b_norm`` (mean L2 norm over tokens and k), ``v_a_attn_sim``
+      unmasked), ``v_a_norm`` / ``v_b_norm`` (mean L2 norm over tokens and k), ``v_a_attn_sim`` (:func:`attn_alignment`)
       (mean cosine of Σ_k v_a,k with the attention output).
     * adaptive weighting (``loss.adaptive_weighting``) needs ``params`` while training; in eval mode
       the stored weights are used and not updated.  Its weights are logged as ``weight/<term>``.
@@ -343,7 +353,7 @@ def _layer_metrics(layer: LayerOutput) -> dict[str, torch.Tensor]:
     metrics = {
         f"layer/{i}/v_a_norm": layer.v_a.float().norm(dim=-1).mean(),
         f"layer/{i}/v_b_norm": layer.v_b.float().norm(dim=-1).mean(),
-        f"layer/{i}/v_a_attn_sim": attn_similarity(layer.v_a, layer.attn),
+        f"layer/{i}/v_a_attn_sim": attn_alignment(layer.v_a, layer.attn),
     }
     if layer.target is not None:
         metrics[f"layer/{i}/direct_mse"] = direct_mse(layer.student_out, layer.target)

@@ -235,7 +235,8 @@ def test_total_is_weighted_sum_of_hand_checked_terms():
         vb_norm = sum(math.sqrt(dot(r, r)) for tok in tokens(lay.v_b) for r in tok) / (B * T * K)
         assert comps[f"layer/{i}/v_a_norm"].item() == pytest.approx(va_norm, abs=TOL)
         assert comps[f"layer/{i}/v_b_norm"].item() == pytest.approx(vb_norm, abs=TOL)
-        sim = 1.0 - projection_consistency_loss(lay.v_a, lay.attn).item()
+        sim = sum(abs(cosine(va[k], a)) for va, a in zip(tokens(lay.v_a), tokens(lay.attn))
+                  for k in range(K)) / (B * T * K)
         assert comps[f"layer/{i}/v_a_attn_sim"].item() == pytest.approx(sim, abs=TOL)
     per_layer = {f"layer/{i}/{m}" for i in (14, 15) for m in ("direct_mse", "v_a_norm", "v_b_norm", "v_a_attn_sim")}
     assert set(comps) == {"loss/total", *expected} | per_layer

@@ -183,3 +183,13 @@ def test_streaming_in_small_batches_matches_one_batch():
         batch, _ = parse_lines(lines[i : i + 7], first_line_no=i + 1)
         got.extend(engine.feed(batch))
     assert got == expected
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_default_oscillation_thresholds_ignore_3_percent_noise_but_catch_10_percent_swings(seed):
+    noisy = list(synth_records(5000, seed=seed, noise=0.03, n_layers=0))
+    assert [a for a in alerts_for(noisy) if a.kind == "oscillation"] == []
+    for period in (8, 30):
+        swings = list(synth_records(1000, seed=seed, noise=0.02, n_layers=0, oscillate=(400, 520), osc_amplitude=0.10, osc_period=period))
+        osc = [a.step for a in alerts_for(swings) if a.kind == "oscillation"]
+        assert len(osc) == 1 and 400 < osc[0] < 520

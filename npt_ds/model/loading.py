@@ -96,13 +96,15 @@ def load_tokenizer(cfg: ModelConfig):
         AutoTokenizer.from_pretrained(str(directory))
 
 
-def quantization_config(cfg: ModelConfig, compute_dtype: torch.dtype):
+def quantization_config(cfg: ModelConfig, compute_dtype: torch.dtype, model_config=None):
     """transformers' BitsAndBytesConfig for cfg.quantization (None for "none").
 
     int8: LLM.int8() weights (bitsandbytes casts the matmul inputs to fp16 on CPU).  nf4: 4-bit
     NormalFloat (one fp32 absmax per 64-weight block, as npt_ds.plan assumes), computed in the model
-    dtype, the packed 4-bit codes stored in that dtype too (``bnb_4bit_quant_storage``), so every
-    parameter of the base has one floating dtype.
+    dtype, the packed 4-bit codes stored in that dtype too (``bnb_4bit_quant_storage``: every base
+    parameter then has one floating dtype, which ZeRO-3 can partition).  With ``model_config`` given,
+    nf4 leaves linears whose input width is not a multiple of 64 unquantised (bitsandbytes' CPU kernel
+    dequantises them wrongly; see npt_ds.quant.nf4_unaligned_linears).
     """
     if cfg.quantization == "none":
         return None
@@ -110,7 +112,14 @@ def quantization_config(cfg: ModelConfig, compute_dtype: torch.dtype):
 
     if cfg.quantization == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+    skip = None
+    if model_config is not None:
+        from ..quant import nf4_unaligned_linears
+
+        unaligned = nf4_unaligned_linears(model_config)
+        if unaligned:
+            skip = ["lm_head", *unaligned]  # a given list replaces transformers' default skip (lm_head)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", llm_int8_skip_modules=skip,
                               bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_quant_storage=compute_dtype)
 
 
@@ -126,15 +135,12 @@ def load_base_model(cfg: ModelConfig, seed: int = 0) -> nn.Module:
     if cfg.path == "tiny" and cfg.quantization == "none":
         return tiny_llama(cfg.tiny, seed).to(dtype)
     kwargs = dict(dtype=dtype)
-    qcfg = quantization_config(cfg, dtype)
-    if qcfg is not None:
-        kwargs["quantization_config"] = qcfg
     if cfg.path == "tiny":  # quantised tiny model: materialise it in a temp dir, then load via bnb
         import tempfile
 
-        from ..quant import prepare_quantized_model, without_hf_zero3
-
         from safetensors.torch import save_model
+
+        from ..quant import prepare_quantized_model, without_hf_zero3
 
         with tempfile.TemporaryDirectory(prefix="npt-tiny-") as tmp:
             with without_hf_zero3():  # full tensors, not ZeRO-3 placeholders, go into the checkpoint
@@ -142,12 +148,20 @@ def load_base_model(cfg: ModelConfig, seed: int = 0) -> nn.Module:
             # written by every rank (save_pretrained writes on rank 0 only); tied lm_head stored once
             tiny.config.save_pretrained(tmp)
             save_model(tiny, str(Path(tmp) / "model.safetensors"), metadata={"format": "pt"})
+            qcfg = quantization_config(cfg, dtype, tiny.config)
             del tiny
-            model = AutoModelForCausalLM.from_pretrained(tmp, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(tmp, quantization_config=qcfg, **kwargs)
         return prepare_quantized_model(model).eval()
     directory, gguf = resolve_model_path(cfg.path)
     if gguf:
         kwargs["gguf_file"] = gguf
+    qcfg = None
+    if cfg.quantization != "none":
+        from transformers import AutoConfig
+
+        hf_config = AutoConfig.from_pretrained(str(directory), **({"gguf_file": gguf} if gguf else {}))
+        qcfg = quantization_config(cfg, dtype, hf_config)
+        kwargs["quantization_config"] = qcfg
     model = AutoModelForCausalLM.from_pretrained(str(directory), **kwargs)
     if getattr(model.config, "model_type", None) != "llama":
         raise ConfigError(f"model.path {cfg.path!r} is a {model.config.model_type!r} model; NPT needs a Llama")
