@@ -9,7 +9,7 @@ export TOKENIZERS_PARALLELISM := false
 export WANDB_MODE ?= offline
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup test test-fast demo bench monitor clean
+.PHONY: setup test test-fast demo bench monitor monitor-demo clean
 
 setup: $(STAMP)
 
@@ -36,6 +36,11 @@ bench: setup       ## micro, step and distributed benchmarks -> bench/results/*.
 
 monitor: setup     ## watch the demo run
 	$(VENV)/bin/npt-monitor runs/demo
+
+monitor-demo: setup  ## a synthetic run with a NaN, a KL spike and oscillation, watched live
+	rm -rf runs/monitor-demo; mkdir -p runs/monitor-demo
+	$(PY) -m monitor.synth runs/monitor-demo/metrics.jsonl --steps 3000 --rate 20 --nan-at 60 --kl-at 120=9.4 \
+	    --oscillate 180:240 & trap "kill $$!" EXIT; $(VENV)/bin/npt-monitor runs/monitor-demo
 
 clean:
 	rm -rf $(VENV) runs bench/results .pytest_cache

@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dist-warmup", type=int, default=3, help="dist: train steps skipped as warm-up")
     p.add_argument("--dist-runs", default="z3_2r,z2_2r,z2_1r",
                    help="dist: runs among z3_2r,z2_2r,z3_1r,z2_1r (ZeRO stage _ ranks)")
+    p.add_argument("--dist-rounds", type=int, default=1, help="dist: launches per run config, interleaved")
     p.add_argument("--dist-precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--sync-probe-model", default="tiny", choices=["tiny", "smollm2"],
                    help="dist: model of the host-sync probe (sync sites do not depend on model size)")

@@ -46,7 +46,13 @@ def analyse(events, steps: int) -> dict:
             for dim in shapes[0]:
                 numel *= dim
             comm_bytes += numel * 4
+    py = Counter()
+    for e in events:
+        if getattr(e, "is_python_function", False) and "deepspeed/" in e.name:
+            py[e.name.split("site-packages/")[-1]] += e.cpu_time_total
+    top_ds = {k: round(v / 1e6 / steps, 4) for k, v in py.most_common(20)}
     return {"steps": steps, "syncs_per_step": len(syncs) / steps,
+            "deepspeed_py_inclusive_s_per_step": top_ds,
             "collective_s_per_step": comm_us / 1e6 / steps,
             "collective_mb_per_step": comm_bytes / 2**20 / steps,
             "sync_sites": dict(Counter(_site(e) for e in syncs).most_common()),

@@ -19,6 +19,8 @@ import re
 from array import array
 from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
+from itertools import accumulate, islice, repeat
+from operator import le as _le, ne as _ne
 from pathlib import Path
 from typing import Iterable
 
@@ -111,42 +113,100 @@ class Batch:
         """Resolve steps/events, carrying ``last_step`` in.  Idempotent."""
         if self.steps is not None:
             return self
-        steps: list[int] = []
-        append = steps.append
-        have = last_step
-        cur = 0 if last_step is None else last_step
-        for obj in self.records:
-            s = obj.get("step")
-            if type(s) is not int:
-                s = _as_int(s)
-            if s is not None:
-                cur = have = s
-            append(cur)
+        col = self.column("step")
+        if col and set(map(type, col)) == {int}:  # every line has an int step
+            steps = list(col)
+            have = steps[-1]
+        else:
+            steps = []
+            append = steps.append
+            have = last_step
+            cur = 0 if last_step is None else last_step
+            for s in col:
+                if type(s) is not int:
+                    s = _as_int(s)
+                if s is not None:
+                    cur = have = s
+                append(cur)
         self.steps = steps
         self.last_step = have
-        self.events = [
-            e if type(e) is str and e else TRAIN_EVENT for e in [o.get("event") for o in self.records]
-        ]
-        self.monotonic = all(a <= b for a, b in zip(steps, steps[1:]))
+        self.events = [e if type(e) is str and e else TRAIN_EVENT for e in self.column("event")]
+        self.monotonic = all(map(_le, steps, islice(steps, 1, None)))
         return self
 
     def keys(self) -> set[str]:
         """Every key that occurs in the batch (a fresh set)."""
         if self._keys is None:
-            self._keys = set().union(*self.records)
+            self._build_columns()
         return set(self._keys)
 
     def precompute(self) -> "Batch":
         """Build every column now (the tailer thread does this, off the UI thread)."""
-        for key in self.keys():
-            self.column(key)
+        if self._keys is None:
+            self._build_columns()
         return self
+
+    def _build_columns(self) -> None:
+        """Build the column of every key at once.
+
+        Consecutive records with the same keys in the same order (a run: the
+        train lines between two eval lines, ...) are transposed in C with
+        ``zip(*values)`` instead of one ``dict.get`` per key and record.
+        """
+        recs = self.records
+        n = len(recs)
+        cols = self._cols
+        shapes = list(map(tuple, recs))  # the keys of each record, in order
+        bounds = [0]
+        if n > 1:
+            changed = list(map(_ne, shapes[1:], shapes[:-1]))
+            limit = max(64, n // 8)
+            i = -1
+            try:
+                while len(bounds) <= limit:
+                    i = changed.index(True, i + 1)
+                    bounds.append(i + 1)
+            except ValueError:
+                pass
+            else:  # too many runs (keys vary from line to line): one key at a time
+                keys = set().union(*shapes)
+                for key in keys:
+                    if key not in cols:
+                        cols[key] = [o.get(key) for o in recs]
+                self._keys = keys
+                return
+        bounds.append(n)
+        runs: list[tuple[int, dict]] = []
+        keys: set[str] = set()
+        for a, b in zip(bounds, bounds[1:]):
+            shape = shapes[a]
+            keys.update(shape)
+            runs.append((b - a, dict(zip(shape, zip(*map(dict.values, recs[a:b]))))))
+        for key in keys:
+            if key in cols:
+                continue
+            if len(runs) == 1:
+                cols[key] = list(runs[0][1][key])
+                continue
+            col: list = []
+            for m, values in runs:
+                got = values.get(key)
+                if got is None:
+                    col += repeat(None, m)
+                else:
+                    col += got
+            cols[key] = col
+        self._keys = keys
 
     def column(self, key: str) -> list:
         """Values of ``key`` per record (``None`` where missing); cached."""
         col = self._cols.get(key)
         if col is None:
-            col = self._cols[key] = [o.get(key) for o in self.records]
+            if self._keys is None:
+                self._build_columns()
+                col = self._cols.get(key)
+            if col is None:  # not in any record
+                col = self._cols[key] = [None] * len(self.records)
         return col
 
     def train_finite(self, key: str) -> list[tuple[int, float]]:
@@ -180,6 +240,7 @@ class Batch:
 
 
 _scan_once = json.JSONDecoder().scan_once  # the C scanner, minus json.loads' Python wrappers
+_decode = json.JSONDecoder().decode  # strict (the default): no raw control character inside a string
 
 
 def _loads(raw: bytes | str) -> object:
@@ -195,6 +256,63 @@ def _loads(raw: bytes | str) -> object:
     return obj
 
 
+#: at most this many lines are decoded by one bulk ``json`` call
+BULK_LINES = 2048
+_BULK_TRIES = 8  # failed bulk calls per block before the rest of it goes line by line
+_SEP = ",\n"
+
+
+def _bulk_ok(line: object) -> bool:
+    """Can this line take part in a bulk decode (see :func:`_decode_bulk`)?"""
+    return type(line) is str and line[:1] == "{" and "[" not in line and "]" not in line
+
+
+def _decode_bulk(lines: list, lo: int, hi: int, out: list, todo: list[int], text: str | None = None) -> None:
+    """Decode ``lines[lo:hi]`` into ``out[lo:hi]`` with as few ``json`` calls as
+    possible; the indices that must be decoded on their own go to ``todo``.
+
+    Every line must pass :func:`_bulk_ok`.  The lines are joined as
+    ``[L1,\\nL2,\\n...]`` and the result is accepted only when it is a list of
+    exactly ``hi - lo`` elements.  That proves each element is exactly one line,
+    decoded as ``json.loads(line)`` would: a string cannot run across a separator
+    (a raw newline inside a string is an error), a separator cannot sit inside an
+    object (a key would have to follow it, but every line starts with ``{``) nor
+    inside a nested array (no line has ``[``), so every separator splits two
+    elements, and any comma of a line at the top level would add an element.
+    On an error the line at the error position and the one before it are left
+    to ``todo`` and both sides are retried in bulk.
+    """
+    stack = [(lo, hi, text)]
+    tries = 0
+    while stack:
+        a, b, text = stack.pop()
+        if b - a <= 2 or tries >= _BULK_TRIES:
+            todo.extend(range(a, b))
+            continue
+        if text is None:
+            text = "[" + _SEP.join(lines[a:b]) + "]"
+        try:
+            objs = _decode(text)
+        except (ValueError, RecursionError) as exc:
+            tries += 1
+            pos = getattr(exc, "pos", None)
+            if pos is None:  # no position (RecursionError): halve
+                mid = (a + b) // 2
+                stack += [(mid, b, None), (a, mid, None)]
+                continue
+            starts = list(accumulate((len(s) + 2 for s in lines[a : b - 1]), initial=1))  # line offsets
+            k = min(b - 1, a + max(0, bisect_right(starts, pos) - 1))
+            todo.extend(range(max(a, k - 1), k + 1))
+            stack += [(k + 1, b, None), (a, max(a, k - 1), None)]
+            continue
+        if len(objs) != b - a:  # a line holds several values: find it by halving
+            tries += 1
+            mid = (a + b) // 2
+            stack += [(mid, b, None), (a, mid, None)]
+            continue
+        out[a:b] = objs
+
+
 def parse_line(raw: bytes | str, line_no: int = 0) -> dict | None:
     """Parse one line.  Blank lines give ``None``; bad lines raise :class:`CorruptLine`."""
     batch, corrupt = parse_lines([raw], line_no)
@@ -203,26 +321,77 @@ def parse_line(raw: bytes | str, line_no: int = 0) -> dict | None:
     return batch.records[0] if batch.records else None
 
 
-def parse_lines(lines: Iterable[bytes | str], first_line_no: int = 1) -> tuple[Batch, list[CorruptLine]]:
-    """Parse consecutive lines numbered from ``first_line_no`` (blank lines are skipped)."""
+def _suspicious(raw: bytes | str) -> bool:
+    return ("NaN" in raw or "Infinity" in raw) if type(raw) is str else (b"NaN" in raw or b"Infinity" in raw)
+
+
+def parse_lines(
+    lines: Iterable[bytes | str], first_line_no: int = 1, bulk: bool = True
+) -> tuple[Batch, list[CorruptLine]]:
+    """Parse consecutive lines numbered from ``first_line_no`` (blank lines are skipped).
+
+    Lines are decoded in bulk, thousands per ``json`` call (see
+    :func:`_decode_bulk`); a line that cannot take part, or that a failed bulk
+    call points at, is decoded on its own.  ``bulk=False`` decodes every line on
+    its own; the result is the same.
+    """
+    if type(lines) is not list:
+        lines = list(lines)
+    n = len(lines)
+    out: list = [None] * n  # decoded objects (bulk); None: decode the line on its own
+    todo: list[int] = []
+    maybe_nan = False  # some bulk-decoded line may contain NaN/Infinity
+    if not bulk:
+        todo = list(range(n))
+    for a in range(0, n if bulk else 0, BULK_LINES):
+        b = min(n, a + BULK_LINES)
+        block = lines[a:b]
+        text = None
+        if set(map(type, block)) == {str} and all(map(str.startswith, block, repeat("{"))):
+            text = _SEP.join(block)
+            text = None if "[" in text or "]" in text else "[" + text + "]"
+        if text is not None:
+            _decode_bulk(lines, a, b, out, todo, text)
+            maybe_nan = maybe_nan or "NaN" in text or "Infinity" in text
+            continue
+        i = a
+        while i < b:  # mixed block: bulk-decode the runs of suitable lines
+            if _bulk_ok(lines[i]):
+                j = i + 1
+                while j < b and _bulk_ok(lines[j]):
+                    j += 1
+                _decode_bulk(lines, i, j, out, todo)
+                maybe_nan = maybe_nan or any(map(_suspicious, lines[i:j]))
+                i = j
+            else:
+                todo.append(i)
+                i += 1
+    if not todo:  # every line decoded in bulk (each one an object)
+        records = out
+        line_nos = list(range(first_line_no, first_line_no + n))
+        suspicious = [i for i, raw in enumerate(lines) if _suspicious(raw)] if maybe_nan else []
+        return Batch(records, line_nos, suspicious), []
     records: list[dict] = []
     line_nos: list[int] = []
     suspicious: list[int] = []
     corrupt: list[CorruptLine] = []
     loads = _loads
-    for i, raw in enumerate(lines, first_line_no):
-        try:
-            obj = loads(raw)
-        except (ValueError, RecursionError) as exc:
-            if not raw.strip():
+    for k, raw in enumerate(lines):
+        obj = out[k]
+        i = first_line_no + k
+        if obj is None:
+            try:
+                obj = loads(raw)
+            except (ValueError, RecursionError) as exc:
+                if not raw.strip():
+                    continue
+                msg = exc.msg if isinstance(exc, json.JSONDecodeError) else type(exc).__name__
+                corrupt.append(CorruptLine(i, f"not JSON ({msg})"))
                 continue
-            msg = exc.msg if isinstance(exc, json.JSONDecodeError) else type(exc).__name__
-            corrupt.append(CorruptLine(i, f"not JSON ({msg})"))
-            continue
-        if type(obj) is not dict:
-            corrupt.append(CorruptLine(i, f"not a JSON object ({type(obj).__name__})"))
-            continue
-        if ("NaN" in raw or "Infinity" in raw) if type(raw) is str else (b"NaN" in raw or b"Infinity" in raw):
+            if type(obj) is not dict:
+                corrupt.append(CorruptLine(i, f"not a JSON object ({type(obj).__name__})"))
+                continue
+        if _suspicious(raw):
             suspicious.append(len(records))
         records.append(obj)
         line_nos.append(i)

@@ -8,6 +8,8 @@ Textual messages; the thread never touches widgets).
 * An incomplete last line is kept until its ``\\n`` arrives.  If it is already a
   complete JSON object at end of file (a writer that omits the final newline),
   it is delivered and the newline, when it comes, is swallowed.
+* A "line" longer than ``max_line`` bytes (16 MiB) is reported as one corrupt
+  line and skipped up to its newline, so memory stays bounded.
 * Truncation (size < offset) restarts from byte 0 with ``reset=True``.
 * Rotation/replacement (inode or device changed, e.g. ``rsync`` or
   ``logrotate``) reopens the path and reads it from the start with
@@ -55,15 +57,17 @@ class TailChunk:
 
 
 class FileTailer:
-    def __init__(self, path: str | Path, read_size: int = 4 << 20) -> None:
+    def __init__(self, path: str | Path, read_size: int = 4 << 20, max_line: int = 16 << 20) -> None:
         self.path = Path(path)
         self.read_size = read_size
+        self.max_line = max_line
         self._fh: BinaryIO | None = None
         self._id: tuple[int, int] | None = None
         self.offset = 0
         self.partial = b""
         self.line_no = 0
         self._swallow_newline = False
+        self._discard = False
 
     @property
     def exists(self) -> bool:
@@ -91,6 +95,7 @@ class FileTailer:
         self.partial = b""
         self.line_no = 0
         self._swallow_newline = False
+        self._discard = False
 
     def poll(self) -> TailChunk | None:
         """Read what is new.  ``None`` means nothing happened."""
@@ -123,10 +128,20 @@ class FileTailer:
             self._swallow_newline = False
             if data.startswith(b"\n"):
                 data = data[1:]
+        if self._discard:  # rest of an over-long line: drop up to its newline
+            nl = data.find(b"\n")
+            if nl < 0:
+                return TailChunk([], self.line_no + 1, reset, reason, more)
+            self._discard = False
+            data = data[nl + 1 :]
         buf = self.partial + data if self.partial else data
         cut = buf.rfind(b"\n")
         self.partial = buf[cut + 1 :]
         lines = _decode_lines(buf[:cut]) if cut >= 0 else []
+        if len(self.partial) > self.max_line:  # no newline for max_line bytes: not a metrics line
+            lines.append(self.partial[:80])  # reported as one corrupt line
+            self.partial = b""
+            self._discard = True
         if not more and self.partial and self.partial.rstrip().endswith(b"}"):
             # a complete object missing only its newline (writer without trailing \n)
             try:

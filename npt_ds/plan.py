@@ -233,8 +233,8 @@ def parse_layers(spec: str | int | list, num_layers: int) -> list[int]:
 
 def np_params_per_layer(d_model: int, d_ffn: int, rank: int, num_ranks: int, *, dual: bool = False,
                         multiplicative: bool = False) -> int:
-    """NP component of one layer: W_down (d, r) + W_a_up (k, r, d) + W_b_up (k, r, f)
-    [+ W_c_up (k, r, f) if dual] [+ W_m (r, f) if multiplicative]."""
+    """NP component of one layer: W_down (d, r) + W_a_up (r, k, d) + W_b_up (r, k, f)
+    [+ W_c_up (r, k, f) if dual] [+ W_m (r, f) if multiplicative]."""
     n = d_model * rank + num_ranks * rank * (d_model + d_ffn)
     if dual:
         n += num_ranks * rank * d_ffn

@@ -190,7 +190,7 @@ class Trainer:
         needs_logits = cfg.loss.kd_weight > 0 or (cfg.loss.fidelity_weight > 0 and cfg.loss.fidelity_on != "hidden")
         student_stream = cfg.schedule.mode != "single_layer" or cfg.loss.fidelity_weight > 0 or cfg.loss.kd_weight > 0
         inject = cfg.inject_nan
-        poison = bool(inject) and step >= inject.get("step", 0) and self.rank == inject.get("rank", 0) \
+        poison = bool(inject) and step == inject.get("step", 0) and self.rank == inject.get("rank", 0) \
             and self._poison_left > 0
         self._stage = stage
         return StepControls(mixing_ratio=ratio, kd_weight=kd, difficulty_keep=keep, student_stream=student_stream,

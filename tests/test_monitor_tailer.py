@@ -150,3 +150,23 @@ def test_run_reset_clears_state_and_alerts(tmp_path):
     assert run.alerts == [] and run.state.step is None and run.state.n_records == 0
     run.ingest_lines(['{"step": 1, "kd/kl": 9.4}'])
     assert len(run.alerts) == 1  # detectors re-armed too
+
+
+def test_overlong_line_is_one_corrupt_line_and_memory_stays_bounded(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_bytes(b'{"step": 1}\n' + b"x" * 5000)
+    t = FileTailer(path, read_size=1024, max_line=2048)
+    got = []
+    while (chunk := t.poll()) is not None:
+        got.extend(chunk.lines)
+        assert len(t.partial) <= 2048 + 1024
+    with open(path, "ab") as fh:
+        fh.write(b"yyy\n" + b'{"step": 2}\n')
+    while (chunk := t.poll()) is not None:
+        got.extend(chunk.lines)
+    from monitor.stream import parse_lines
+
+    batch, corrupt = parse_lines(got)
+    assert [r["step"] for r in batch.records] == [1, 2]
+    assert [c.line_no for c in corrupt] == [2]
+    assert batch.line_nos == [1, 3]

@@ -38,7 +38,8 @@ class AlertsPanel(OptionList):
             self.add_options([Option(alert_text(a)) for a in new])
             self.alerts.extend(new)
         title = f"Alerts ({len(self.alerts)}{f', {dropped} dropped' if dropped else ''})"
-        self.border_title = title
+        if self.border_title != title:
+            self.border_title = title
 
     @property
     def selected_alert(self) -> Alert | None:

@@ -12,12 +12,47 @@ from ..stream import HeaderInfo, fmt_num, format_eta, format_rate
 class RunHeader(Widget):
     """Shows a :class:`HeaderInfo`; ``mode`` is ``live``, ``paused`` or ``jump``."""
 
-    info: reactive[HeaderInfo] = reactive(HeaderInfo, layout=True)
-    mode: reactive[str] = reactive("live", layout=True)
-    pending: reactive[int] = reactive(0, layout=True)  # lines read while paused
-    jump_step: reactive[int | None] = reactive(None, layout=True)
-    n_alerts: reactive[int] = reactive(0, layout=True)
-    zoom: reactive[int | None] = reactive(None, layout=True)  # plotted step span
+    # repaint-only reactives: a relayout (costly: it repaints every widget) is
+    # requested only when the wrapped header changes its number of lines
+    info: reactive[HeaderInfo] = reactive(HeaderInfo)
+    mode: reactive[str] = reactive("live")
+    pending: reactive[int] = reactive(0)  # lines read while paused
+    jump_step: reactive[int | None] = reactive(None)
+    n_alerts: reactive[int] = reactive(0)
+    zoom: reactive[int | None] = reactive(None)  # plotted step span
+
+    _lines = 1
+
+    def _check_height(self) -> None:
+        width = self.content_size.width
+        if width <= 0:
+            return
+        text = self.render()
+        lines = max(1, len(text.wrap(self.app.console, width)))
+        if lines != self._lines:
+            self._lines = lines
+            self.refresh(layout=True)
+
+    def watch_info(self) -> None:
+        self._check_height()
+
+    def watch_mode(self) -> None:
+        self._check_height()
+
+    def watch_pending(self) -> None:
+        self._check_height()
+
+    def watch_jump_step(self) -> None:
+        self._check_height()
+
+    def watch_n_alerts(self) -> None:
+        self._check_height()
+
+    def watch_zoom(self) -> None:
+        self._check_height()
+
+    def on_resize(self) -> None:
+        self._check_height()
 
     def render(self) -> Text:
         i = self.info

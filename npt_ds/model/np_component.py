@@ -29,9 +29,10 @@ class NPComponent(nn.Module):
         super().__init__()
         self.d_model, self.d_ffn, self.rank, self.num_ranks = d_model, d_ffn, rank, num_ranks
         self.W_down = nn.Parameter(torch.empty(d_model, rank))
-        self.W_a_up = nn.Parameter(torch.empty(num_ranks, rank, d_model))
-        self.W_b_up = nn.Parameter(torch.empty(num_ranks, rank, d_ffn))
-        self.W_c_up = nn.Parameter(torch.empty(num_ranks, rank, d_ffn)) if dual else None
+        # stored (rank, k, n) so the k up-projections are one matmul on a view: no per-step weight copy
+        self.W_a_up = nn.Parameter(torch.empty(rank, num_ranks, d_model))
+        self.W_b_up = nn.Parameter(torch.empty(rank, num_ranks, d_ffn))
+        self.W_c_up = nn.Parameter(torch.empty(rank, num_ranks, d_ffn)) if dual else None
         self.W_m = nn.Parameter(torch.empty(rank, d_ffn)) if multiplicative else None
         self.init_b, self.stds = init_b, (init_std_down, init_std_a, init_std_b)
         self.reset_parameters()
@@ -56,9 +57,9 @@ class NPComponent(nn.Module):
         r = attn.to(dtype) @ self.W_down  # (..., rank)
         lead = r.shape[:-1]
 
-        def up(w: torch.Tensor) -> torch.Tensor:  # (k, rank, n) -> (..., k, n)
-            k, rank, n = w.shape
-            return (r @ w.permute(1, 0, 2).reshape(rank, k * n)).view(*lead, k, n)
+        def up(w: torch.Tensor) -> torch.Tensor:  # (rank, k, n) -> (..., k, n)
+            rank, k, n = w.shape
+            return (r @ w.view(rank, k * n)).view(*lead, k, n)
 
         factor = None
         if self.W_m is not None:
