@@ -1,18 +1,21 @@
 """Shared benchmark helpers: threads, interleaved timing, memory probes, FLOP counting, output.
 
 Timing: every variant of one comparison runs in the same process, interleaved round by round
-(the order rotates each round), after warm-up.  We report the median (and min) seconds per call
-and, for ratios, both the ratio of medians and the median of per-round paired ratios -- on a
-shared 2-core machine the paired ratio is the more robust of the two.
+(the order rotates each round), after warm-up.  One sample of a variant in a round is the best of
+`best_of` back-to-back calls: on a shared 2-core machine, bursts of load from other processes hit
+single calls (a 0.7 s step then takes 4 s), and the best of two or three filters most of them.
+We report the median (and min) over rounds and, for ratios, the median of per-round paired ratios
+(primary), the ratio of medians and the ratio of minima.
 
 Memory on CPU (no CUDA allocator statistics to read):
 * ``alloc_peak_mb`` -- peak bytes held by torch tensors during one call, rebuilt from the torch
   profiler's allocator events (``profile_memory=True``): the analogue of
   ``torch.cuda.max_memory_allocated``.  Deterministic, per variant, in-process.
 * ``peak_rss_mb`` / ``rss_delta_mb`` -- the process high-water mark (``VmHWM``) after resetting it
-  through ``/proc/self/clear_refs`` ("5"), measured in a fresh subprocess per variant (glibc keeps
-  freed pages, so in-process RSS deltas between variants would be meaningless).  Falls back to
-  ``resource.getrusage`` max RSS (not resettable) when ``clear_refs`` is unavailable.
+  through ``/proc/self/clear_refs`` ("5"), measured in a fresh subprocess per variant after one
+  warm-up step (glibc keeps freed pages, so in-process RSS deltas between variants would be
+  meaningless; the probe also pins glibc's mmap threshold so freed tensors leave RSS at once).
+  Falls back to ``resource.getrusage`` max RSS (not resettable) when ``clear_refs`` is unavailable.
 On CUDA ``torch.cuda.max_memory_allocated`` is used instead.
 """
 from __future__ import annotations
@@ -75,8 +78,11 @@ def env_info(device: str = "cpu") -> dict:
 
 # ----------------------------------------------------------------------------- timing
 def interleaved(fns: dict[str, Callable[[], object]], repeats: int, inner: int = 1, warmup: int = 1,
-                device: str = "cpu") -> dict[str, list[float]]:
-    """Seconds per call of each fn, sampled `repeats` times, variants interleaved in rotating order."""
+                device: str = "cpu", best_of: int = 1) -> dict[str, list[float]]:
+    """Seconds per call of each fn, `repeats` rounds, variants interleaved in rotating order.
+
+    A sample is the best (min) of `best_of` timings, each the mean over `inner` back-to-back calls.
+    """
     names = list(fns)
     for name in names:
         for _ in range(warmup):
@@ -86,12 +92,15 @@ def interleaved(fns: dict[str, Callable[[], object]], repeats: int, inner: int =
     for r in range(repeats):
         order = names[r % len(names):] + names[:r % len(names)]
         for name in order:
-            sync(device)
-            t0 = time.perf_counter()
-            for _ in range(inner):
-                fns[name]()
-            sync(device)
-            times[name].append((time.perf_counter() - t0) / inner)
+            best = float("inf")
+            for _ in range(best_of):
+                sync(device)
+                t0 = time.perf_counter()
+                for _ in range(inner):
+                    fns[name]()
+                sync(device)
+                best = min(best, (time.perf_counter() - t0) / inner)
+            times[name].append(best)
     return times
 
 
@@ -200,6 +209,7 @@ def count_flops(fn: Callable[[], object]) -> int:
 def run_probe(args: list[str], timeout: float = 600) -> dict:
     """Run `python -m bench.probe ARGS` in a fresh process; its last stdout line is JSON."""
     env = dict(os.environ)
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")  # freed tensors leave RSS at once (see probe.py)
     proc = subprocess.run([sys.executable, "-m", "bench.probe", *args], cwd=REPO_ROOT, env=env, text=True,
                           capture_output=True, timeout=timeout)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]

@@ -197,7 +197,7 @@ def run_sync_probe(opts, work: Path) -> dict:
     model = getattr(opts, "sync_probe_model", "tiny")
     layers = "2,3" if model == "tiny" else "upper_half"
     recipe = write_recipe(work, f"probe_{model}", 3, RUNS["z3_2r"][2], opts, model=model, layers=layers,
-                          steps=8)
+                          steps=12)
     out = work / f"probe_{model}.json"
     cmd = launch_cmd(2, "bench.sync_probe", recipe, ["--out", str(out), "--warm", "3", "--steps", "3"])
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env=run_env(2, opts.threads), text=True, capture_output=True,
@@ -282,4 +282,7 @@ def print_dist(res: dict) -> str:
                          f"collectives per step: {sp['collectives_per_step']}")
             for site, n in sp["sync_sites"].items():
                 lines.append(f"   {n / sp['steps']:.1f}/step  {site}")
+            fix = sp.get("with_no_mask_sync_patch")
+            if fix:
+                lines.append(f"   with fused.py's create_causal_mask(position_ids=None): {fix['syncs_per_step']:.1f}/step")
     return "\n".join(lines)

@@ -8,6 +8,7 @@ random output gradient.  Two gradient settings are measured:
                       the plain MLP's job plus the modulation, the like-for-like comparison (target).
 * ``npt_frozen_in``-- the same with x and attn constants (single-layer training: the teacher state
                       carries no gradient, so only the NP params need one).
+* ``npt_fast``     -- ``npt`` with bench/candidates.py's modulated_mlp (recommended change), if enabled.
 * ``naive``        -- materialises the per-token ΔW_g = s Σ_k v_b,k ⊗ v_a,k (T × d_ffn × d) and applies
                       (W_g + ΔW_g) x per token; small token counts only.  Compared with ``npt`` at the
                       same token count.
@@ -55,8 +56,9 @@ class Case:
     """Inputs and a step function for one variant; `step()` is forward + backward."""
 
     def __init__(self, kind: str, mlp: nn.Module, tokens: int, d: int, device, dtype, k: int = 1,
-                 rank: int = 64, scale: float = 0.1, seed: int = 0):
+                 rank: int = 64, scale: float = 0.1, seed: int = 0, impl=None):
         self.kind, self.mlp, self.scale = kind, mlp, scale
+        self.impl = impl or modulated_mlp  # the fused implementation under test
         g = torch.Generator().manual_seed(seed)
         grad_in = kind in ("plain", "npt", "naive")
         self.x = torch.randn(1, tokens, d, generator=g).to(device=device, dtype=dtype).requires_grad_(grad_in)
@@ -76,7 +78,7 @@ class Case:
         mod = Modulation(*self.comp(self.attn))
         if self.kind == "naive":
             return naive_modulated_mlp(self.mlp, self.x, mod, self.scale)
-        return modulated_mlp(self.mlp, self.x, mod, self.scale)
+        return self.impl(self.mlp, self.x, mod, self.scale)
 
     def step(self) -> None:
         for t in self.leaves:
@@ -92,7 +94,8 @@ def run_micro(opts) -> dict:
     tokens, naive_tokens = opts.micro_tokens, opts.naive_tokens
     mlp = build_mlp(d, f, device, dtype)
     result: dict = {"config": {"d": d, "d_ffn": f, "rank": rank, "ks": ks, "tokens": tokens,
-                               "naive_tokens": naive_tokens, "repeats": opts.repeats, "dtype": opts.dtype,
+                               "naive_tokens": naive_tokens, "repeats": opts.repeats, "best_of": opts.best_of,
+                               "inner": opts.inner, "dtype": opts.dtype,
                                "device": device, "modulation_scale": 0.1}, "rows": [], "ratios": {}}
 
     # --- group 1: plain vs modulated MLP at the main token count (all interleaved together)
@@ -100,13 +103,21 @@ def run_micro(opts) -> dict:
     for k in ks:
         cases[f"npt_k{k}"] = Case("npt", mlp, tokens, d, device, dtype, k=k, rank=rank)
         cases[f"npt_frozen_in_k{k}"] = Case("npt_frozen_in", mlp, tokens, d, device, dtype, k=k, rank=rank)
+        if opts.candidates:  # bench/candidates.py: the recommended modulated_mlp change
+            from .candidates import modulated_mlp_fast
+
+            cases[f"npt_fast_k{k}"] = Case("npt", mlp, tokens, d, device, dtype, k=k, rank=rank,
+                                           impl=modulated_mlp_fast)
     times = interleaved({n: c.step for n, c in cases.items()}, opts.repeats, inner=opts.inner,
-                        warmup=2, device=device)
+                        warmup=2, device=device, best_of=opts.best_of)
     for name, case in cases.items():
-        result["rows"].append(_row("main", name, case, tokens, times[name], device, opts.memory))
+        result["rows"].append(_row("main", name, case, tokens, times[name], device, opts.memory, opts.peak_tflops))
     for k in ks:
         result["ratios"][f"npt_k{k}/plain"] = ratio(times, f"npt_k{k}", "plain")
         result["ratios"][f"npt_frozen_in_k{k}/plain"] = ratio(times, f"npt_frozen_in_k{k}", "plain")
+        if f"npt_fast_k{k}" in times:
+            result["ratios"][f"npt_fast_k{k}/plain"] = ratio(times, f"npt_fast_k{k}", "plain")
+            result["ratios"][f"npt_fast_k{k}/npt_k{k}"] = ratio(times, f"npt_fast_k{k}", f"npt_k{k}")
 
     # --- group 2: naive per-token ΔW vs fused, small token count
     if naive_tokens:
@@ -121,9 +132,10 @@ def run_micro(opts) -> dict:
                 err = (a.forward() - ref).abs().max().item()
             result["ratios"][f"naive_k{k}_max_abs_err_vs_fused"] = err
         ntimes = interleaved({n: c.step for n, c in ncases.items()}, max(3, opts.repeats // 2), inner=1,
-                             warmup=1, device=device)
+                             warmup=1, device=device, best_of=opts.best_of)
         for name, case in ncases.items():
-            result["rows"].append(_row("naive", name, case, naive_tokens, ntimes[name], device, opts.memory))
+            result["rows"].append(_row("naive", name, case, naive_tokens, ntimes[name], device, opts.memory,
+                                       opts.peak_tflops))
         for k in ks:
             result["ratios"][f"naive_k{k}/npt_k{k}@{naive_tokens}"] = ratio(ntimes, f"naive_k{k}",
                                                                           f"npt_k{k}@{naive_tokens}")
@@ -139,12 +151,15 @@ def run_micro(opts) -> dict:
     return result
 
 
-def _row(group: str, name: str, case: Case, tokens: int, samples: list[float], device: str, memory: bool) -> dict:
+def _row(group: str, name: str, case: Case, tokens: int, samples: list[float], device: str, memory: bool,
+         peak_tflops: float | None = None) -> dict:
     s = stats(samples)
     flops = count_flops(case.step)
     row = {"group": group, "variant": name, "tokens": tokens, "ms_median": s["median_s"] * 1e3,
            "ms_min": s["min_s"] * 1e3, "tokens_per_s": tokens / s["median_s"], "gflop": flops / 1e9,
            "gflops_per_s": flops / 1e9 / s["median_s"]}
+    if peak_tflops:
+        row["mfu"] = flops / s["median_s"] / (peak_tflops * 1e12)
     if memory:
         row["alloc_peak_mb"] = alloc_peak_mb(case.step, device)
     return row
@@ -161,6 +176,8 @@ def print_micro(res: dict) -> str:
     cols = [("variant", "variant", ""), ("tokens", "tokens", "d"), ("ms/iter (median)", "ms_median", ".2f"),
             ("ms (min)", "ms_min", ".2f"), ("tokens/s", "tokens_per_s", ",.0f"), ("GFLOP/s", "gflops_per_s", ".1f"),
             ("alloc peak MB", "alloc_peak_mb", ".1f")]
+    if any("mfu" in r for r in res["rows"]):
+        cols.append(("MFU", "mfu", ".3f"))
     c = res["config"]
     lines = [format_table(res["rows"], cols, f"== micro: MLP fwd+bwd, d {c['d']}, d_ffn {c['d_ffn']}, rank {c['rank']}, "
                                               f"{c['dtype']} on {c['device']}")]

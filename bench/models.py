@@ -60,7 +60,7 @@ def build_model(opts) -> nn.Module:
 
         torch.manual_seed(opts.seed)
         with torch.device(device):
-            model = LlamaForCausalLM._from_config(cfg, torch_dtype=dtype)
+            model = LlamaForCausalLM._from_config(cfg, dtype=dtype)
         model.eval()
     model = model.to(device=device, dtype=dtype)
     n = model.config.num_hidden_layers

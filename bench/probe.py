@@ -3,8 +3,11 @@ deltas between variants are meaningless).
 
     python -m bench.probe step fused --shape smollm2 --seq 256 --batch 1 --dtype fp32 --threads 2
 
-Prints one JSON line: RSS after setup (model + batch), peak RSS (VmHWM, reset via
-/proc/self/clear_refs just before the steps) over `--steps` training steps, and their difference.
+Prints one JSON line: RSS after setup (model + batch + one warm-up step, so the weights are paged
+in and the optimizer state exists), peak RSS (VmHWM, reset via /proc/self/clear_refs just before the
+measured steps) over `--steps` training steps, and their difference = the step's transient memory.
+The parent runs it with MALLOC_MMAP_THRESHOLD_=65536 so freed tensors go back to the OS at once
+(glibc would otherwise keep them, hiding the warm-up step's transient memory from later steps).
 """
 from __future__ import annotations
 
@@ -34,12 +37,14 @@ def main(argv: list[str] | None = None) -> int:
 
     bench = StepBench(opts)
     step = bench.steps[args.variant]
+    rss_loaded = rss_mb()
+    step()  # warm-up: page in the (memory-mapped) weights, allocate Adam state
     base = rss_mb()
     resettable = reset_peak_rss()
     for _ in range(args.steps):
         step()
     peak = peak_rss_mb()
-    print(json.dumps({"rss_setup_mb": round(base, 1), "peak_rss_mb": round(peak, 1),
+    print(json.dumps({"rss_loaded_mb": round(rss_loaded, 1), "rss_setup_mb": round(base, 1), "peak_rss_mb": round(peak, 1),
                       "rss_delta_mb": round(peak - base, 1) if resettable else None,
                       "rss_method": "VmHWM after clear_refs" if resettable else "ru_maxrss (not resettable)"}))
     return 0

@@ -35,8 +35,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ks", default="1,4,8", help="micro: num_ranks values")
     p.add_argument("--micro-tokens", type=int, default=256, help="micro: tokens per call")
     p.add_argument("--naive-tokens", type=int, default=16, help="micro: tokens for the naive ΔW comparison (0: skip)")
-    p.add_argument("--inner", type=int, default=3, help="micro: calls per timed sample")
-    p.add_argument("--step-variants", default="fused,two_pass,two_pass_full,plain")
+    p.add_argument("--inner", type=int, default=1, help="micro: calls averaged per timing")
+    p.add_argument("--best-of", type=int, default=3, help="micro: a sample is the best of N timings")
+    p.add_argument("--step-best-of", type=int, default=2, help="step: a sample is the best of N steps")
+    p.add_argument("--no-candidates", dest="candidates", action="store_false",
+                   help="micro: skip the bench/candidates.py variants (recommended npt_ds changes)")
+    p.add_argument("--step-variants", default="fused,two_pass,two_pass_full,plain,teacher_fwd")
+    p.add_argument("--profile", action="store_true", help="step: torch.profiler top ops of fused and two_pass")
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip memory measurements")
     p.add_argument("--no-rss-probe", dest="rss_probe", action="store_false",
                    help="skip the per-variant peak-RSS subprocesses of the step bench")
@@ -75,7 +80,8 @@ def resolve(opts: argparse.Namespace) -> argparse.Namespace:
     if opts.quick:
         opts.micro_tokens = min(opts.micro_tokens, 128)
         opts.naive_tokens = min(opts.naive_tokens, 8)
-        opts.inner = min(opts.inner, 2)
+        opts.best_of = min(opts.best_of, 2)
+        opts.step_best_of = 1
         opts.seq = min(opts.seq, 128)
         opts.dist_steps = min(opts.dist_steps, 8)
         opts.dist_warmup = min(opts.dist_warmup, 2)

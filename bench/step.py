@@ -11,6 +11,9 @@ Variants (same model object, same batch, interleaved in one process):
 * ``plain``          -- the base model (NPT layers in teacher mode = the unconverted model), every weight
                         frozen, embedding output requires grad, LM cross-entropy, backward to the embeddings:
                         the physical reference of a forward+backward through the same frozen weights.
+* ``teacher_fwd``    -- the teacher forward alone (decoder stack, no_grad): the floor under any step that
+                        needs every NPT layer's teacher target.  fused − teacher_fwd = the student's cost;
+                        two_pass − fused = the recomputed attention (+ hook overhead).
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ from .common import (alloc_peak_mb, count_flops, format_table, interleaved, rati
 from .models import build_model, make_batch
 from .two_pass import student_full_pass, two_pass_forward
 
-VARIANTS = ("fused", "two_pass", "two_pass_full", "plain")
+VARIANTS = ("fused", "two_pass", "two_pass_full", "plain", "teacher_fwd")
 
 
 class StepBench:
@@ -42,7 +45,8 @@ class StepBench:
         self.params = [p for _, p in np_named_parameters(self.model)]
         self.opt = {name: torch.optim.Adam(self.params, lr=1e-4) for name in ("fused", "two_pass", "two_pass_full")}
         self.steps = {"fused": self.fused_step, "two_pass": self.two_pass_step,
-                      "two_pass_full": self.two_pass_full_step, "plain": self.plain_step}
+                      "two_pass_full": self.two_pass_full_step, "plain": self.plain_step,
+                      "teacher_fwd": self.teacher_forward}
 
     # -- losses (no optimizer step): used by the equivalence checks
     def fused_loss(self) -> torch.Tensor:
@@ -85,6 +89,14 @@ class StepBench:
         finally:
             set_mode(model, "student")
 
+    def teacher_forward(self) -> None:
+        set_mode(self.model, "teacher")
+        try:
+            with torch.no_grad():
+                self.model.model(input_ids=self.ids, use_cache=False)
+        finally:
+            set_mode(self.model, "student")
+
     def check_equivalence(self) -> dict:
         """Loss and NP-gradient agreement of fused vs two-pass on this batch and these params."""
         res = {}
@@ -105,7 +117,7 @@ class StepBench:
         grads = [p.grad.detach().clone() for p in self.params]
         for p in self.params:
             p.grad = None
-        return float(loss), grads
+        return float(loss.detach()), grads
 
 
 def run_step(opts) -> dict:
@@ -115,11 +127,12 @@ def run_step(opts) -> dict:
     result: dict = {"config": {"shape": opts.shape, "npt_layers": [l.layer_idx for l in npt_layers(bench.model)],
                                "seq": opts.seq, "batch": opts.batch, "tokens_per_step": tokens,
                                "dtype": opts.dtype, "device": opts.device, "repeats": opts.step_repeats,
+                               "best_of": opts.step_best_of,
                                "mode": "single_layer", "optimizer": "torch.optim.Adam (NP params)",
                                "two_pass_teacher": "model.model (decoder stack, no LM head), use_cache=False"},
                     "equivalence": bench.check_equivalence(), "rows": [], "ratios": {}}
     times = interleaved({v: bench.steps[v] for v in variants}, opts.step_repeats, inner=1, warmup=1,
-                        device=opts.device)
+                        device=opts.device, best_of=opts.step_best_of)
     flops = {v: count_flops(bench.steps[v]) for v in variants}
     for v in variants:
         s = stats(times[v])
@@ -130,15 +143,39 @@ def run_step(opts) -> dict:
         if opts.memory:
             row["alloc_peak_mb"] = alloc_peak_mb(bench.steps[v], opts.device)
         result["rows"].append(row)
-    for a, b in (("fused", "two_pass"), ("fused", "two_pass_full"), ("fused", "plain"), ("two_pass", "plain")):
+    for a, b in (("fused", "two_pass"), ("fused", "two_pass_full"), ("fused", "plain"), ("two_pass", "plain"),
+                 ("teacher_fwd", "fused")):
         if a in times and b in times:
             result["ratios"][f"{a}/{b}"] = ratio(times, a, b)
             result["ratios"][f"{a}/{b}"]["flops"] = flops[a] / flops[b]
     if opts.memory and opts.rss_probe and opts.device == "cpu":
         for row in result["rows"]:
-            row.update(run_probe(["step", row["variant"], *probe_args(opts)]))
+            if row["variant"] in ("fused", "two_pass", "plain"):
+                row.update(run_probe(["step", row["variant"], *probe_args(opts)]))
+    if "teacher_fwd" in times and "fused" in times and "two_pass" in times:
+        med = {v: stats(times[v])["median_s"] for v in ("teacher_fwd", "fused", "two_pass")}
+        student = med["fused"] - med["teacher_fwd"]
+        result["breakdown_s"] = {"teacher_forward": med["teacher_fwd"], "student_fwd_bwd_adam": student,
+                                 "two_pass_extra": med["two_pass"] - med["fused"],
+                                 "max_fused_over_two_pass_if_student_were_free":
+                                     med["two_pass"] / med["teacher_fwd"]}
+    if opts.profile:
+        result["profile"] = {v: profile_top_ops(bench.steps[v]) for v in ("fused", "two_pass") if v in variants}
     result["targets"] = step_targets(result["ratios"])
     return result
+
+
+def profile_top_ops(fn, rows: int = 14) -> list[dict]:
+    """torch.profiler of one call: self CPU time per (op, input shapes), largest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        fn()
+    avgs = sorted(prof.key_averages(group_by_input_shape=True), key=lambda e: -e.self_cpu_time_total)
+    total = sum(e.self_cpu_time_total for e in avgs)
+    return [{"op": e.key, "shapes": str(e.input_shapes)[:80], "calls": e.count,
+             "self_ms": round(e.self_cpu_time_total / 1e3, 2),
+             "share": round(e.self_cpu_time_total / max(total, 1), 3)} for e in avgs[:rows]]
 
 
 def step_targets(ratios: dict) -> dict:
@@ -176,6 +213,15 @@ def print_step(res: dict) -> str:
     for name, r in res["ratios"].items():
         lines.append(f"time {name}: paired {r['paired_median']:.3f}, medians {r['of_medians']:.3f}, "
                      f"minima {r['of_minima']:.3f}, FLOPs {r['flops']:.3f}")
+    if "breakdown_s" in res:
+        b = res["breakdown_s"]
+        lines.append(f"breakdown (medians): teacher forward {b['teacher_forward']:.3f} s, student fwd+bwd+Adam "
+                     f"{b['student_fwd_bwd_adam']:.3f} s, two-pass extra {b['two_pass_extra']:.3f} s; "
+                     f"two_pass/teacher_fwd = {b['max_fused_over_two_pass_if_student_were_free']:.2f} "
+                     "(the fused/two-pass speed-up if the student cost nothing)")
+    for v, ops in res.get("profile", {}).items():
+        lines.append(f"profile {v}: " + "; ".join(f"{o['op']} {o['shapes']} x{o['calls']} {o['self_ms']} ms"
+                                                   for o in ops[:8]))
     for name, e in res["equivalence"].items():
         lines.append(f"equivalence fused vs {name}: loss {e['loss_fused']:.6g} vs {e['loss']:.6g} "
                      f"(rel {e['rel_diff']:.1e}), grad max rel diff {e['grad_max_rel_diff']:.1e}")

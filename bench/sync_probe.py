@@ -60,6 +60,20 @@ def analyse(events, steps: int) -> dict:
             "collective_sites": dict(Counter(f"{e.name} @ {_site(e, 1)}" for e in colls).most_common())}
 
 
+def profiled(trainer, steps: int) -> tuple[dict, float]:
+    import time
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], with_stack=True, record_shapes=True) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            trainer.train_step()
+            trainer.step += 1
+        wall = time.perf_counter() - t0
+    return analyse(prof.events(), steps), wall
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench.sync_probe")
     p.add_argument("--config", required=True)
@@ -69,8 +83,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--local_rank", "--local-rank", type=int, default=None)
     args = p.parse_args(argv)
 
-    from torch.profiler import ProfilerActivity, profile
-
     from npt_ds.config import load_config
     from npt_ds.trainer import Trainer
 
@@ -79,16 +91,16 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.warm):
             trainer.train_step()
             trainer.step += 1
-        import time
+        res, wall = profiled(trainer, args.steps)
+        # the same steps with the recommended fused.py change (no position_ids to create_causal_mask)
+        from .dist_worker import patch_no_mask_sync
 
-        with profile(activities=[ProfilerActivity.CPU], with_stack=True, record_shapes=True) as prof:
-            t0 = time.perf_counter()
-            for _ in range(args.steps):
-                trainer.train_step()
-                trainer.step += 1
-            wall = time.perf_counter() - t0
+        patch_no_mask_sync()
+        trainer.train_step()
+        trainer.step += 1
+        patched, _ = profiled(trainer, args.steps)
         if trainer.rank == 0:
-            res = analyse(prof.events(), args.steps)
+            res["with_no_mask_sync_patch"] = {k: patched[k] for k in ("syncs_per_step", "sync_sites")}
             res["world_size"] = trainer.world
             res["profiled_s_per_step"] = wall / args.steps
             res["zero_stage"] = trainer.ds_config["zero_optimization"].get("stage")

@@ -81,7 +81,10 @@ class Batch:
     last step seen) and ``events`` (default ``"train"``).
     """
 
-    __slots__ = ("records", "line_nos", "maybe_nonfinite", "steps", "events", "last_step", "monotonic", "_cols", "_keys")
+    __slots__ = (
+        "records", "line_nos", "maybe_nonfinite", "steps", "events", "last_step", "monotonic", "_cols", "_keys", "_runs",
+        "_xs",
+    )
 
     def __init__(
         self,
@@ -100,6 +103,8 @@ class Batch:
         self.monotonic = True
         self._cols: dict[str, list] = {}
         self._keys: set[str] | None = None
+        self._runs: list[tuple[int, int, dict[str, tuple]]] | None = None  # see _build_columns
+        self._xs: dict[tuple[int, ...], tuple[list[int], array]] = {}
 
     @classmethod
     def from_dicts(cls, records: Iterable[dict], first_line_no: int = 1) -> "Batch":
@@ -175,28 +180,66 @@ class Batch:
                         cols[key] = [o.get(key) for o in recs]
                 self._keys = keys
                 return
-        bounds.append(n)
-        runs: list[tuple[int, dict]] = []
+        if n:
+            bounds.append(n)
+        runs: list[tuple[int, int, dict[str, tuple]]] = []  # (start, end, {key: values})
         keys: set[str] = set()
         for a, b in zip(bounds, bounds[1:]):
             shape = shapes[a]
             keys.update(shape)
-            runs.append((b - a, dict(zip(shape, zip(*map(dict.values, recs[a:b]))))))
+            runs.append((a, b, dict(zip(shape, zip(*map(dict.values, recs[a:b]))))))
         for key in keys:
             if key in cols:
                 continue
             if len(runs) == 1:
-                cols[key] = list(runs[0][1][key])
+                cols[key] = list(runs[0][2][key])
                 continue
             col: list = []
-            for m, values in runs:
+            for a, b, values in runs:
                 got = values.get(key)
                 if got is None:
-                    col += repeat(None, m)
+                    col += repeat(None, b - a)
                 else:
                     col += got
             cols[key] = col
         self._keys = keys
+        self._runs = runs
+
+    def present(self, key: str) -> tuple[list[int], array, list]:
+        """``(steps, the same as array('d'), values)`` of the records that have
+        ``key`` (with a ``null`` value too).  Needs :meth:`prepare`."""
+        steps = self.steps
+        assert steps is not None
+        col = self.column(key)
+        runs = self._runs
+        sig: tuple[int, ...]
+        if runs is None:  # columns built key by key
+            sig = tuple(i for i, o in enumerate(self.records) if key in o)
+            if len(sig) == len(col):
+                sig, vals = (), col
+            else:
+                vals = [col[i] for i in sig]
+        else:
+            sig = tuple(i for i, run in enumerate(runs) if key in run[2])
+            if len(sig) == len(runs):
+                sig, vals = (), col
+            else:
+                vals = []
+                for i in sig:
+                    vals += runs[i][2][key]
+                sig = (-1, *sig)  # (run indices, not record indices)
+        got = self._xs.get(sig)
+        if got is None:
+            if not sig:
+                xs = steps
+            elif runs is None:
+                xs = [steps[i] for i in sig]
+            else:
+                xs = []
+                for i in sig[1:]:
+                    xs += steps[runs[i][0] : runs[i][1]]
+            got = self._xs[sig] = (xs, array("d", xs))
+        return got[0], got[1], vals
 
     def column(self, key: str) -> list:
         """Values of ``key`` per record (``None`` where missing); cached."""
@@ -346,14 +389,15 @@ def parse_lines(
     for a in range(0, n if bulk else 0, BULK_LINES):
         b = min(n, a + BULK_LINES)
         block = lines[a:b]
-        text = None
         if set(map(type, block)) == {str} and all(map(str.startswith, block, repeat("{"))):
+            block[0] = "[" + block[0]
+            block[-1] += "]"
             text = _SEP.join(block)
-            text = None if "[" in text or "]" in text else "[" + text + "]"
-        if text is not None:
-            _decode_bulk(lines, a, b, out, todo, text)
-            maybe_nan = maybe_nan or "NaN" in text or "Infinity" in text
-            continue
+            if text.find("[", 1) < 0 and text.find("]", 0, len(text) - 1) < 0:  # no line has a bracket
+                _decode_bulk(lines, a, b, out, todo, text)
+                # (the one-character tests are memchr-fast)
+                maybe_nan = maybe_nan or ("N" in text and "NaN" in text) or ("I" in text and "Infinity" in text)
+                continue
         i = a
         while i < b:  # mixed block: bulk-decode the runs of suitable lines
             if _bulk_ok(lines[i]):
@@ -361,7 +405,6 @@ def parse_lines(
                 while j < b and _bulk_ok(lines[j]):
                     j += 1
                 _decode_bulk(lines, i, j, out, todo)
-                maybe_nan = maybe_nan or any(map(_suspicious, lines[i:j]))
                 i = j
             else:
                 todo.append(i)
@@ -450,8 +493,12 @@ class Series:
         if len(self.xs) >= self.cap:
             self._decimate()
 
-    def extend(self, xs: list[int], ys: array) -> None:
-        """Append many points; ``xs`` must be non-decreasing, ``ys`` an ``array('d')``."""
+    def extend(self, xs: list[int], ys: array, xs_d: array | None = None, finite: bool | None = None) -> None:
+        """Append many points; ``xs`` must be non-decreasing, ``ys`` an ``array('d')``.
+
+        ``xs_d`` is ``xs`` as an ``array('d')`` and ``finite`` tells whether every
+        ``ys`` is finite, when the caller has them already.
+        """
         n = len(xs)
         if not n:
             return
@@ -460,21 +507,26 @@ class Series:
         self.last_x = xs[-1]
         self.last_y = ys[-1]
         self.count += n
-        if not _isfinite(sum(ys)):  # rare: drop NaN/Inf before storing
+        if finite is None:
+            finite = _isfinite(sum(ys))
+        if not finite:  # rare: drop NaN/Inf before storing
             keep = [i for i, y in enumerate(ys) if _isfinite(y)]
             xs = [xs[i] for i in keep]
             ys = array("d", [ys[i] for i in keep])
+            xs_d = None
             n = len(xs)
             if not n:
                 return
+        if xs_d is None:
+            xs_d = array("d", xs)
         s, k = self.stride, self._skip
         if s == 1:
-            self.xs.extend(array("d", xs))
+            self.xs.extend(xs_d)
             self.ys.extend(ys)
         else:
             start = s - 1 - k
             if start < n:
-                self.xs.extend(array("d", xs[start::s]))
+                self.xs.extend(xs_d[start::s])
                 self.ys.extend(ys[start::s])
             self._skip = (k + n) % s
         if len(self.xs) >= self.cap:
@@ -635,6 +687,17 @@ class RunState:
         for key in keys:
             col = batch.column(key)
             if batch.monotonic:
+                xs, xs_d, vals = batch.present(key)
+                try:
+                    total = sum(vals)  # TypeError: a null, or a value that is not a number
+                except TypeError:
+                    if type(vals[0]) is str and set(map(type, vals)) == {str}:
+                        self.strings[key] = vals[-1]  # a text key (curriculum/stage, ...)
+                        continue
+                else:  # numbers only: one conversion, the steps shared with the other keys
+                    self._series(key).extend(xs, array("d", vals), xs_d, _isfinite(total))
+                    self.latest[key] = vals[-1]
+                    continue
                 xs, vals = self._present(col, steps, dropped)
                 try:
                     ys = array("d", vals)  # all numeric: fast path

@@ -205,7 +205,7 @@ class TrainConfig:
     def __post_init__(self):
         if self.model.quantization != "none" and self.deepspeed.precision == "fp16":
             raise ConfigError("deepspeed.precision: fp16 cannot be combined with model.quantization="
-                              f"{self.model.quantization}; use precision bf16 or fp32")
+                              f"{self.model.quantization}; use deepspeed.precision: fp32")
         if self.loss.kd_weight == 0 and self.model.teacher_path:
             raise ConfigError("model.teacher_path is set but loss.kd_weight is 0; set loss.kd_weight > 0 "
                               "or remove model.teacher_path")

@@ -568,9 +568,9 @@ def _change(key: str, x: PlanInputs, need_fit: bool) -> tuple[str, PlanInputs] |
         return ("enable activation checkpointing (--activation-checkpointing)",
                 replace(x, activation_checkpointing=True))
     if key == "nf4" and x.quantization != "nf4":
-        return ("quantise the frozen base to nf4 (--override model.quantization=nf4)",
-                replace(x, quantization="nf4", precision="bf16" if x.precision == "fp16" else x.precision))
-    if key == "bf16" and x.precision == "fp32":
+        return ("quantise the frozen base to nf4 (--override model.quantization=nf4 deepspeed.precision=fp32 "
+                "model.dtype=bfloat16)", replace(x, quantization="nf4", precision="fp32", model_dtype="bfloat16"))
+    if key == "bf16" and x.precision == "fp32" and x.quantization == "none":
         return "train in bf16 (--override deepspeed.precision=bf16)", replace(x, precision="bf16")
     if key == "nodes" and x.zero_stage >= 1:
         t = _search([replace(x, nodes=n) for n in NODE_STEPS if n > x.nodes], need_fit)

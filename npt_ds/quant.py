@@ -1,20 +1,28 @@
 """Quantised frozen base (bitsandbytes int8 / nf4): what works with DeepSpeed, and the loading helpers.
 
-Measured with bitsandbytes 0.50.2, deepspeed 0.19.8, transformers 5.23, torch 2.13 (CPU):
+Measured with bitsandbytes 0.50.2, deepspeed 0.19.8, transformers 5.23, torch 2.13 (CPU, 1 and 2 ranks):
 
-* ZeRO 0, 1 and 2 train the NP components on an int8 or nf4 base (the base is frozen, so these stages
-  only shard the NP optimizer state / gradients; every rank holds the whole quantised base).
-* ZeRO-3 is refused (:func:`check_quantization_support`).  transformers loads a quantised model outside
-  ``zero.Init``, and ``deepspeed.initialize`` then partitions every parameter, the bitsandbytes ones
-  included.  int8: ``Linear8bitLt`` computes from ``weight.CB``, a second reference to the full int8
-  matrix, and writes it back into ``weight.data`` after each forward, so nothing is saved and ZeRO-3's
-  gather/release bookkeeping is defeated.  nf4: even with ``bnb_4bit_quant_storage`` = the compute dtype
-  (the QLoRA recipe) the partitioned packed weights lose their ``quant_state`` on gather/release.
+* ZeRO 0, 1 and 2 train the NP components on an int8 or an nf4 base; the losses are identical across
+  the stages.  The frozen base is replicated on every rank; only the NP state is sharded.
+* ZeRO-3 + nf4 works and partitions the base: transformers loads a quantised model outside
+  ``zero.Init`` and ``deepspeed.initialize`` then partitions every parameter.  The packed 4-bit codes
+  are stored in the compute dtype (``bnb_4bit_quant_storage``), so they are an ordinary floating
+  tensor to ZeRO-3, and the ``quant_state`` stays on the ``Params4bit`` object across gather/release.
+  Losses match ZeRO-2 exactly (2 ranks), and checkpoint resume is exact.
+* ZeRO-3 + int8 is refused.  ``Linear8bitLt`` moves ``weight.CB`` (a second reference to the whole
+  int8 matrix) into its matmul state on the first forward and computes from that, so every rank keeps
+  the full int8 base *plus* its ZeRO-3 partition: more memory than ZeRO-2, never less.
 * ``deepspeed.precision: bf16`` is refused: DeepSpeed casts every floating parameter of the module to
-  bf16, i.e. the NP components (which must stay fp32 on a quantised base) and, for nf4 with fp32
-  ``quant_storage``, the packed 4-bit codes themselves (silently corrupting the weights).  Use
-  ``precision: fp32`` and ``model.dtype: bfloat16`` to run the quantised base's matmuls in bf16.
-* fp16 is refused by :class:`npt_ds.config.TrainConfig` already.
+  bf16, i.e. the NP components (which stay fp32 on a quantised base) and, for nf4 with a float32
+  ``quant_storage``, the packed 4-bit codes themselves (the forward then fails on a shape mismatch).
+  Use ``precision: fp32`` and ``model.dtype: bfloat16`` for bf16 base compute with fp32 NP components.
+* fp16 (``deepspeed.precision`` or ``model.dtype``) is refused.
+
+bitsandbytes on CPU, worth knowing: int8 layers compute weight-only (dequantise + fp matmul) in train
+mode but quantise the activations to int8 too in eval mode (SmolLM2 ppl 38.6 vs 39.6 on one text), so
+the model must be in train mode for training steps.  nf4 layers repack their weight in place for a
+bf16 kernel on their first eval-mode forward (disabled by :func:`prepare_quantized_model`), and
+dequantise wrongly when the input width is not a multiple of 64 (see :func:`nf4_unaligned_linears`).
 """
 from __future__ import annotations
 
@@ -26,30 +34,32 @@ from torch import nn
 
 from .config import ConfigError, TrainConfig
 
-SUPPORTED_ZERO_STAGES = (0, 1, 2)
+ZERO_STAGES = {"int8": (0, 1, 2), "nf4": (0, 1, 2, 3)}  # stages that train with a quantised base
 _INT8_CAST_LOGGER = "bitsandbytes.autograd._functions"
 
 
 def check_quantization_support(cfg: TrainConfig, zero_stage: int) -> None:
     """Raise a one-line ConfigError when a quantised base cannot train with this ZeRO stage / precision.
 
-    Call it before loading the model, with the ZeRO stage of the built DeepSpeed config.
+    Call it before loading the model, with the stage of the built DeepSpeed config
+    (``ds_config["zero_optimization"]["stage"]``).
     """
     q = cfg.model.quantization
     if q == "none":
         return
     precision = cfg.deepspeed.precision
-    if precision == "fp16":
-        raise ConfigError(f"deepspeed.precision: fp16 cannot be combined with model.quantization={q}; "
-                          "use deepspeed.precision: fp32")
+    if precision == "fp16" or cfg.model.dtype == "float16":
+        key = "deepspeed.precision" if precision == "fp16" else "model.dtype"
+        raise ConfigError(f"{key}: fp16 cannot be combined with model.quantization={q}; use deepspeed.precision: "
+                          "fp32 with model.dtype: float32 or bfloat16")
     if precision == "bf16":
         raise ConfigError(f"deepspeed.precision: bf16 with model.quantization={q} would cast the NP components "
                           "(and nf4's packed weights) to bf16; use deepspeed.precision: fp32, with "
                           "model.dtype: bfloat16 for bf16 base compute")
-    if zero_stage not in SUPPORTED_ZERO_STAGES:
-        raise ConfigError(f"deepspeed.zero_stage: ZeRO-{zero_stage} cannot partition the bitsandbytes weights of "
-                          f"model.quantization={q}; set deepspeed.zero_stage: 2 (stages 0-2 are supported; the "
-                          "frozen quantised base is replicated, the NP optimizer state sharded)")
+    if zero_stage not in ZERO_STAGES[q]:
+        raise ConfigError(f"deepspeed.zero_stage: ZeRO-{zero_stage} cannot partition an int8 base (bitsandbytes "
+                          "keeps the whole int8 matrix on every rank); set deepspeed.zero_stage: 2, or use "
+                          "model.quantization: nf4 with ZeRO-3")
 
 
 @contextlib.contextmanager

@@ -27,6 +27,7 @@ from .metrics import MetricsWriter
 from .model import convert_model, load_base_model, load_tokenizer, npt_layers
 from .optim import build_param_groups, set_lr
 from .projector import LogitProjector
+from .quant import check_quantization_support
 from .schedules import difficulty_keep_at, kd_weight_at, lr_at, parse_curriculum
 from .train_module import NPTTrainModule, StepControls
 
@@ -63,6 +64,7 @@ class Trainer:
         self.ckpt_root = self.run_dir / "checkpoints"
         self.curriculum = parse_curriculum(cfg.schedule.curriculum or default_curriculum(cfg))
         self.ds_config = build_ds_config(cfg, self.world)
+        check_quantization_support(cfg, self.ds_config["zero_optimization"].get("stage", 0))  # before any loading
         torch.manual_seed(cfg.seed)
         self._hf_ds = None
         if self.ds_config["zero_optimization"].get("stage", 0) == 3:
@@ -88,6 +90,7 @@ class Trainer:
             found = re.fullmatch(r"\*layers\.(\d+)\.np\.\*(/no_decay)?", group["name"])
             group["layer"] = int(found[1]) if found else None
         self.engine, _, _, _ = deepspeed.initialize(model=self.module, model_parameters=groups, config=self.ds_config)
+        self.engine.train()  # load_base_model returns eval mode; bitsandbytes int8 computes differently there
         self.data = PackedBatches(cfg.data, self.tokenizer, self.rank, self.world, cfg.seed)
         self.eval_data = eval_batches(cfg.data, self.tokenizer, self.rank, self.world)
         self.metrics = MetricsWriter(self.run_dir, enabled=self.rank == 0, console=cfg.logging.console,

@@ -159,7 +159,11 @@ def load_base_model(cfg: ModelConfig, seed: int = 0) -> nn.Module:
     if cfg.quantization != "none":
         from transformers import AutoConfig
 
-        hf_config = AutoConfig.from_pretrained(str(directory), **({"gguf_file": gguf} if gguf else {}))
+        if gguf:  # transformers refuses a quantization_config together with gguf_file
+            raise ConfigError(f"model.quantization: {cfg.quantization} cannot re-quantise the GGUF file {gguf!r}; "
+                              "point model.path at an HF directory (or use path: smollm2)")
+
+        hf_config = AutoConfig.from_pretrained(str(directory))
         qcfg = quantization_config(cfg, dtype, hf_config)
         kwargs["quantization_config"] = qcfg
     model = AutoModelForCausalLM.from_pretrained(str(directory), **kwargs)

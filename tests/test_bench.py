@@ -1,0 +1,180 @@
+"""bench/: the two-pass reference equals the fused step; the benchmark entry points produce their results."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # bench/ is a top-level package next to npt_ds/, not installed
+    sys.path.insert(0, str(ROOT))
+
+from bench.candidates import modulated_mlp_fast  # noqa: E402
+from bench.dist import parse_metrics, scan_trace_warnings  # noqa: E402
+from bench.micro import naive_modulated_mlp  # noqa: E402
+from bench.run import build_parser, resolve, run_section  # noqa: E402
+from bench.step import StepBench, run_step  # noqa: E402
+from bench.two_pass import capture_teacher, student_full_pass, two_pass_forward  # noqa: E402
+from npt_ds.config import LossConfig, NPTConfig  # noqa: E402
+from npt_ds.losses import NPTLoss  # noqa: E402
+from npt_ds.model import (Modulation, NPComponent, convert_model, np_named_parameters, modulated_mlp,  # noqa: E402
+                          set_mode, tiny_llama)
+from npt_ds.train_module import NPTTrainModule, StepControls  # noqa: E402
+
+
+def _converted(layers="2,3", **npt):
+    model = tiny_llama()
+    torch.manual_seed(1)
+    convert_model(model, NPTConfig(layers=layers, rank=8, **npt))
+    for _, p in np_named_parameters(model):  # move off the near-zero init so gradients are non-trivial
+        p.data.normal_(std=0.05)
+    return model
+
+
+def _loss_and_grads(model, fn):
+    params = [p for _, p in np_named_parameters(model)]
+    for p in params:
+        p.grad = None
+    loss = fn()
+    loss.backward()
+    grads = [p.grad.detach().clone() for p in params]
+    for p in params:
+        p.grad = None
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize("npt", [{}, {"num_ranks": 2, "dual": True, "multiplicative": True}])
+def test_two_pass_reference_matches_fused_step(npt):
+    model = _converted(**npt)
+    loss_fn = NPTLoss(LossConfig(), 2)
+    module = NPTTrainModule(model, loss_fn)
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    ref_loss, ref_grads = _loss_and_grads(model, lambda: module(ids, StepControls())[0])
+    for forward in (two_pass_forward, student_full_pass):
+        loss, grads = _loss_and_grads(model, lambda f=forward: loss_fn(f(model, ids))[0])
+        assert torch.allclose(loss, ref_loss, rtol=1e-5, atol=1e-7), (forward.__name__, loss, ref_loss)
+        for g, r in zip(grads, ref_grads):
+            assert r.abs().max() > 0
+            assert torch.allclose(g, r, rtol=1e-4, atol=1e-6 * float(r.abs().max())), forward.__name__
+
+
+def test_teacher_capture_targets_are_layer_residual_updates():
+    model = _converted()
+    ids = torch.randint(0, 256, (1, 16))
+    captured, attn_kwargs = capture_teacher(model, ids)
+    assert sorted(captured) == [2, 3] and "position_embeddings" in attn_kwargs
+    assert all(layer.mode == "student" for layer in model.model.layers[2:])  # mode restored
+    set_mode(model, "teacher")
+    with torch.no_grad():
+        hidden = model.model(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states
+    set_mode(model, "student")
+    assert torch.equal(captured[2][0], hidden[2]) and torch.equal(captured[2][1], hidden[3])
+    assert torch.equal(captured[2][1], captured[3][0])
+
+
+@pytest.mark.parametrize("k,dual,mult", [(1, False, False), (4, False, False), (1, True, True), (3, True, False)])
+def test_candidate_and_naive_mlps_match_modulated_mlp(k, dual, mult):
+    from transformers.models.llama.modeling_llama import LlamaConfig, LlamaMLP
+
+    torch.manual_seed(k)
+    d, f, T = 12, 20, 5
+    mlp = LlamaMLP(LlamaConfig(hidden_size=d, intermediate_size=f, hidden_act="silu", num_attention_heads=2,
+                               num_key_value_heads=2)).double()
+    comp = NPComponent(d, f, rank=4, num_ranks=k, dual=dual, multiplicative=mult, init_std_b=0.3,
+                       init_std_a=0.3, init_std_down=0.3).double()
+    if comp.W_m is not None:
+        nn.init.normal_(comp.W_m, std=0.5)
+    x, attn = torch.randn(2, T, d, dtype=torch.float64), torch.randn(2, T, d, dtype=torch.float64)
+    mod = Modulation(*comp(attn))
+    want = modulated_mlp(mlp, x, mod, 0.1)
+    assert torch.allclose(modulated_mlp_fast(mlp, x, mod, 0.1), want, atol=1e-12)
+    if not (dual or mult):
+        assert torch.allclose(naive_modulated_mlp(mlp, x, mod, 0.1), want, atol=1e-12)
+
+
+def _opts(*args):
+    return resolve(build_parser().parse_args(list(args)))
+
+
+def test_micro_quick_produces_results(tmp_path):
+    opts = _opts("--only", "micro", "--quick", "--repeats", "2", "--ks", "1,4", "--micro-tokens", "32",
+                 "--naive-tokens", "2", "--inner", "1", "--out", str(tmp_path))
+    res = run_section("micro", opts)
+    assert {"config", "rows", "ratios", "targets", "env", "name", "wall_s"} <= set(res)
+    variants = {r["variant"] for r in res["rows"]}
+    assert {"plain", "npt_k1", "npt_k4", "npt_frozen_in_k1", "npt_fast_k1", "naive_k1", "npt_k1@2"} <= variants
+    for row in res["rows"]:
+        assert row["tokens_per_s"] > 0 and row["ms_median"] > 0 and row["alloc_peak_mb"] >= 0 and row["gflop"] > 0
+    assert {"npt_k1/plain", "npt_k4/plain", "naive_k1/npt_k1@2"} <= set(res["ratios"])
+    assert set(res["ratios"]["npt_k1/plain"]) == {"of_medians", "paired_median", "of_minima"}
+    assert res["ratios"]["naive_k1_max_abs_err_vs_fused"] < 1e-4
+    assert set(res["targets"]) == {"modulated_mlp_k1_vs_plain", "naive_vs_fused_k1"}
+    assert res["targets"]["modulated_mlp_k1_vs_plain"]["value"] > 0
+    # the CLI path writes the same dict as JSON
+    from bench.common import write_results
+
+    path = write_results(res["name"], res, opts.out)
+    assert path.name == "micro-quick.json" and json.loads(path.read_text())["targets"]
+
+
+def test_step_bench_on_tiny_model():
+    opts = _opts("--only", "step", "--shape", "tiny", "--seq", "16", "--repeats", "2", "--no-rss-probe")
+    res = run_step(opts)
+    assert [r["variant"] for r in res["rows"]] == ["fused", "two_pass", "two_pass_full", "plain", "teacher_fwd"]
+    assert res["breakdown_s"]["teacher_forward"] > 0
+    for name, eq in res["equivalence"].items():
+        assert eq["rel_diff"] < 1e-5 and eq["grad_max_rel_diff"] < 1e-3, name
+    assert {"fused/two_pass", "fused/plain"} <= set(res["ratios"])
+    assert res["ratios"]["fused/two_pass"]["flops"] < 1.0  # the fused step does strictly less work
+    assert set(res["targets"]) == {"fused_vs_two_pass_throughput", "fused_vs_plain_cost"}
+    bench = StepBench(opts)
+    before = [p.detach().clone() for p in bench.params]
+    bench.fused_step()
+    assert any(not torch.equal(a, p) for a, p in zip(before, bench.params))  # Adam really stepped
+
+
+def test_dist_log_and_metrics_parsing(tmp_path):
+    log = ("eval @ step 0: ppl\n\rstep      1/3 [#] loss 1 10 tok/s ETA x\r"
+           "step      2/3 [#] loss 1 12 tok/s ETA x\nInvalidate trace cache @ step 7: expected module 3, but got 4\n"
+           "\rstep      3/3 [#] loss 1 12 tok/s ETA x\nInvalidate trace cache @ step 531 and module 3: cache has only\n")
+    scan = scan_trace_warnings(log)
+    assert scan == {"invalidations": 2, "by_train_step": {3: 1, 4: 1}}
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("\n".join(json.dumps(r) for r in [
+        {"event": "start", "step": 0},
+        *({"event": "train", "step": s, "tokens_per_s": 100.0 * s, "loss/total": 1.0 / s} for s in (1, 2, 3, 4)),
+    ]))
+    m = parse_metrics(metrics, warmup=2)
+    assert m["steady_steps"] == 2 and m["tokens_per_s_median"] == 350.0 and m["loss_first"] == 1.0
+
+
+def test_cli_rejects_unknown_section_and_big_shape_on_cpu():
+    with pytest.raises(SystemExit):
+        _opts("--only", "micro,bogus")
+    from bench.models import build_model
+
+    opts = _opts("--only", "step", "--shape", "llama-3.1-8b")
+    with pytest.raises(SystemExit, match="num-layers"):
+        build_model(opts)
+
+
+def test_no_mask_sync_patch_keeps_the_fused_loss():
+    """The recommended fused.py change (create_causal_mask without position_ids) changes no number."""
+    import npt_ds.model.fused as fused_mod
+    from bench.dist_worker import patch_no_mask_sync
+
+    model = _converted()
+    module = NPTTrainModule(model, NPTLoss(LossConfig(), 2))
+    ids = torch.randint(0, 256, (2, 24))
+    want = module(ids, StepControls())[0]
+    saved = fused_mod.create_causal_mask
+    try:
+        patch_no_mask_sync()
+        got = module(ids, StepControls())[0]
+    finally:
+        fused_mod.create_causal_mask = saved
+    assert torch.equal(got, want)
