@@ -37,8 +37,10 @@ def fused_forward(model: nn.Module, input_ids: torch.Tensor, *, mixing_ratio: fl
     with torch.no_grad():
         embeds = inner.embed_tokens(input_ids)
         position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+        # position_ids=None: our windows are never packed, and passing them makes transformers check
+        # for packed sequences with a host sync every step
         mask = create_causal_mask(config=inner.config, inputs_embeds=embeds, attention_mask=None,
-                                  past_key_values=None, position_ids=position_ids)
+                                  past_key_values=None, position_ids=None)
         position_embeddings = inner.rotary_emb(embeds, position_ids=position_ids)
     attn_kwargs = dict(attention_mask=mask, position_ids=position_ids,
                        position_embeddings=position_embeddings)
