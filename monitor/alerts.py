@@ -233,7 +233,7 @@ class OscillationDetector(_Detector):
         rev, smoothed = self.reversals, self.smoothed
         ema, n, d, extreme, active, last_hit = self.ema, self.n, self.direction, self.extreme, self.active, self.last_hit
         push, drop = smoothed.append, rev.popleft
-        for i, loss in batch.train_finite(cfg.loss_key):
+        for i, loss in zip(*batch.train_finite_columns(cfg.loss_key)):
             s = loss if ema is None else a * loss + (1.0 - a) * ema
             ema = s
             n += 1
@@ -301,7 +301,7 @@ class PlateauDetector(_Detector):
         half = self.half
         older, newer = self.older, self.newer
         min_dec = self.cfg.plateau_min_rel_decrease
-        for i, loss in batch.train_finite(self.cfg.loss_key):
+        for i, loss in zip(*batch.train_finite_columns(self.cfg.loss_key)):
             newer.append(loss)
             self.sum_newer += loss
             if len(newer) > half:

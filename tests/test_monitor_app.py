@@ -317,3 +317,25 @@ def test_log_scale_toggle_and_zoom_shown_in_header(tmp_path):
         assert not any(p.log_y for p in app.query(MetricPlot))
 
     run_app(app, body)
+
+
+def test_backlog_is_shown_when_loaded_without_a_spinner_or_waiting_for_the_timer(tmp_path):
+    path = write_run(tmp_path / "m.jsonl", 1600)  # > 1 MiB: the tailer delivers it in several batches
+    assert path.stat().st_size > 1 << 20
+    app = make_app([path], poll_interval=0.03, refresh_interval=30.0)  # the refresh timer never fires here
+
+    async def body(pilot):
+        view = app.query_one(RunView)
+        state = view.run.state
+        covered = []
+
+        def loaded():
+            covered.append(view.loading)  # Textual's reactive: True would hide the view behind a spinner
+            return shown_step(app) == 1600 and all(p.version == state.version for p in view.query(MetricPlot))
+
+        await wait_for(pilot, loaded, what="the whole backlog on screen")
+        assert view.n_batches >= 2 and not view.backlog
+        assert not any(covered) and not list(app.query("LoadingIndicator"))
+        assert panel(app).border_title == "Alerts (0)" and header(app).info.lines == 1601
+
+    run_app(app, body)

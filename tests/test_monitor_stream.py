@@ -186,3 +186,114 @@ def test_synth_records_are_flat_json_objects_with_schema_keys():
     for r in recs:
         assert all(not isinstance(v, (dict, list)) for v in r.values())
         json.dumps(r)
+
+
+# -- bulk decoding and columnar extraction ------------------------------------------
+
+#: lines that are corrupt on their own; some of them would merge into valid JSON
+#: with their neighbours if lines were naively joined with commas
+TRICKY_LINES = [
+    '{"step": 1500, "loss',  # truncated
+    '{"a": 1},{"b": 2}',  # two objects on one line
+    '{"c": [["x"',  # these two form one object when joined...
+    '"y"]]}',
+    '{"c": {"d": 1}',  # ...and so do these two
+    '{"e": 1}}',
+    '{"a": "x},{',  # a string swallowing the separator
+    '{", "b": 1}',
+    "",
+    "garbage",
+    "[1, 2]",
+    '{"s": "[not an array]", "loss/total": 3.0}',  # valid, but has brackets
+    ' {"lead": 1}',  # valid, leading space
+    '{"x": null, "loss/total": null, "note": "n/a"}',
+]
+
+
+def _fingerprint_parse(result):
+    batch, corrupt = result
+    return repr(batch.records), batch.line_nos, batch.maybe_nonfinite, [(c.line_no, c.reason) for c in corrupt]
+
+
+def _fingerprint_run(run):
+    st = run.state
+    return {
+        "series": {
+            k: (list(s.xs), list(s.ys), s.stride, s.count, s.last_x, repr(s.last_y)) for k, s in st.series.items()
+        },
+        "latest": {k: repr(v) for k, v in st.latest.items()},
+        "strings": st.strings,
+        "events": st.events,
+        "counts": (st.n_lines, st.n_records, st.corrupt_count, st.step, st.total_steps, st.first_time, st.last_time),
+        "corrupt": [(c.line_no, c.reason) for c in st.corrupt_samples],
+        "alerts": [(a.step, a.kind, a.message, a.line_no) for a in run.alerts],
+    }
+
+
+def _faulty_lines():
+    lines = synth_lines(3000, eval_every=250, nan_at={700}, kl_at={1200: 9.5}, n_layers=2, end=True)
+    for k, bad in enumerate(TRICKY_LINES):  # corrupt lines in the middle of the run
+        lines.insert(1000 + 97 * k, bad)
+    return lines
+
+
+def test_bulk_and_per_line_parsing_give_identical_batches_and_models(monkeypatch):
+    import monitor.stream as stream
+    from monitor.run import Run
+
+    lines = _faulty_lines()
+    assert _fingerprint_parse(parse_lines(lines, 5)) == _fingerprint_parse(parse_lines(lines, 5, bulk=False))
+    for bulk_lines in (7, 64):  # blocks that start and end anywhere around the bad lines
+        monkeypatch.setattr(stream, "BULK_LINES", bulk_lines)
+        assert _fingerprint_parse(parse_lines(lines)) == _fingerprint_parse(parse_lines(lines, bulk=False))
+    monkeypatch.undo()
+
+    models = []
+    for bulk in (True, False):
+        run = Run("/runs/x/metrics.jsonl", max_points=256)  # small cap: the stride doubling runs too
+        for i in range(0, len(lines), 500):
+            run.ingest(*parse_lines(lines[i : i + 500], i + 1, bulk=bulk))
+        models.append(_fingerprint_run(run))
+    assert models[0] == models[1]
+    assert models[0]["counts"][2] == 10  # the corrupt lines (not the blank one nor the 3 valid ones)
+    assert {a[1] for a in models[0]["alerts"]} >= {"nonfinite", "skipped", "kl_high"}
+
+
+def test_bulk_decoding_uses_few_json_calls_and_stays_local_around_a_bad_line(monkeypatch):
+    import monitor.stream as stream
+
+    calls = []
+    decode = stream._decode
+    monkeypatch.setattr(stream, "_decode", lambda text: calls.append(text) or decode(text))
+    lines = synth_lines(3000)
+    parse_lines(lines)
+    assert len(calls) == -(-len(lines) // stream.BULK_LINES)  # one call per block
+    calls.clear()
+    lines.insert(1500, '{"step": 1500, "loss')
+    batch, corrupt = parse_lines(lines)
+    assert [c.line_no for c in corrupt] == [1501] and len(batch) == len(lines) - 1
+    assert len(calls) <= -(-len(lines) // stream.BULK_LINES) + 3
+
+
+def test_batch_columns_match_per_record_lookups():
+    recs = [
+        {"step": 1, "a": 1.0, "b": 2.0},
+        {"step": 2, "a": 1.5, "b": 2.5},
+        {"step": 3, "b": 3.0, "a": 1.0},  # same keys, other order
+        {"step": 4, "a": None, "c": 1.0},  # same number of keys, not the same keys
+        {"step": 5, "event": "eval", "eval/loss": 2.0},
+        {},
+        {"step": 6, "a": 2.0, "b": "text"},
+    ]
+    for records in (recs, recs * 50, [{"k": i, f"x{i % 3}": i} if i % 2 else {"k": i} for i in range(300)]):
+        batch = Batch.from_dicts(records).prepare(None)
+        keys = set().union(*records)
+        assert batch.keys() == keys
+        for key in keys | {"absent"}:
+            assert batch.column(key) == [o.get(key) for o in records], key
+            xs, xs_d, vals = batch.present(key)
+            have = [i for i, o in enumerate(records) if key in o]
+            assert vals == [records[i][key] for i in have] and xs == [batch.steps[i] for i in have]
+            assert list(xs_d) == [float(x) for x in xs]
+        idx, vals = batch.train_finite_columns("a")
+        assert batch.train_finite("a") == list(zip(idx, vals))

@@ -51,7 +51,9 @@ class RunView(Vertical):
         self._shown_lines = 0
         self._shown_view: tuple | None = None
         self.n_batches = 0
-        self.loading = False  # a big backlog is being read: plots refresh at most every LOADING_PLOT_INTERVAL
+        # a big backlog is being read: plots refresh at most every LOADING_PLOT_INTERVAL
+        # (not ``loading``: that is Textual's reactive that covers the widget with a spinner)
+        self.backlog = False
         self._last_full = 0.0
 
     # -- composition ---------------------------------------------------------------
@@ -93,9 +95,12 @@ class RunView(Vertical):
             batch = message.batch
             self.run.apply(batch)
             self.n_batches += 1
-            self.loading = batch.more
+            finished = self.backlog and not batch.more
+            self.backlog = batch.more
             if batch.reset:
                 self.notify(f"{self.run.path.name} was {batch.reason}: reloaded", severity="warning", timeout=4)
+            if finished or self.n_batches == 1:
+                self.refresh_view()  # the first data / the whole backlog: show it now, not at the next tick
         finally:
             if self.tailer is not None:
                 self.tailer.done()
@@ -146,7 +151,7 @@ class RunView(Vertical):
         header.info = state.header(waiting=not self.run.exists)
         header.n_alerts = len(self.run.alerts)
         now = time.monotonic()
-        if self.loading and not force and now - self._last_full < LOADING_PLOT_INTERVAL:
+        if self.backlog and not force and now - self._last_full < LOADING_PLOT_INTERVAL:
             self._shown_version = -1  # header is current; plots/table catch up later
             return
         self._last_full = now
