@@ -7,6 +7,7 @@ with `.item()` on log steps only).  Checkpoints, evaluation and the metric strea
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import re
@@ -30,6 +31,26 @@ from .projector import LogitProjector
 from .quant import check_quantization_support
 from .schedules import difficulty_keep_at, kd_weight_at, lr_at, parse_curriculum
 from .train_module import NPTTrainModule, StepControls
+
+
+@contextlib.contextmanager
+def zero3_construction(ds_config: dict):
+    """Under ZeRO-3, transformers builds/loads the base partitioned while an HfDeepSpeedConfig is alive.
+
+    Scoped to model construction: a global left behind would make every later model in the process
+    (tests, eval tools) silently build as ZeRO-3 placeholders.
+    """
+    if ds_config["zero_optimization"].get("stage", 0) != 3:
+        yield
+        return
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    keep = HfDeepSpeedConfig(ds_config)  # noqa: F841 - transformers holds only a weak reference
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()
 
 
 def default_curriculum(cfg: TrainConfig) -> str:
@@ -66,13 +87,9 @@ class Trainer:
         self.ds_config = build_ds_config(cfg, self.world)
         check_quantization_support(cfg, self.ds_config["zero_optimization"].get("stage", 0))  # before any loading
         torch.manual_seed(cfg.seed)
-        self._hf_ds = None
-        if self.ds_config["zero_optimization"].get("stage", 0) == 3:
-            from transformers.integrations import HfDeepSpeedConfig
-
-            self._hf_ds = HfDeepSpeedConfig(self.ds_config)  # from_pretrained builds partitioned under ZeRO-3
         self.tokenizer = load_tokenizer(cfg.model)
-        model = load_base_model(cfg.model, seed=cfg.seed)
+        with zero3_construction(self.ds_config):
+            model = load_base_model(cfg.model, seed=cfg.seed)
         self.layer_indices = convert_model(model, cfg.npt)
         if cfg.model.activation_checkpointing:
             for layer in npt_layers(model):
