@@ -31,8 +31,9 @@ demo: setup        ## train NPT on SmolLM2-135M + Shakespeare, 2 CPU ranks, ZeRO
 	PATH=$(abspath $(VENV))/bin:$$PATH PYTHON=$(abspath $(PY)) bash launch/train_local.sh configs/smollm2_demo.yaml \
 	    $(if $(MODE),schedule.mode=$(MODE) logging.run_dir=runs/demo-$(MODE)) $(ARGS)
 
-bench: setup       ## micro, step and distributed benchmarks -> bench/results/*.json
+bench: setup       ## micro, step and distributed benchmarks + monitor load/tail -> bench/results/*.json
 	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m bench.run $(ARGS)
+	$(PY) bench/monitor_bench.py --out bench/results/monitor.json
 
 monitor: setup     ## watch the demo run
 	$(VENV)/bin/npt-monitor runs/demo

@@ -256,6 +256,10 @@ def format_table(rows: list[dict], columns: list[tuple[str, str, str]], title: s
     return "\n".join(out)
 
 
-def target(value: float | None, threshold: float, op: str, description: str) -> dict:
-    met = None if value is None else (value <= threshold if op == "<=" else value >= threshold)
+def target(value: float | None, threshold: float | None, op: str, description: str) -> dict:
+    """A target check; threshold None = a value that is reported, not judged."""
+    if value is None or threshold is None:
+        met = None
+    else:
+        met = value <= threshold if op == "<=" else value >= threshold
     return {"description": description, "value": value, "threshold": threshold, "op": op, "met": met}

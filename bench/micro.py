@@ -179,8 +179,8 @@ def print_micro(res: dict) -> str:
     if any("mfu" in r for r in res["rows"]):
         cols.append(("MFU", "mfu", ".3f"))
     c = res["config"]
-    lines = [format_table(res["rows"], cols, f"== micro: MLP fwd+bwd, d {c['d']}, d_ffn {c['d_ffn']}, rank {c['rank']}, "
-                                              f"{c['dtype']} on {c['device']}")]
+    title = f"== micro: MLP fwd+bwd, d {c['d']}, d_ffn {c['d_ffn']}, rank {c['rank']}, {c['dtype']} on {c['device']}"
+    lines = [format_table(res["rows"], cols, title)]
     lines.append("ratios (time num/den): " + "; ".join(
         f"{k} = {v['paired_median']:.3f} (medians {v['of_medians']:.3f})" if isinstance(v, dict) else f"{k} = {v:.2e}"
         for k, v in res["ratios"].items()))

@@ -44,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(args.steps):
         step()
     peak = peak_rss_mb()
-    print(json.dumps({"rss_loaded_mb": round(rss_loaded, 1), "rss_setup_mb": round(base, 1), "peak_rss_mb": round(peak, 1),
+    print(json.dumps({"rss_loaded_mb": round(rss_loaded, 1), "rss_setup_mb": round(base, 1),
+                      "peak_rss_mb": round(peak, 1),
                       "rss_delta_mb": round(peak - base, 1) if resettable else None,
                       "rss_method": "VmHWM after clear_refs" if resettable else "ru_maxrss (not resettable)"}))
     return 0

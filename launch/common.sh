@@ -6,6 +6,10 @@ PYTHON="${PYTHON:-python}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"   # one thread per rank: oversubscription on small CPUs is 5x slower
 export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"
 
+# DeepSpeed compiles its shm_comm op once per torch build; a cache per interpreter keeps checkouts
+# with different venvs from rebuilding each other's copy on every launch (40-90 s each).
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$HOME/.cache/torch_extensions/venv-$("$PYTHON" -c 'import hashlib, sys; print(hashlib.sha1(sys.prefix.encode()).hexdigest()[:10])')}"
+
 free_port() { "$PYTHON" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
 need_config() {

@@ -27,12 +27,12 @@ def init_distributed() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def any_rank_true(flag: bool) -> bool:
-    """True on every rank if `flag` is true on any rank (one 1-element all-reduce)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=_device())
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+def any_rank_true(flag: bool | torch.Tensor) -> bool:
+    """True on every rank if `flag` is true on any rank: one 1-element all-reduce, one host read."""
+    t = flag.detach().reshape(1).float() if torch.is_tensor(flag) else \
+        torch.tensor([1.0 if flag else 0.0], device=_device())
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)
 
 

@@ -100,9 +100,21 @@ def _opts(*args):
     return resolve(build_parser().parse_args(list(args)))
 
 
-def test_micro_quick_produces_results(tmp_path):
+@pytest.fixture
+def keep_threads(monkeypatch):
+    """run_section pins torch/OMP threads; restore them for the rest of the session."""
+    import os
+
+    for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.setenv(key, os.environ.get(key, "1"))
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def test_micro_quick_produces_results(tmp_path, keep_threads):
     opts = _opts("--only", "micro", "--quick", "--repeats", "2", "--ks", "1,4", "--micro-tokens", "32",
-                 "--naive-tokens", "2", "--inner", "1", "--out", str(tmp_path))
+                 "--naive-tokens", "2", "--inner", "1", "--threads", "1", "--out", str(tmp_path))
     res = run_section("micro", opts)
     assert {"config", "rows", "ratios", "targets", "env", "name", "wall_s"} <= set(res)
     variants = {r["variant"] for r in res["rows"]}
@@ -140,7 +152,8 @@ def test_step_bench_on_tiny_model():
 def test_dist_log_and_metrics_parsing(tmp_path):
     log = ("eval @ step 0: ppl\n\rstep      1/3 [#] loss 1 10 tok/s ETA x\r"
            "step      2/3 [#] loss 1 12 tok/s ETA x\nInvalidate trace cache @ step 7: expected module 3, but got 4\n"
-           "\rstep      3/3 [#] loss 1 12 tok/s ETA x\nInvalidate trace cache @ step 531 and module 3: cache has only\n")
+           "\rstep      3/3 [#] loss 1 12 tok/s ETA x\n"
+           "Invalidate trace cache @ step 531 and module 3: cache has only\n")
     scan = scan_trace_warnings(log)
     assert scan == {"invalidations": 2, "by_train_step": {3: 1, 4: 1}}
     metrics = tmp_path / "metrics.jsonl"
