@@ -126,7 +126,7 @@ def run_micro(opts) -> dict:
             ncases[f"naive_k{k}"] = Case("naive", mlp, naive_tokens, d, device, dtype, k=k, rank=rank)
             ncases[f"npt_k{k}@{naive_tokens}"] = Case("npt", mlp, naive_tokens, d, device, dtype, k=k, rank=rank)
         for k in ks:  # the naive path really computes the same function
-            a, b = ncases[f"naive_k{k}"], ncases[f"npt_k{k}@{naive_tokens}"]
+            a = ncases[f"naive_k{k}"]
             with torch.no_grad():
                 ref = modulated_mlp(mlp, a.x, Modulation(*a.comp(a.attn)), 0.1)
                 err = (a.forward() - ref).abs().max().item()

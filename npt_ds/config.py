@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -230,7 +231,7 @@ def _positive(key: str, value: int) -> None:
 def _coerce(key: str, value: Any, annotation: Any) -> Any:
     """Check a YAML value against a dataclass field annotation (ints widen to floats)."""
     origin = typing.get_origin(annotation)
-    allowed = typing.get_args(annotation) if origin in (typing.Union, getattr(__import__("types"), "UnionType")) else (annotation,)
+    allowed = typing.get_args(annotation) if origin in (typing.Union, types.UnionType) else (annotation,)
     for typ in allowed:
         if typ is type(None) and value is None:
             return None

@@ -224,13 +224,6 @@ def load_shape(path: str, tiny_overrides: dict | None = None) -> ModelShape:
                       f"{', '.join(list_presets())}")
 
 
-def parse_layers(spec: str | int | list, num_layers: int) -> list[int]:
-    """``npt.layers`` -> sorted indices, via :func:`npt_ds.model.convert.parse_layer_spec`."""
-    from .model.convert import parse_layer_spec
-
-    return parse_layer_spec(spec, num_layers)
-
-
 def np_params_per_layer(d_model: int, d_ffn: int, rank: int, num_ranks: int, *, dual: bool = False,
                         multiplicative: bool = False) -> int:
     """NP component of one layer: W_down (d, r) + W_a_up (r, k, d) + W_b_up (r, k, f)
@@ -680,7 +673,9 @@ def inputs_from_config(cfg: TrainConfig, *, nodes: int, gpus_per_node: int, gpu_
     teacher = None
     if cfg.model.teacher_path:
         teacher = load_shape(cfg.model.teacher_path, cfg.model.teacher_tiny)
-    layers = tuple(parse_layers(cfg.npt.layers, shape.num_layers))
+    from .model.convert import parse_layer_spec  # lazy: torch/transformers only when planning
+
+    layers = tuple(parse_layer_spec(cfg.npt.layers, shape.num_layers))
     repo_root = Path(__file__).resolve().parent.parent
     ds = read_deepspeed_knobs(cfg.deepspeed.config, [repo_root])
     stage = next(s for s in (zero_stage, cfg.deepspeed.zero_stage, ds.stage, 3) if s is not None)

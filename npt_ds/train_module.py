@@ -19,6 +19,7 @@ from .projector import LogitProjector
 class StepControls:
     """What the schedules decide for one step."""
 
+    stage: str = "teacher"  # curriculum stage name (for logging)
     mixing_ratio: float = 0.0
     kd_weight: float = 0.0
     difficulty_keep: float = 1.0

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import list_steps, load_checkpoint, resolve_resume, save_checkpoint
-from .config import ConfigError, TrainConfig
+from .config import ConfigError, ModelConfig, TrainConfig
 from .data import PackedBatches, eval_batches
 from .distributed import any_rank_true, barrier, init_distributed
 from .ds_config import build_ds_config
@@ -144,8 +144,6 @@ class Trainer:
         cfg = self.cfg
         if not cfg.model.teacher_path:
             return None, None
-        from .config import ModelConfig
-
         tcfg = ModelConfig(path=cfg.model.teacher_path, dtype=cfg.model.dtype, tiny=cfg.model.teacher_tiny)
         teacher = load_base_model(tcfg, seed=cfg.seed + 1)
         for p in teacher.parameters():
@@ -226,8 +224,7 @@ class Trainer:
         inject = cfg.inject_nan
         poison = bool(inject) and step == inject.get("step", 0) and self.rank == inject.get("rank", 0) \
             and self._poison_left > 0
-        self._stage = stage
-        return StepControls(mixing_ratio=ratio, kd_weight=kd, difficulty_keep=keep, student_stream=student_stream,
+        return StepControls(stage=stage, mixing_ratio=ratio, kd_weight=kd, difficulty_keep=keep, student_stream=student_stream,
                             want_logits=needs_logits, poison=poison, active_layers=self.active_layers(step))
 
     def active_layers(self, step: int) -> tuple[int, ...] | None:
@@ -294,7 +291,7 @@ class Trainer:
         per_step = (now - t0) / max(self.step - start_step, 1)
         eta = per_step * (cfg.schedule.total_steps - self.step)
         record = {"step": self.step, "event": "train", "lr": self._lr,
-                  "kd/weight": self._controls.kd_weight, "curriculum/stage": self._stage,
+                  "kd/weight": self._controls.kd_weight, "curriculum/stage": self._controls.stage,
                   "curriculum/mixing_ratio": self._controls.mixing_ratio, "tokens_per_s": round(tps, 2),
                   "eta_s": round(eta, 1), "skipped_steps": self.skipped, "tokens": self.tokens_seen}
         if self._controls.active_layers is not None:
@@ -307,7 +304,7 @@ class Trainer:
         self.log_buffer, self.log_count = {}, 0
         self.metrics.log(record)
         self.metrics.progress(self.step, cfg.schedule.total_steps, record.get("loss/total", math.nan), tps, eta,
-                              f"[{self._stage}]")
+                              f"[{self._controls.stage}]")
 
     def run_eval(self) -> dict:
         self.engine.eval()

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from npt_ds.config import ConfigError, TrainConfig, config_from_dict, load_config
+from npt_ds.config import ConfigError, config_from_dict, load_config
 from npt_ds.data import PackedBatches
 from npt_ds.ds_config import build_ds_config
 from npt_ds.hostfile import HostfileError, check_hostfile

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..config import NPTConfig
-from .convert import convert_model, decoder_layers, np_named_parameters, npt_layers, set_mode
+from .convert import convert_model, np_named_parameters, npt_layers, set_mode
 from .np_component import Modulation
 from .npt_layer import NPTDecoderLayer
 
@@ -135,5 +135,3 @@ def fold_context(model: nn.Module, input_ids: torch.Tensor, positions: list[int]
             result[layer.layer_idx] = mod
     return result
 
-
-__all__ = ["save_np_weights", "load_np_weights", "fold_modulation", "fold_context", "decoder_layers"]

@@ -33,7 +33,7 @@ class ByteTokenizer:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
 
-def tiny_llama_config(overrides: dict | None = None, seed: int = 0):
+def tiny_llama_config(overrides: dict | None = None):
     from transformers import LlamaConfig
 
     params = {**TINY_DEFAULTS, **(overrides or {})}
