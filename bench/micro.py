@@ -8,7 +8,8 @@ random output gradient.  Two gradient settings are measured:
                       the plain MLP's job plus the modulation, the like-for-like comparison (target).
 * ``npt_frozen_in``-- the same with x and attn constants (single-layer training: the teacher state
                       carries no gradient, so only the NP params need one).
-* ``npt_fast``     -- ``npt`` with bench/candidates.py's modulated_mlp (recommended change), if enabled.
+* ``npt_vectors``  -- the formulation before the factored one: v_a, v_b materialised per token, then
+                      gate += s Σ_k v_b,k (v_a,k·x) (:func:`vector_modulated_mlp`); shows what factoring saved.
 * ``naive``        -- materialises the per-token ΔW_g = s Σ_k v_b,k ⊗ v_a,k (T × d_ffn × d) and applies
                       (W_g + ΔW_g) x per token; small token counts only.  Compared with ``npt`` at the
                       same token count.
@@ -23,6 +24,19 @@ from npt_ds.model import Modulation, NPComponent, modulated_mlp
 from .common import alloc_peak_mb, count_flops, format_table, interleaved, ratio, resolve_dtype, stats, target
 
 SMOLLM2 = dict(d=576, d_ffn=1536, rank=64, heads=9, kv_heads=3)
+
+
+def vector_modulated_mlp(mlp: nn.Module, x: torch.Tensor, mod: Modulation, scale: float) -> torch.Tensor:
+    """gate = f ⊙ W_g x + s Σ_k v_b,k (v_a,k·x) from materialised per-token vectors (no ΔW)."""
+    coef = torch.einsum("...kd,...d->...k", mod.v_a, x.to(mod.v_a.dtype))
+    gate = mlp.gate_proj(x)
+    if mod.factor is not None:
+        gate = gate * mod.factor.to(gate.dtype)
+    gate = gate + (scale * torch.einsum("...k,...kf->...f", coef, mod.v_b)).to(gate.dtype)
+    up = mlp.up_proj(x)
+    if mod.v_c is not None:
+        up = up + (scale * torch.einsum("...k,...kf->...f", coef, mod.v_c)).to(up.dtype)
+    return mlp.down_proj(mlp.act_fn(gate) * up)
 
 
 def naive_modulated_mlp(mlp: nn.Module, x: torch.Tensor, mod: Modulation, scale: float) -> torch.Tensor:
@@ -56,11 +70,10 @@ class Case:
     """Inputs and a step function for one variant; `step()` is forward + backward."""
 
     def __init__(self, kind: str, mlp: nn.Module, tokens: int, d: int, device, dtype, k: int = 1,
-                 rank: int = 64, scale: float = 0.1, seed: int = 0, impl=None):
+                 rank: int = 64, scale: float = 0.1, seed: int = 0):
         self.kind, self.mlp, self.scale = kind, mlp, scale
-        self.impl = impl or modulated_mlp  # the fused implementation under test
         g = torch.Generator().manual_seed(seed)
-        grad_in = kind in ("plain", "npt", "naive")
+        grad_in = kind in ("plain", "npt", "npt_vectors", "naive")
         self.x = torch.randn(1, tokens, d, generator=g).to(device=device, dtype=dtype).requires_grad_(grad_in)
         self.attn = torch.randn(1, tokens, d, generator=g).to(device=device, dtype=dtype).requires_grad_(
             grad_in and kind != "plain")
@@ -75,10 +88,12 @@ class Case:
     def forward(self) -> torch.Tensor:
         if self.kind == "plain":
             return self.mlp(self.x)
+        if self.kind in ("npt", "npt_frozen_in"):
+            return modulated_mlp(self.mlp, self.x, self.comp, self.attn, self.scale)[0]
         mod = Modulation(*self.comp(self.attn))
         if self.kind == "naive":
             return naive_modulated_mlp(self.mlp, self.x, mod, self.scale)
-        return self.impl(self.mlp, self.x, mod, self.scale)
+        return vector_modulated_mlp(self.mlp, self.x, mod, self.scale)
 
     def step(self) -> None:
         for t in self.leaves:
@@ -103,11 +118,7 @@ def run_micro(opts) -> dict:
     for k in ks:
         cases[f"npt_k{k}"] = Case("npt", mlp, tokens, d, device, dtype, k=k, rank=rank)
         cases[f"npt_frozen_in_k{k}"] = Case("npt_frozen_in", mlp, tokens, d, device, dtype, k=k, rank=rank)
-        if opts.candidates:  # bench/candidates.py: the recommended modulated_mlp change
-            from .candidates import modulated_mlp_fast
-
-            cases[f"npt_fast_k{k}"] = Case("npt", mlp, tokens, d, device, dtype, k=k, rank=rank,
-                                           impl=modulated_mlp_fast)
+        cases[f"npt_vectors_k{k}"] = Case("npt_vectors", mlp, tokens, d, device, dtype, k=k, rank=rank)
     times = interleaved({n: c.step for n, c in cases.items()}, opts.repeats, inner=opts.inner,
                         warmup=2, device=device, best_of=opts.best_of)
     for name, case in cases.items():
@@ -115,9 +126,7 @@ def run_micro(opts) -> dict:
     for k in ks:
         result["ratios"][f"npt_k{k}/plain"] = ratio(times, f"npt_k{k}", "plain")
         result["ratios"][f"npt_frozen_in_k{k}/plain"] = ratio(times, f"npt_frozen_in_k{k}", "plain")
-        if f"npt_fast_k{k}" in times:
-            result["ratios"][f"npt_fast_k{k}/plain"] = ratio(times, f"npt_fast_k{k}", "plain")
-            result["ratios"][f"npt_fast_k{k}/npt_k{k}"] = ratio(times, f"npt_fast_k{k}", f"npt_k{k}")
+        result["ratios"][f"npt_k{k}/npt_vectors_k{k}"] = ratio(times, f"npt_k{k}", f"npt_vectors_k{k}")
 
     # --- group 2: naive per-token ΔW vs fused, small token count
     if naive_tokens:
@@ -128,7 +137,7 @@ def run_micro(opts) -> dict:
         for k in ks:  # the naive path really computes the same function
             a = ncases[f"naive_k{k}"]
             with torch.no_grad():
-                ref = modulated_mlp(mlp, a.x, Modulation(*a.comp(a.attn)), 0.1)
+                ref = modulated_mlp(mlp, a.x, a.comp, a.attn, 0.1)[0]
                 err = (a.forward() - ref).abs().max().item()
             result["ratios"][f"naive_k{k}_max_abs_err_vs_fused"] = err
         ntimes = interleaved({n: c.step for n, c in ncases.items()}, max(3, opts.repeats // 2), inner=1,

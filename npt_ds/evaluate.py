@@ -1,4 +1,14 @@
-"""Held-out evaluation: base vs NPT perplexity and final-state fidelity from one fused forward."""
+"""Held-out evaluation: base vs NPT perplexity, final-state fidelity and per-layer fidelity.
+
+Per NPT layer i, two fixed protocols make start and end of a run comparable whatever the curriculum
+stage (a training step's ``layer/{i}/direct_mse`` depends on the stage's mixing ratio):
+
+* ``eval/layer/{i}/direct_mse_teacher_in`` -- the layer alone on the teacher's input (ρ = 0): how well
+  it imitates its teacher layer;
+* ``eval/layer/{i}/direct_mse_student_in`` -- inside the full NPT model (ρ = 1, every NPT layer
+  active): what inference sees, upstream NPT error included;
+* ``eval/layer/{i}/v_a_attn_sim`` -- :func:`npt_ds.losses.attn_alignment` on the teacher input.
+"""
 from __future__ import annotations
 
 import math
@@ -8,7 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .distributed import all_reduce_sum
+from .losses import attn_alignment, direct_mse
 from .model.fused import fused_forward
+from .model.np_component import NPExtras
 
 
 @torch.no_grad()
@@ -17,19 +29,47 @@ def evaluate(model: nn.Module, batches: list[torch.Tensor]) -> dict[str, float]:
 
     Sums are all-reduced, so every rank must call this with the same number of batches.
     """
-    nll_base = nll_npt = fid = 0.0
-    tokens = count = 0
+    sums: dict[str, torch.Tensor] = {}
+
+    def add(key: str, value: torch.Tensor) -> None:
+        sums[key] = sums.get(key, 0.0) + value.double()
+
     for ids in batches:
         out = fused_forward(model, ids, mixing_ratio=1.0, student_stream=True, want_logits=True)
         labels = ids[:, 1:].reshape(-1)
-        nll_base += F.cross_entropy(out.teacher_logits[:, :-1].flatten(0, 1).float(), labels, reduction="sum").item()
-        nll_npt += F.cross_entropy(out.student_logits[:, :-1].flatten(0, 1).float(), labels, reduction="sum").item()
-        fid += F.mse_loss(out.student_hidden.float(), out.teacher_hidden.float(), reduction="sum").item()
-        tokens += labels.numel()
-        count += out.student_hidden.numel()
-    nll_base, nll_npt, fid, tokens, count = all_reduce_sum([nll_base, nll_npt, fid, float(tokens), float(count)])
-    return {"eval/ppl_base": _ppl(nll_base / tokens), "eval/ppl_npt": _ppl(nll_npt / tokens),
-            "eval/fidelity_mse": fid / count, "eval/tokens": int(tokens)}
+        add("nll_base", F.cross_entropy(out.teacher_logits[:, :-1].flatten(0, 1).float(), labels, reduction="sum"))
+        add("nll_npt", F.cross_entropy(out.student_logits[:, :-1].flatten(0, 1).float(), labels, reduction="sum"))
+        add("fid", F.mse_loss(out.student_hidden.float(), out.teacher_hidden.float(), reduction="sum"))
+        add("tokens", torch.tensor(labels.numel()))
+        add("count", torch.tensor(out.student_hidden.numel()))
+        add("batches", torch.tensor(1))
+        for layer in out.layers:
+            add(f"layer/{layer.index}/direct_mse_student_in", direct_mse(layer.student_out, layer.target))
+        for layer in fused_forward(model, ids, mixing_ratio=0.0, extras=NPExtras(vectors=True)).layers:
+            add(f"layer/{layer.index}/direct_mse_teacher_in", direct_mse(layer.student_out, layer.target))
+            add(f"layer/{layer.index}/v_a_attn_sim", attn_alignment(layer.v_a, layer.attn))
+    keys = sorted(sums)
+    total = dict(zip(keys, all_reduce_sum(torch.stack([sums[k] for k in keys]).tolist())))
+    result = {"eval/ppl_base": _ppl(total["nll_base"] / total["tokens"]),
+              "eval/ppl_npt": _ppl(total["nll_npt"] / total["tokens"]),
+              "eval/fidelity_mse": total["fid"] / total["count"], "eval/tokens": int(total["tokens"])}
+    result.update({f"eval/{k}": v / total["batches"] for k, v in total.items() if k.startswith("layer/")})
+    return result
+
+
+def layer_table(first: dict, last: dict) -> list[str]:
+    """Per-layer start -> end lines of the held-out layer metrics of two evaluations."""
+    layers = sorted({int(k.split("/")[2]) for k in last if k.startswith("eval/layer/")})
+    metrics = ("direct_mse_teacher_in", "direct_mse_student_in", "v_a_attn_sim")
+    lines = [f"{'layer':>5}  " + "  ".join(f"{m:>26}" for m in metrics)]
+    for i in layers:
+        cells = []
+        for m in metrics:
+            key = f"eval/layer/{i}/{m}"
+            a, b = first.get(key), last.get(key)
+            cells.append(f"{a:>11.4g} -> {b:<11.4g}" if a is not None and b is not None else f"{'-':>26}")
+        lines.append(f"{i:>5}  " + "  ".join(f"{c:>26}" for c in cells))
+    return lines
 
 
 def _ppl(mean_nll: float) -> float:

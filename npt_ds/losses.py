@@ -3,7 +3,8 @@
 ``total = Σ_name coef_name · a_name · term_name`` over the enabled terms (component key, coefficient):
 
 * ``loss/direct`` = Σ_i w_i · MSE(y_i, target_i) (:func:`direct_mse`); ``loss.direct_weight``.
-* ``loss/reg`` = mean over NPT layers of (mean v_a² + mean v_b²); ``loss.reg_lambda``.
+* ``loss/reg`` = mean over NPT layers of (mean v_a² + mean v_b²) (``LayerOutput.reg``, computed by the NP
+  component without forming the vectors); ``loss.reg_lambda``.
 * ``loss/fidelity`` = :func:`fidelity_loss` on hidden states / logits / both; ``loss.fidelity_weight``.
 * ``loss/kd`` = T² · KL(p_T ‖ p_S) (:func:`kd`; ``kd/kl`` is the KL before T²); the ``kd_weight``
   argument, i.e. the warmed-up α_kd from :func:`npt_ds.schedules.kd_weight_at`.  KD is enabled by
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from npt_ds.config import ConfigError, LossConfig
+from npt_ds.model.np_component import NPExtras
 from npt_ds.model.outputs import LayerOutput, NPTForwardOutput
 
 GUIDANCE = {  # component name -> LossConfig weight field
@@ -259,8 +261,8 @@ class NPTLoss(nn.Module):
     * ``reg``: uniform mean over the NPT layers of mean v_a² + mean v_b² (not layer-weighted).
     * guidance terms: uniform mean over the NPT layers.
     * per-layer diagnostics keyed by ``LayerOutput.index``: ``layer/{i}/direct_mse`` (raw MSE: unscaled,
-      unmasked), ``v_a_norm`` / ``v_b_norm`` (mean L2 norm over tokens and k), ``v_a_attn_sim`` (:func:`attn_alignment`)
-      (mean cosine of Σ_k v_a,k with the attention output).
+      unmasked) always; when the forward formed the vectors (log steps) also ``v_a_norm`` / ``v_b_norm``
+      (mean L2 norm over tokens and k) and ``v_a_attn_sim`` (:func:`attn_alignment`).
     * adaptive weighting (``loss.adaptive_weighting``) needs ``params`` while training; in eval mode
       the stored weights are used and not updated.  Its weights are logged as ``weight/<term>``.
     """
@@ -271,6 +273,12 @@ class NPTLoss(nn.Module):
         self.num_layers = num_layers
         self.layer_weights = parse_layer_weights(cfg.layer_weights, num_layers)
         self.adaptive = AdaptiveWeighter(cfg.adaptive_ema) if cfg.adaptive_weighting else None
+
+    def extras(self, diagnostics: bool) -> NPExtras:
+        """What the forward must add for these terms: the regulariser, and v_a itself for the guidance
+        terms or for the logged per-layer ``diagnostics``."""
+        guidance = any(getattr(self.cfg, field_name) > 0 for field_name in GUIDANCE.values())
+        return NPExtras(vectors=diagnostics or guidance, reg=self.cfg.reg_lambda > 0)
 
     def forward(self, out: NPTForwardOutput, kd_weight: float = 0.0, params: Sequence[torch.Tensor] | None = None,
                 difficulty_keep: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -287,7 +295,10 @@ class NPTLoss(nn.Module):
         if cfg.direct_weight > 0:
             terms["direct"], coefs["direct"] = self._direct(out.layers, difficulty_keep), cfg.direct_weight
         if cfg.reg_lambda > 0:
-            reg = torch.stack([np_regularization(layer.v_a, layer.v_b) for layer in out.layers]).mean()
+            if any(layer.reg is None for layer in out.layers):
+                raise ValueError("loss.reg_lambda > 0 needs each layer's regulariser; run the forward with "
+                                 "extras=loss.extras(...)")
+            reg = torch.stack([layer.reg for layer in out.layers]).mean()
             terms["reg"], coefs["reg"] = reg, cfg.reg_lambda
         if cfg.fidelity_weight > 0:
             terms["fidelity"], coefs["fidelity"] = fidelity_loss(out, cfg.fidelity_on), cfg.fidelity_weight
@@ -327,6 +338,8 @@ class NPTLoss(nn.Module):
         return torch.stack(parts).sum()
 
     def _guidance(self, name: str, layer: LayerOutput) -> torch.Tensor:
+        if layer.v_a is None:
+            raise ValueError(f"loss guidance '{name}' needs v_a; run the forward with extras=loss.extras(...)")
         if name == "modulation":
             return modulation_guidance_loss(layer.v_a, layer.x, layer.attn, layer.h_in)
         if name == "info_bottleneck":
@@ -350,11 +363,11 @@ class NPTLoss(nn.Module):
 @torch.no_grad()
 def _layer_metrics(layer: LayerOutput) -> dict[str, torch.Tensor]:
     i = layer.index
-    metrics = {
-        f"layer/{i}/v_a_norm": layer.v_a.float().norm(dim=-1).mean(),
-        f"layer/{i}/v_b_norm": layer.v_b.float().norm(dim=-1).mean(),
-        f"layer/{i}/v_a_attn_sim": attn_alignment(layer.v_a, layer.attn),
-    }
+    metrics = {}
+    if layer.v_a is not None:  # the vectors are formed on log steps only
+        metrics[f"layer/{i}/v_a_norm"] = layer.v_a.float().norm(dim=-1).mean()
+        metrics[f"layer/{i}/v_b_norm"] = layer.v_b.float().norm(dim=-1).mean()
+        metrics[f"layer/{i}/v_a_attn_sim"] = attn_alignment(layer.v_a, layer.attn)
     if layer.target is not None:
         metrics[f"layer/{i}/direct_mse"] = direct_mse(layer.student_out, layer.target)
     return metrics

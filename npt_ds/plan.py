@@ -39,14 +39,18 @@ d, f = d_ffn, q = heads * head_dim, H heads, k = num_ranks, r = rank, per token:
                                    k and v counted at q width, i.e. after repeat_kv) + 4H (fp32 logsumexp)
     frozen decoder layer  A_dec  = A_attn + 4d + 3bf    (post-attention RMSNorm; SiLU input, SiLU output,
                                    up; frozen linears keep no input)
-    NPT layer, retained   R_np   = b(5d + k(d + f))     attn, x, y, target, h_in and v_a, v_b: the
-                                   LayerOutput the loss reads (+ bkf dual v_c, + bf multiplicative factor)
-    NPT layer, internal   I_np   = b(r + k + 3f)        r, coef, the modulated MLP's SiLU in/out and up
-                                   (+ 2bf multiplicative, + 4d post-norm input with a student stream)
+    NPT layer, retained   R_np   = b(5d + k)            attn, x, y, target, h_in and coef: the
+                                   LayerOutput the loss reads
+    NPT layer, internal   I_np   = b(2r + 2rk + k + 3f) r, q = x W_a_upᵀ, z = s r ⊗ coef, r G, s·coef, the
+                                   modulated MLP's SiLU in/out and up (+ 3bf multiplicative, + 4d
+                                   post-norm input with a student stream)
     A_np = R_np + I_np (+ A_attn with a student stream: the student's own attention)
+    diagnostics           D_np   = b k(d + f)           v_a, v_b, formed on log steps (and every step when a
+                                   guidance loss reads them; + bkf dual v_c, + bf multiplicative factor)
 
     stored      = N * (n_npt * A_np + n_student_layers * A_dec)
     stored_ckpt = N * (n_npt * (A_np - I_np) + n_student_layers * A_dec + max I_np)
+    diagnostic  = N * n_npt * D_np   (counted in the total: a log step is the peak)
 
 ``model.activation_checkpointing`` recomputes each NPT layer's student MLP in backward (the trainer
 sets ``NPTDecoderLayer.checkpoint_student``): only I_np is dropped, and one layer's I_np comes back
@@ -329,8 +333,10 @@ def activation_bytes(shape: ModelShape, npt_layers: Sequence[int], *, seq_len: i
 
     a_attn = 4 * d + 4 * b * q + 4 * H
     a_dec = a_attn + 4 * d + 3 * b * f
-    retained = b * (5 * d + k * (d + f)) + (b * k * f if dual else 0.0) + (b * f if multiplicative else 0.0)
-    internal = b * (r + k + 3 * f) + (2 * b * f if multiplicative else 0.0) + (4 * d if student_stream else 0.0)
+    retained = b * (5 * d + k)
+    internal = b * (2 * r + 2 * r * k + k + 3 * f) + (3 * b * f if multiplicative else 0.0) + \
+        (4 * d if student_stream else 0.0)
+    diagnostic = b * k * (d + f) + (b * k * f if dual else 0.0) + (b * f if multiplicative else 0.0)
     a_np = retained + internal + (a_attn if student_stream else 0.0)
 
     if checkpointing:
@@ -341,6 +347,7 @@ def activation_bytes(shape: ModelShape, npt_layers: Sequence[int], *, seq_len: i
         recompute = 0.0
     parts = {
         "npt_and_student_layers": n_tok * per_layer,
+        "diagnostic_vectors": n_tok * n_npt * diagnostic,
         "recompute_peak": n_tok * recompute,
         "hidden_streams": n_tok * b * d * (2 if student_stream else 1),
         "working_set": n_tok * 2 * b * (4 * q + 3 * f),

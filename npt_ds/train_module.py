@@ -27,6 +27,7 @@ class StepControls:
     want_logits: bool = False
     poison: bool = False  # testing aid: make this micro-batch's loss NaN
     active_layers: tuple[int, ...] | None = None  # sequential mode: the layer trained now (None = all)
+    diagnostics: bool = True  # per-layer v_a/v_b metrics (log steps); False skips forming the vectors
 
 
 class NPTTrainModule(nn.Module):
@@ -41,7 +42,8 @@ class NPTTrainModule(nn.Module):
     def forward(self, input_ids: torch.Tensor, controls: StepControls) -> tuple[torch.Tensor, dict]:
         out = fused_forward(self.model, input_ids, mixing_ratio=controls.mixing_ratio,
                             student_stream=controls.student_stream, want_logits=controls.want_logits,
-                            active=controls.active_layers)
+                            active=controls.active_layers,
+                            extras=self.loss_fn.extras(diagnostics=controls.diagnostics))
         if self.teacher is not None:  # KD from a teacher of another width, read out via the student's head
             with torch.no_grad():
                 hidden = self.teacher.model(input_ids=input_ids).last_hidden_state

@@ -22,7 +22,7 @@ from .config import ConfigError, ModelConfig, TrainConfig
 from .data import PackedBatches, eval_batches
 from .distributed import any_rank_true, barrier, init_distributed
 from .ds_config import build_ds_config
-from .evaluate import evaluate
+from .evaluate import evaluate, layer_table
 from .losses import NPTLoss
 from .metrics import MetricsWriter
 from .model import NPTDecoderLayer, convert_model, decoder_layers, load_base_model, load_tokenizer, npt_layers
@@ -131,8 +131,7 @@ class Trainer:
         self.skipped = 0
         self.consecutive_bad = 0
         self.tokens_seen = 0
-        self.log_buffer: dict[str, torch.Tensor] = {}
-        self.log_count = 0
+        self.log_buffer: dict[str, tuple[torch.Tensor, int]] = {}
         self.last_eval: dict = {}
         self.first_eval: dict | None = None
         self._poison_left = int(cfg.inject_nan.get("repeat", 1)) if cfg.inject_nan else 0
@@ -208,6 +207,8 @@ class Trainer:
         if first and last:
             lines.append(f"held-out perplexity  base {last['eval/ppl_base']:.3f} | NPT step {first['step']}: "
                          f"{first['eval/ppl_npt']:.3f} -> step {last['step']}: {last['eval/ppl_npt']:.3f}")
+            lines.append(f"held-out per-layer fidelity, step {first['step']} -> step {last['step']}:")
+            lines += ["  " + line for line in layer_table(first, last)]
         lines.append(f"metric stream: {self.metrics.path}   (watch: npt-monitor {self.run_dir})")
         self.metrics.message("\n".join(lines))
 
@@ -224,8 +225,10 @@ class Trainer:
         inject = cfg.inject_nan
         poison = bool(inject) and step == inject.get("step", 0) and self.rank == inject.get("rank", 0) \
             and self._poison_left > 0
+        log_step = (step + 1) % cfg.logging.log_every == 0 or step + 1 == cfg.schedule.total_steps
         return StepControls(stage=stage, mixing_ratio=ratio, kd_weight=kd, difficulty_keep=keep, student_stream=student_stream,
-                            want_logits=needs_logits, poison=poison, active_layers=self.active_layers(step))
+                            want_logits=needs_logits, poison=poison, active_layers=self.active_layers(step),
+                            diagnostics=log_step)
 
     def active_layers(self, step: int) -> tuple[int, ...] | None:
         """Sequential mode: the one layer trained at `step` (earlier ones are carried); else None = all."""
@@ -263,9 +266,9 @@ class Trainer:
             good += 1
             self.tokens_seen += ids.numel() * self.world
             self._window_tokens += ids.numel() * self.world
-            for k, v in comps.items():
-                self.log_buffer[k] = self.log_buffer.get(k, 0.0) + v
-            self.log_count += 1
+            for k, v in comps.items():  # (sum, count): diagnostics exist on log steps only
+                total, count = self.log_buffer.get(k, (0.0, 0))
+                self.log_buffer[k] = (total + v, count + 1)
 
     def on_bad_batch(self, comps: dict) -> None:
         self.skipped += 1
@@ -296,12 +299,11 @@ class Trainer:
                   "eta_s": round(eta, 1), "skipped_steps": self.skipped, "tokens": self.tokens_seen}
         if self._controls.active_layers is not None:
             record["sequential/layer"] = self._controls.active_layers[0]
-        n = max(self.log_count, 1)
-        record.update({k: float(v) / n for k, v in self.log_buffer.items()})  # the host sync of a log step
+        record.update({k: float(v) / n for k, (v, n) in self.log_buffer.items()})  # the host sync of a log step
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is not None:
             record["grad_norm"] = float(grad_norm)
-        self.log_buffer, self.log_count = {}, 0
+        self.log_buffer = {}
         self.metrics.log(record)
         self.metrics.progress(self.step, cfg.schedule.total_steps, record.get("loss/total", math.nan), tps, eta,
                               f"[{self._controls.stage}]")

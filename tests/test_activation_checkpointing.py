@@ -81,7 +81,7 @@ def _saved_bytes(model, ids, checkpointing: bool) -> tuple[float, torch.Tensor, 
     loss_fn = NPTLoss(load_config(None, []).loss, len(npt_layers(model)))
     model.zero_grad(set_to_none=True)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fused_forward(model, ids)
+        out = fused_forward(model, ids, extras=loss_fn.extras(diagnostics=False))
     loss, _ = loss_fn(out, kd_weight=0.0)
     loss.backward()
     grads = [p.grad.clone() for n, p in model.named_parameters() if ".np." in n]

@@ -13,12 +13,11 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # bench/ is a top-level package next to npt_ds/, not installed
     sys.path.insert(0, str(ROOT))
 
-from bench.candidates import modulated_mlp_fast  # noqa: E402
 from bench.dist import parse_metrics, scan_trace_warnings  # noqa: E402
-from bench.micro import naive_modulated_mlp  # noqa: E402
+from bench.micro import naive_modulated_mlp, vector_modulated_mlp  # noqa: E402
 from bench.run import build_parser, resolve, run_section  # noqa: E402
 from bench.step import StepBench, run_step  # noqa: E402
-from bench.two_pass import capture_teacher, student_full_pass, two_pass_forward  # noqa: E402
+from bench.two_pass import capture_teacher, two_pass_forward, two_pass_reuse_forward  # noqa: E402
 from npt_ds.config import LossConfig, NPTConfig  # noqa: E402
 from npt_ds.losses import NPTLoss  # noqa: E402
 from npt_ds.model import (Modulation, NPComponent, convert_model, np_named_parameters, modulated_mlp,  # noqa: E402
@@ -54,7 +53,7 @@ def test_two_pass_reference_matches_fused_step(npt):
     module = NPTTrainModule(model, loss_fn)
     ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
     ref_loss, ref_grads = _loss_and_grads(model, lambda: module(ids, StepControls())[0])
-    for forward in (two_pass_forward, student_full_pass):
+    for forward in (two_pass_reuse_forward, two_pass_forward):
         loss, grads = _loss_and_grads(model, lambda f=forward: loss_fn(f(model, ids))[0])
         assert torch.allclose(loss, ref_loss, rtol=1e-5, atol=1e-7), (forward.__name__, loss, ref_loss)
         for g, r in zip(grads, ref_grads):
@@ -77,7 +76,7 @@ def test_teacher_capture_targets_are_layer_residual_updates():
 
 
 @pytest.mark.parametrize("k,dual,mult", [(1, False, False), (4, False, False), (1, True, True), (3, True, False)])
-def test_candidate_and_naive_mlps_match_modulated_mlp(k, dual, mult):
+def test_vector_and_naive_mlps_match_modulated_mlp(k, dual, mult):
     from transformers.models.llama.modeling_llama import LlamaConfig, LlamaMLP
 
     torch.manual_seed(k)
@@ -90,8 +89,8 @@ def test_candidate_and_naive_mlps_match_modulated_mlp(k, dual, mult):
         nn.init.normal_(comp.W_m, std=0.5)
     x, attn = torch.randn(2, T, d, dtype=torch.float64), torch.randn(2, T, d, dtype=torch.float64)
     mod = Modulation(*comp(attn))
-    want = modulated_mlp(mlp, x, mod, 0.1)
-    assert torch.allclose(modulated_mlp_fast(mlp, x, mod, 0.1), want, atol=1e-12)
+    want = modulated_mlp(mlp, x, comp, attn, 0.1)[0]
+    assert torch.allclose(vector_modulated_mlp(mlp, x, mod, 0.1), want, atol=1e-12)
     if not (dual or mult):
         assert torch.allclose(naive_modulated_mlp(mlp, x, mod, 0.1), want, atol=1e-12)
 
@@ -118,7 +117,7 @@ def test_micro_quick_produces_results(tmp_path, keep_threads):
     res = run_section("micro", opts)
     assert {"config", "rows", "ratios", "targets", "env", "name", "wall_s"} <= set(res)
     variants = {r["variant"] for r in res["rows"]}
-    assert {"plain", "npt_k1", "npt_k4", "npt_frozen_in_k1", "npt_fast_k1", "naive_k1", "npt_k1@2"} <= variants
+    assert {"plain", "npt_k1", "npt_k4", "npt_frozen_in_k1", "npt_vectors_k1", "naive_k1", "npt_k1@2"} <= variants
     for row in res["rows"]:
         assert row["tokens_per_s"] > 0 and row["ms_median"] > 0 and row["alloc_peak_mb"] >= 0 and row["gflop"] > 0
     assert {"npt_k1/plain", "npt_k4/plain", "naive_k1/npt_k1@2"} <= set(res["ratios"])
@@ -136,12 +135,14 @@ def test_micro_quick_produces_results(tmp_path, keep_threads):
 def test_step_bench_on_tiny_model():
     opts = _opts("--only", "step", "--shape", "tiny", "--seq", "16", "--repeats", "2", "--no-rss-probe")
     res = run_step(opts)
-    assert [r["variant"] for r in res["rows"]] == ["fused", "two_pass", "two_pass_full", "plain", "teacher_fwd"]
+    assert [r["variant"] for r in res["rows"]] == ["fused", "two_pass", "two_pass_reuse", "plain", "teacher_fwd"]
     assert res["breakdown_s"]["teacher_forward"] > 0
     for name, eq in res["equivalence"].items():
         assert eq["rel_diff"] < 1e-5 and eq["grad_max_rel_diff"] < 1e-3, name
-    assert {"fused/two_pass", "fused/plain"} <= set(res["ratios"])
-    assert res["ratios"]["fused/two_pass"]["flops"] < 1.0  # the fused step does strictly less work
+    assert {"fused/two_pass", "fused/two_pass_reuse", "fused/plain"} <= set(res["ratios"])
+    for ref in ("two_pass", "two_pass_reuse"):  # the fused step does strictly less work than either
+        assert res["ratios"][f"fused/{ref}"]["flops"] < 1.0, ref
+    assert res["ratios"]["fused/two_pass"]["flops"] < res["ratios"]["fused/two_pass_reuse"]["flops"]
     assert set(res["targets"]) == {"fused_vs_two_pass_throughput", "fused_vs_plain_cost"}
     bench = StepBench(opts)
     before = [p.detach().clone() for p in bench.params]

@@ -50,10 +50,11 @@ def hand_mse(y: torch.Tensor, t: torch.Tensor, keep_tokens: list | None = None) 
 
 
 def make_layer(index: int, seed: int, scale: float = 1.0) -> LayerOutput:
+    v_a, v_b, x = rand(B, T, K, D, seed=seed + 3), rand(B, T, K, FF, seed=seed + 4), rand(B, T, D, seed=seed + 5)
     return LayerOutput(index=index, student_out=rand(B, T, D, seed=seed) * scale,
                        target=rand(B, T, D, seed=seed + 1) * scale, attn=rand(B, T, D, seed=seed + 2),
-                       v_a=rand(B, T, K, D, seed=seed + 3), v_b=rand(B, T, K, FF, seed=seed + 4),
-                       x=rand(B, T, D, seed=seed + 5), h_in=rand(B, T, D, seed=seed + 6) * 3.0)
+                       x=x, h_in=rand(B, T, D, seed=seed + 6) * 3.0, coef=torch.einsum("btkd,btd->btk", v_a, x),
+                       reg=v_a.pow(2).mean() + v_b.pow(2).mean(), v_a=v_a, v_b=v_b)
 
 
 def make_output(indices=(14, 15)) -> NPTForwardOutput:

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from npt_ds.config import ConfigError, ModelConfig, NPTConfig
-from npt_ds.model import (Modulation, NPComponent, convert_model, fold_context, fold_modulation, fused_forward,
+from npt_ds.model import (Modulation, NPComponent, NPExtras, convert_model, fold_context, fold_modulation, fused_forward,
                           load_base_model, load_np_weights, modulated_mlp, npt_layers, parse_layer_spec,
                           save_np_weights, set_mode, tiny_llama)
 from transformers.models.llama.modeling_llama import LlamaConfig, LlamaMLP
@@ -42,9 +42,15 @@ def test_modulated_mlp_matches_explicit_delta_w(k, dual, multiplicative):
     attn, x = torch.randn(T, d, dtype=torch.float64), torch.randn(T, d, dtype=torch.float64)
     mod = Modulation(*comp(attn))
     assert mod.v_a.shape == (T, k, d) and mod.v_b.shape == (T, k, f)
-    got = modulated_mlp(mlp, x, mod, 0.1)
+    got, inputs = modulated_mlp(mlp, x, comp, attn, 0.1, NPExtras(vectors=True, reg=True))
     want = reference_modulated_mlp(mlp, x, mod, 0.1)
-    assert (got - want).abs().max() < 1e-5
+    assert (got - want).abs().max() < 1e-10
+    # the factored coefficients and regulariser equal those of the materialised vectors
+    assert torch.allclose(inputs.coef, torch.einsum("tkd,td->tk", mod.v_a, x), atol=1e-12)
+    assert torch.allclose(inputs.reg, mod.v_a.pow(2).mean() + mod.v_b.pow(2).mean(), rtol=1e-10)
+    assert torch.equal(inputs.mod.v_a, mod.v_a) and torch.equal(inputs.mod.v_b, mod.v_b)
+    assert modulated_mlp(mlp, x, comp, attn, 0.1)[1].mod is None  # vectors and regulariser only on request
+    assert modulated_mlp(mlp, x, comp, attn, 0.1)[1].reg is None
     assert (got - mlp(x)).abs().max() > 1e-4  # the modulation really changes the output
     if multiplicative:
         assert mod.factor.min() > 0.5 and mod.factor.max() < 1.5

@@ -57,6 +57,43 @@ def test_mixing_ratio_sets_the_student_input_and_outputs_propagate(ratio):
     assert (out.student_hidden - out.teacher_hidden).abs().max() > 1e-4
 
 
+def test_held_out_layer_metrics_use_fixed_protocols():
+    """eval/layer/{i}/direct_mse_{teacher,student}_in against hand-written streams at ρ = 0 and ρ = 1."""
+    from npt_ds.evaluate import evaluate, layer_table
+    from npt_ds.losses import attn_alignment
+
+    torch.manual_seed(0)
+    model = tiny_llama()
+    convert_model(model, NPTConfig(layers="1,3", rank=4, init_std_b=0.05))
+    batches = [torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(s)) for s in (1, 2)]
+    res = evaluate(model, batches)
+    want: dict[str, float] = {}
+    with torch.no_grad():
+        for ids in batches:
+            h, kw = attn_kwargs(model, ids)
+            h_t = h
+            for i, layer in enumerate(model.model.layers):  # the teacher stream and each layer's target
+                if i in (1, 3):
+                    target = layer.teacher_step(h_t, kw) - h_t
+                    for proto, ratio in (("teacher_in", 0.0), ("student_in", 1.0)):
+                        h_in = manual_streams(model, ids, ratio)[2][i]
+                        y = layer.student_step(h_in, kw) - h_in
+                        key = f"eval/layer/{i}/direct_mse_{proto}"
+                        want[key] = want.get(key, 0.0) + (y - target).pow(2).mean().item() / len(batches)
+                    attn = layer.attention(h_t, **kw)
+                    key = f"eval/layer/{i}/v_a_attn_sim"
+                    want[key] = want.get(key, 0.0) + attn_alignment(layer.np(attn)[0], attn).item() / len(batches)
+                h_t = layer.teacher_step(h_t, kw) if i in (1, 3) else layer(h_t, **kw)
+    assert set(want) == {k for k in res if k.startswith("eval/layer/")}
+    for key, value in want.items():
+        assert res[key] == pytest.approx(value, rel=1e-5), key
+    # the first NPT layer reads the same input in both protocols; the second sees upstream NPT error
+    assert res["eval/layer/1/direct_mse_teacher_in"] == pytest.approx(res["eval/layer/1/direct_mse_student_in"])
+    assert res["eval/layer/3/direct_mse_student_in"] != pytest.approx(res["eval/layer/3/direct_mse_teacher_in"])
+    table = layer_table(res, res)
+    assert len(table) == 3 and table[1].split()[0] == "1"
+
+
 def test_sequential_forward_carries_earlier_layers():
     model = tiny_llama()
     convert_model(model, NPTConfig(layers="1,2", rank=4, init_std_b=0.1, init_std_a=0.2))

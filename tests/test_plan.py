@@ -210,9 +210,10 @@ def test_activations_scale_with_tokens_and_streams():
     assert single < fused < logits
 
 
+@pytest.mark.parametrize("vectors", [False, True])
 @pytest.mark.parametrize("student_stream", [False, True])
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_activation_formula_bounds_measured_autograd_tensors(student_stream, checkpointing, monkeypatch):
+def test_activation_formula_bounds_measured_autograd_tensors(student_stream, checkpointing, vectors, monkeypatch):
     """Bytes autograd saves (non-parameter storages) + LayerOutput tensors of a real fused step on a
     small Llama: the formula may over-estimate a little, never under-estimate."""
     import torch
@@ -221,7 +222,7 @@ def test_activation_formula_bounds_measured_autograd_tensors(student_stream, che
     # memory-efficient linear), which saves different tensors: measure plain torch
     monkeypatch.setattr(torch.nn.functional, "linear", torch._C._nn.linear)
 
-    from npt_ds.model import convert_model, fused_forward, npt_layers, tiny_llama
+    from npt_ds.model import NPExtras, convert_model, fused_forward, npt_layers, tiny_llama
 
     over = dict(hidden_size=128, intermediate_size=320, num_hidden_layers=6, num_attention_heads=4,
                 num_key_value_heads=2, vocab_size=512)
@@ -241,9 +242,13 @@ def test_activation_formula_bounds_measured_autograd_tensors(student_stream, che
 
     ids = torch.randint(0, 512, (2, 64), generator=torch.Generator().manual_seed(0))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fused_forward(model, ids, mixing_ratio=0.5 if student_stream else 0.0, student_stream=student_stream)
+        out = fused_forward(model, ids, mixing_ratio=0.5 if student_stream else 0.0, student_stream=student_stream,
+                            extras=NPExtras(vectors=vectors, reg=True))
     for lo in out.layers:
-        for t in (lo.student_out, lo.target, lo.attn, lo.v_a, lo.v_b, lo.x, lo.h_in):
+        assert (lo.v_a is not None) == vectors
+        for t in (lo.student_out, lo.target, lo.attn, lo.x, lo.h_in, lo.coef, lo.v_a, lo.v_b):
+            if t is None:
+                continue
             kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
     measured = sum(kept.values())
 
@@ -253,7 +258,8 @@ def test_activation_formula_bounds_measured_autograd_tensors(student_stream, che
     shape = ModelShape.from_hf_config({**TINY_DEFAULTS, **over})
     est = activation_bytes(shape, [2, 3], seq_len=64, micro_batch_size=2, rank=16, num_ranks=3, act_bytes=4,
                            student_stream=student_stream, checkpointing=checkpointing)
-    assert measured <= est["npt_and_student_layers"] <= 1.25 * measured
+    want = est["npt_and_student_layers"] + (est["diagnostic_vectors"] if vectors else 0.0)
+    assert measured <= want <= 1.25 * measured
 
 
 def test_zero3_per_gpu_params_shrink_with_more_gpus():

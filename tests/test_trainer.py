@@ -52,6 +52,21 @@ def test_golden_losses_and_metric_stream(tmp_path):
     assert saved["schedule"]["total_steps"] == 10 and saved["model"]["path"] == "tiny"
     ev = [r for r in rows if r["event"] == "eval"]
     assert ev[0]["eval/ppl_base"] == pytest.approx(ev[1]["eval/ppl_base"])  # the frozen base did not move
+    for i in (2, 3):  # held-out per-layer fidelity: each layer's error on the teacher's input falls
+        assert ev[1][f"eval/layer/{i}/direct_mse_teacher_in"] < ev[0][f"eval/layer/{i}/direct_mse_teacher_in"]
+
+
+def test_diagnostics_averaged_over_the_steps_that_formed_them(tmp_path):
+    """v_a/v_b metrics are formed on log steps only; losses average over every step of the window."""
+    rows = run(tmp_path, "schedule.total_steps=6", "checkpoint.every=0", "logging.log_every=3")
+    train = [r for r in rows if r["event"] == "train"]
+    assert [r["step"] for r in train] == [3, 6]
+    every = run(tmp_path / "every", "schedule.total_steps=6", "checkpoint.every=0", "logging.log_every=1")
+    every = [r for r in every if r["event"] == "train"]
+    for r in train:  # the v_a norm of the log step itself, not a third of it
+        assert r["layer/2/v_a_norm"] == pytest.approx(every[r["step"] - 1]["layer/2/v_a_norm"], rel=1e-5)
+        window = every[r["step"] - 3:r["step"]]
+        assert r["loss/total"] == pytest.approx(sum(w["loss/total"] for w in window) / 3, rel=1e-5)
 
 
 def test_consecutive_nan_stops_with_last_good_checkpoint(tmp_path):

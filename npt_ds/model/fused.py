@@ -13,19 +13,21 @@ from torch import nn
 from transformers.masking_utils import create_causal_mask
 
 from .convert import decoder_layers
+from .np_component import NPExtras
 from .npt_layer import NPTDecoderLayer
 from .outputs import NPTForwardOutput
 
 
 def fused_forward(model: nn.Module, input_ids: torch.Tensor, *, mixing_ratio: float = 0.0,
                   student_stream: bool = False, want_logits: bool = False,
-                  active: Collection[int] | None = None) -> NPTForwardOutput:
+                  active: Collection[int] | None = None, extras: NPExtras = NPExtras()) -> NPTForwardOutput:
     """Run teacher and NPT student together on `input_ids` (B, T) of a converted model.
 
     `active` (layer indices, default all NPT layers) selects the layers trained this step and
     returned in `out.layers`.  Other NPT layers before the last active one are *carried*: already
     trained, their NPT output propagates in the student stream (no autograd).  NPT layers after
     the last active one are not trained yet and behave as the teacher in both streams.
+    `extras` adds each layer's regulariser and/or v_a, v_b to its output (losses, diagnostics).
     """
     inner = model.model
     layers = decoder_layers(model)
@@ -52,7 +54,7 @@ def fused_forward(model: nn.Module, input_ids: torch.Tensor, *, mixing_ratio: fl
         if student_stream and h_s is None and (i in active or i in carried):
             h_s = h_t
         if i in active:
-            h_t, h_s, layer_out = layer.fused(h_t, h_s, mixing_ratio, attn_kwargs)
+            h_t, h_s, layer_out = layer.fused(h_t, h_s, mixing_ratio, attn_kwargs, extras)
             out.layers.append(layer_out)
             continue
         if i in carried:

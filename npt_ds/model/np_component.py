@@ -1,8 +1,16 @@
-"""The trainable NP component: attention output -> per-token rank-k modulation vectors.
+"""The trainable NP component: attention output -> per-token rank-k modulation of the MLP gate.
 
 r = a · W_down (d_model -> rank); for each of k ranks v_a,k = r · W_a_up,k (d_model) and
 v_b,k = r · W_b_up,k (d_ffn).  Optional extras: v_c,k (d_ffn) to modulate W_up ("dual") and a
 bounded multiplicative gate factor 0.5 + sigmoid(r · W_m) in (0.5, 1.5), equal to 1 at init.
+
+Training never materialises v_a or v_b.  Because both are linear in r, per token
+    v_a,k · x = Σ_j r_j (W_a_up[j,k] · x)            (q = x W_a_upᵀ: one (rank·k)-wide matmul)
+    s Σ_k v_b,k (v_a,k · x) = (s · r ⊗ coef) W_b_up  (one matmul, accumulated into W_g x by addmm)
+    mean v_a² = Σ (rᵀr) ⊙ (W_a_up W_a_upᵀ) / (T k d)  (rank × rank Gram matrices)
+so the only per-token tensors are (tokens, rank·k) wide.  The regulariser and the vectors themselves
+are computed on request (:class:`NPExtras`: the loss, logged diagnostics, guidance losses; folding).
+All weight use happens inside `forward`, where ZeRO-3 has the parameters gathered.
 """
 from __future__ import annotations
 
@@ -14,12 +22,31 @@ from torch import nn
 
 @dataclass
 class Modulation:
-    """Per-token modulation produced from one attention output."""
+    """Per-token modulation vectors produced from one attention output."""
 
     v_a: torch.Tensor  # (..., k, d_model)
     v_b: torch.Tensor  # (..., k, d_ffn)
     v_c: torch.Tensor | None = None  # (..., k, d_ffn) for the up projection ("dual")
     factor: torch.Tensor | None = None  # (..., d_ffn) multiplicative gate factor in (0.5, 1.5)
+
+
+@dataclass(frozen=True)
+class NPExtras:
+    """What a training forward wants from the NP component beyond the modulated MLP."""
+
+    vectors: bool = False  # v_a, v_b (v_c, factor): diagnostics and guidance losses
+    reg: bool = False  # mean(v_a²) + mean(v_b²): the regulariser (loss.reg_lambda > 0)
+
+
+@dataclass
+class ModulatedMLPInputs:
+    """What the NP component makes of one layer's base MLP pre-activations (see `NPComponent.forward`)."""
+
+    gate: torch.Tensor  # f ⊙ W_g x + s Σ_k v_b,k (v_a,k · x)
+    up: torch.Tensor  # W_u x (+ s Σ_k v_c,k (v_a,k · x) when dual)
+    coef: torch.Tensor  # (..., k) v_a,k · x, unscaled
+    reg: torch.Tensor | None = None  # 0-dim mean(v_a²) + mean(v_b²), when requested (exact, via Gram matrices)
+    mod: Modulation | None = None  # the vectors, when requested
 
 
 class NPComponent(nn.Module):
@@ -29,7 +56,7 @@ class NPComponent(nn.Module):
         super().__init__()
         self.d_model, self.d_ffn, self.rank, self.num_ranks = d_model, d_ffn, rank, num_ranks
         self.W_down = nn.Parameter(torch.empty(d_model, rank))
-        # stored (rank, k, n) so the k up-projections are one matmul on a view: no per-step weight copy
+        # stored (rank, k, n): the k up-projections are one matmul on a view, no per-step weight copy
         self.W_a_up = nn.Parameter(torch.empty(rank, num_ranks, d_model))
         self.W_b_up = nn.Parameter(torch.empty(rank, num_ranks, d_ffn))
         self.W_c_up = nn.Parameter(torch.empty(rank, num_ranks, d_ffn)) if dual else None
@@ -48,38 +75,73 @@ class NPComponent(nn.Module):
         if self.W_m is not None:
             nn.init.zeros_(self.W_m)
 
-    def forward(self, attn: torch.Tensor) -> tuple:
-        """-> (v_a, v_b, v_c | None, factor | None): a plain tuple so ZeRO-3's hooks see the tensors.
+    def forward(self, attn: torch.Tensor, x: torch.Tensor | None = None, gate: torch.Tensor | None = None,
+                up: torch.Tensor | None = None, scale: float = 1.0, extras: NPExtras = NPExtras()) -> tuple:
+        """Two uses, one entry point (so ZeRO-3 gathers the weights for either):
 
-        Wrap it as `Modulation(*np_component(attn))`.
+        * ``np(attn)`` -> ``(v_a, v_b, v_c | None, factor | None)``; wrap as ``Modulation(*np(attn))``.
+        * ``np(attn, x, gate, up, scale, extras)`` with the base pre-activations gate = W_g x and
+          up = W_u x -> ``(gate, up, coef, reg | None, v_a, v_b, v_c, factor)`` (a flat tuple of plain
+          tensors, so ZeRO-3's hooks see them; the vectors are None unless ``extras.vectors``).
         """
         dtype = self.W_down.dtype
-        r = attn.to(dtype) @ self.W_down  # (..., rank)
-        lead = r.shape[:-1]
+        lead = attn.shape[:-1]
+        r = attn.reshape(-1, self.d_model).to(dtype) @ self.W_down  # (N, rank)
+        factor = None if self.W_m is None else 0.5 + torch.sigmoid(r @ self.W_m)
+        if x is None:
+            return self._vectors(r, factor, lead)
+        n, rank, k = r.shape[0], self.rank, self.num_ranks
+        q = (x.reshape(n, self.d_model).to(dtype) @ self.W_a_up.view(rank * k, self.d_model).T).view(n, rank, k)
+        coef = torch.einsum("nr,nrk->nk", r, q) if k > 1 else (r * q.squeeze(-1)).sum(-1, keepdim=True)
+        z = (scale * r).unsqueeze(-1) * coef.unsqueeze(1) if k > 1 else (scale * coef) * r  # (N, rank[, k])
+        z = z.reshape(n, rank * k)
+        gate2 = gate.reshape(n, self.d_ffn)
+        if factor is not None:
+            gate2 = gate2 * factor.to(gate2.dtype)
+        gate2 = _add_matmul(gate2, z, self.W_b_up.view(rank * k, self.d_ffn))
+        up2 = up.reshape(n, self.d_ffn)
+        if self.W_c_up is not None:
+            up2 = _add_matmul(up2, z, self.W_c_up.view(rank * k, self.d_ffn))
+        reg = self._regulariser(r) if extras.reg else None
+        vecs = self._vectors(r, factor, lead) if extras.vectors else (None, None, None, None)
+        return (gate2.view(*lead, self.d_ffn), up2.view(*lead, self.d_ffn), coef.view(*lead, k), reg) + vecs
 
-        def up(w: torch.Tensor) -> torch.Tensor:  # (rank, k, n) -> (..., k, n)
+    def _regulariser(self, r: torch.Tensor) -> torch.Tensor:
+        """mean(v_a²) + mean(v_b²) without the vectors: Σ_t |r_t W|² = Σ (rᵀr) ⊙ (W Wᵀ)."""
+        dtype = torch.promote_types(r.dtype, torch.float32)  # at least fp32 (bf16 params); double stays double
+        rf = r.to(dtype)
+        gram_r = rf.T @ rf  # (rank, rank)
+        total = 0.0
+        for w in (self.W_a_up, self.W_b_up):
+            rank, k, n = w.shape
+            w2 = w.view(rank, k * n).to(dtype)
+            total = total + (gram_r * (w2 @ w2.T)).sum() / (r.shape[0] * k * n)
+        return total
+
+    def _vectors(self, r: torch.Tensor, factor: torch.Tensor | None, lead: torch.Size) -> tuple:
+        def up_proj(w: torch.Tensor) -> torch.Tensor:  # (rank, k, n) -> (..., k, n)
             rank, k, n = w.shape
             return (r @ w.view(rank, k * n)).view(*lead, k, n)
 
-        factor = None
-        if self.W_m is not None:
-            factor = 0.5 + torch.sigmoid(r @ self.W_m)
-        return (up(self.W_a_up), up(self.W_b_up), up(self.W_c_up) if self.W_c_up is not None else None, factor)
+        return (up_proj(self.W_a_up), up_proj(self.W_b_up),
+                None if self.W_c_up is None else up_proj(self.W_c_up),
+                None if factor is None else factor.view(*lead, self.d_ffn))
 
 
-def modulated_mlp(mlp: nn.Module, x: torch.Tensor, mod: Modulation, scale: float) -> torch.Tensor:
-    """W_dn(act(gate) * up) with gate = f ⊙ W_g x + s Σ_k v_b,k (v_a,k·x); never forms a per-token ΔW.
+def _add_matmul(base: torch.Tensor, z: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """base + z @ w, fused into one addmm when the dtypes agree (the base is in the frozen model's dtype)."""
+    if base.dtype == z.dtype:
+        return torch.addmm(base, z, w)
+    return base + (z @ w).to(base.dtype)
 
-    Costs 2k(d + d_ffn) extra FLOPs per token over the plain MLP (plus the NP projections).
-    `mlp` is an HF LlamaMLP; its linear layers are called as modules so ZeRO-3 hooks gather them.
+
+def modulated_mlp(mlp: nn.Module, x: torch.Tensor, np_component: NPComponent, attn: torch.Tensor, scale: float,
+                  extras: NPExtras = NPExtras()) -> tuple[torch.Tensor, ModulatedMLPInputs]:
+    """W_dn(act(gate) ⊙ up) with gate = f ⊙ W_g x + s Σ_k v_b,k (v_a,k·x), modulated by `attn`.
+
+    Never forms a per-token ΔW (nor v_a, v_b unless `extras.vectors`).  `mlp` is an HF LlamaMLP; its linear
+    layers are called as modules so ZeRO-3 hooks gather them.  -> (output, what the NP component made).
     """
-    xc = x.to(mod.v_a.dtype)
-    coef = torch.einsum("...kd,...d->...k", mod.v_a, xc)  # (..., k)
-    gate = mlp.gate_proj(x)
-    if mod.factor is not None:
-        gate = gate * mod.factor.to(gate.dtype)
-    gate = gate + (scale * torch.einsum("...k,...kf->...f", coef, mod.v_b)).to(gate.dtype)
-    up = mlp.up_proj(x)
-    if mod.v_c is not None:
-        up = up + (scale * torch.einsum("...k,...kf->...f", coef, mod.v_c)).to(up.dtype)
-    return mlp.down_proj(mlp.act_fn(gate) * up)
+    gate, up, coef, reg, *vecs = np_component(attn, x, mlp.gate_proj(x), mlp.up_proj(x), scale, extras)
+    inputs = ModulatedMLPInputs(gate, up, coef, reg, Modulation(*vecs) if extras.vectors else None)
+    return mlp.down_proj(mlp.act_fn(inputs.gate) * inputs.up), inputs

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-from .np_component import Modulation, NPComponent, modulated_mlp
-from .outputs import LayerOutput
+from .np_component import ModulatedMLPInputs, NPComponent, NPExtras, modulated_mlp
+from .outputs import LayerOutput, layer_output
 
 TEACHER, STUDENT = "teacher", "student"
 
@@ -40,18 +40,14 @@ class NPTDecoderLayer(LlamaDecoderLayer):
         out, _ = self.self_attn(hidden_states=self.input_layernorm(h), **attn_kwargs)
         return out
 
-    def modulation(self, attn: torch.Tensor) -> Modulation:
-        mod = Modulation(*self.np(attn))
-        if self.zero_np_output:
-            mod = Modulation(torch.zeros_like(mod.v_a), torch.zeros_like(mod.v_b),
-                             None if mod.v_c is None else torch.zeros_like(mod.v_c),
-                             None if mod.factor is None else torch.ones_like(mod.factor))
-        return mod
-
-    def student_mlp(self, h: torch.Tensor, attn: torch.Tensor) -> tuple[torch.Tensor, Modulation, torch.Tensor]:
+    def student_mlp(self, h: torch.Tensor, attn: torch.Tensor,
+                    extras: NPExtras = NPExtras()) -> tuple[torch.Tensor, ModulatedMLPInputs, torch.Tensor]:
+        """-> (MLP_mod(N2(h)) modulated by `attn`, what the NP component made, N2(h))."""
         x = self.post_attention_layernorm(h)
-        mod = self.modulation(attn)
-        return modulated_mlp(self.mlp, x, mod, self.modulation_scale), mod, x
+        y, inputs = modulated_mlp(self.mlp, x, self.np, attn, self.modulation_scale, extras)
+        if self.zero_np_output:  # diagnostics: the plain MLP (the NP outputs are still computed)
+            y = self.mlp(x)
+        return y, inputs, x
 
     def forward(self, hidden_states: torch.Tensor, attention_mask=None, position_ids=None,
                 past_key_values=None, use_cache=False, position_embeddings=None, **kwargs):
@@ -72,14 +68,15 @@ class NPTDecoderLayer(LlamaDecoderLayer):
         y, _, _ = self.student_mlp(h, self.attention(h, **attn_kwargs))
         return h + y
 
-    def fused(self, h_t: torch.Tensor, h_s: torch.Tensor | None, ratio: float,
-              attn_kwargs: dict) -> tuple[torch.Tensor, torch.Tensor | None, LayerOutput]:
+    def fused(self, h_t: torch.Tensor, h_s: torch.Tensor | None, ratio: float, attn_kwargs: dict,
+              extras: NPExtras = NPExtras()) -> tuple[torch.Tensor, torch.Tensor | None, LayerOutput]:
         """One training pass of this layer for both streams.
 
         The student reads h_in = (1-ratio)·h_T + ratio·h_S; its output always propagates:
         h_S' = h_S + y.  With ratio 0 (or no student stream) the attention on h_T is computed once
         and shared by the teacher target and the student modulation.  Teacher work runs without
-        autograd (the base is frozen and the teacher state carries no gradient).
+        autograd (the base is frozen and the teacher state carries no gradient).  `extras` asks for
+        the regulariser and v_a, v_b (diagnostics, guidance losses) in the LayerOutput.
         """
         with torch.no_grad():
             attn_t = self.attention(h_t, **attn_kwargs)
@@ -93,9 +90,9 @@ class NPTDecoderLayer(LlamaDecoderLayer):
         if self.checkpoint_student and torch.is_grad_enabled():
             from torch.utils.checkpoint import checkpoint
 
-            y, mod, x = checkpoint(self.student_mlp, h_in, attn, use_reentrant=False)
+            y, np_out, x = checkpoint(self.student_mlp, h_in, attn, extras, use_reentrant=False)
         else:
-            y, mod, x = self.student_mlp(h_in, attn)
+            y, np_out, x = self.student_mlp(h_in, attn, extras)
         target, new_t = attn_t + mlp_t, h_mid + mlp_t
         new_s = None if h_s is None else h_s + y
-        return new_t, new_s, LayerOutput(self.layer_idx, y, target, attn, mod.v_a, mod.v_b, x, h_in)
+        return new_t, new_s, layer_output(self.layer_idx, y, target, attn, x, h_in, np_out)

@@ -13,19 +13,23 @@ class LayerOutput:
     student_out: y_i = MLP_mod(N2(h_in))  (what the NPT layer adds to the residual stream)
     target:      a_T + MLP(N2(h_T + a_T)) (what the teacher layer added), None when not computed
     attn:        attention output a that drives the modulation (B, T, d)
-    v_a:         (B, T, k, d) ; v_b: (B, T, k, d_ffn)
     x:           N2(h_in), the MLP input (B, T, d)
     h_in:        the hidden state the layer read (teacher/student mix)
+    coef:        (B, T, k) v_a,k · x
+    reg:         0-dim mean(v_a²) + mean(v_b²); None unless the forward was asked for it (NPExtras)
+    v_a, v_b:    (B, T, k, d), (B, T, k, d_ffn); None unless the forward was asked for the vectors
     """
 
     index: int
     student_out: torch.Tensor
     target: torch.Tensor | None
     attn: torch.Tensor
-    v_a: torch.Tensor
-    v_b: torch.Tensor
     x: torch.Tensor
     h_in: torch.Tensor
+    coef: torch.Tensor
+    reg: torch.Tensor | None = None
+    v_a: torch.Tensor | None = None
+    v_b: torch.Tensor | None = None
 
 
 @dataclass
@@ -35,3 +39,11 @@ class NPTForwardOutput:
     student_hidden: torch.Tensor | None = None  # final-norm hidden state of the student stream
     teacher_logits: torch.Tensor | None = None  # (B, T, V)
     student_logits: torch.Tensor | None = None
+
+
+def layer_output(index: int, student_out: torch.Tensor, target: torch.Tensor | None, attn: torch.Tensor,
+                 x: torch.Tensor, h_in: torch.Tensor, np_out) -> LayerOutput:
+    """A LayerOutput from a layer's tensors and its NP component's ModulatedMLPInputs."""
+    mod = np_out.mod
+    return LayerOutput(index, student_out, target, attn, x, h_in, np_out.coef, np_out.reg,
+                       None if mod is None else mod.v_a, None if mod is None else mod.v_b)
