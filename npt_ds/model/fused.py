@@ -13,14 +13,14 @@ from torch import nn
 from transformers.masking_utils import create_causal_mask
 
 from .convert import decoder_layers
-from .np_component import NPExtras
+from .np_component import NO_EXTRAS, NPExtras
 from .npt_layer import NPTDecoderLayer
 from .outputs import NPTForwardOutput
 
 
 def fused_forward(model: nn.Module, input_ids: torch.Tensor, *, mixing_ratio: float = 0.0,
                   student_stream: bool = False, want_logits: bool = False,
-                  active: Collection[int] | None = None, extras: NPExtras = NPExtras()) -> NPTForwardOutput:
+                  active: Collection[int] | None = None, extras: NPExtras = NO_EXTRAS) -> NPTForwardOutput:
     """Run teacher and NPT student together on `input_ids` (B, T) of a converted model.
 
     `active` (layer indices, default all NPT layers) selects the layers trained this step and

@@ -38,6 +38,9 @@ class NPExtras:
     reg: bool = False  # mean(v_a²) + mean(v_b²): the regulariser (loss.reg_lambda > 0)
 
 
+NO_EXTRAS = NPExtras()
+
+
 @dataclass
 class ModulatedMLPInputs:
     """What the NP component makes of one layer's base MLP pre-activations (see `NPComponent.forward`)."""
@@ -76,7 +79,7 @@ class NPComponent(nn.Module):
             nn.init.zeros_(self.W_m)
 
     def forward(self, attn: torch.Tensor, x: torch.Tensor | None = None, gate: torch.Tensor | None = None,
-                up: torch.Tensor | None = None, scale: float = 1.0, extras: NPExtras = NPExtras()) -> tuple:
+                up: torch.Tensor | None = None, scale: float = 1.0, extras: NPExtras = NO_EXTRAS) -> tuple:
         """Two uses, one entry point (so ZeRO-3 gathers the weights for either):
 
         * ``np(attn)`` -> ``(v_a, v_b, v_c | None, factor | None)``; wrap as ``Modulation(*np(attn))``.
@@ -136,7 +139,7 @@ def _add_matmul(base: torch.Tensor, z: torch.Tensor, w: torch.Tensor) -> torch.T
 
 
 def modulated_mlp(mlp: nn.Module, x: torch.Tensor, np_component: NPComponent, attn: torch.Tensor, scale: float,
-                  extras: NPExtras = NPExtras()) -> tuple[torch.Tensor, ModulatedMLPInputs]:
+                  extras: NPExtras = NO_EXTRAS) -> tuple[torch.Tensor, ModulatedMLPInputs]:
     """W_dn(act(gate) ⊙ up) with gate = f ⊙ W_g x + s Σ_k v_b,k (v_a,k·x), modulated by `attn`.
 
     Never forms a per-token ΔW (nor v_a, v_b unless `extras.vectors`).  `mlp` is an HF LlamaMLP; its linear

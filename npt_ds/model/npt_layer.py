@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-from .np_component import ModulatedMLPInputs, NPComponent, NPExtras, modulated_mlp
+from .np_component import ModulatedMLPInputs, NPComponent, NO_EXTRAS, NPExtras, modulated_mlp
 from .outputs import LayerOutput, layer_output
 
 TEACHER, STUDENT = "teacher", "student"
@@ -41,7 +41,7 @@ class NPTDecoderLayer(LlamaDecoderLayer):
         return out
 
     def student_mlp(self, h: torch.Tensor, attn: torch.Tensor,
-                    extras: NPExtras = NPExtras()) -> tuple[torch.Tensor, ModulatedMLPInputs, torch.Tensor]:
+                    extras: NPExtras = NO_EXTRAS) -> tuple[torch.Tensor, ModulatedMLPInputs, torch.Tensor]:
         """-> (MLP_mod(N2(h)) modulated by `attn`, what the NP component made, N2(h))."""
         x = self.post_attention_layernorm(h)
         y, inputs = modulated_mlp(self.mlp, x, self.np, attn, self.modulation_scale, extras)
@@ -69,7 +69,7 @@ class NPTDecoderLayer(LlamaDecoderLayer):
         return h + y
 
     def fused(self, h_t: torch.Tensor, h_s: torch.Tensor | None, ratio: float, attn_kwargs: dict,
-              extras: NPExtras = NPExtras()) -> tuple[torch.Tensor, torch.Tensor | None, LayerOutput]:
+              extras: NPExtras = NO_EXTRAS) -> tuple[torch.Tensor, torch.Tensor | None, LayerOutput]:
         """One training pass of this layer for both streams.
 
         The student reads h_in = (1-ratio)·h_T + ratio·h_S; its output always propagates:
