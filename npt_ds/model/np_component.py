@@ -98,11 +98,11 @@ class NPComponent(nn.Module):
         coef = torch.einsum("nr,nrk->nk", r, q) if k > 1 else (r * q.squeeze(-1)).sum(-1, keepdim=True)
         z = (scale * r).unsqueeze(-1) * coef.unsqueeze(1) if k > 1 else (scale * coef) * r  # (N, rank[, k])
         z = z.reshape(n, rank * k)
-        gate2 = gate.reshape(n, self.d_ffn)
+        gate2 = _flat(gate, n)
         if factor is not None:
             gate2 = gate2 * factor.to(gate2.dtype)
         gate2 = _add_matmul(gate2, z, self.W_b_up.view(rank * k, self.d_ffn))
-        up2 = up.reshape(n, self.d_ffn)
+        up2 = _flat(up, n)
         if self.W_c_up is not None:
             up2 = _add_matmul(up2, z, self.W_c_up.view(rank * k, self.d_ffn))
         reg = self._regulariser(r) if extras.reg else None
@@ -131,11 +131,17 @@ class NPComponent(nn.Module):
                 None if factor is None else factor.view(*lead, self.d_ffn))
 
 
+def _flat(t: torch.Tensor, n: int) -> torch.Tensor:
+    """t as (n, features): itself when already 2-D (an in-place add into a view would cost autograd a rebase)."""
+    return t if t.dim() == 2 else t.reshape(n, t.shape[-1])
+
+
 def _add_matmul(base: torch.Tensor, z: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """base + z @ w, fused into one addmm when the dtypes agree (the base is in the frozen model's dtype)."""
+    """base += z @ w in place (base is a fresh pre-activation no autograd node saved), one addmm when the
+    dtypes agree (base is in the frozen model's dtype); an out-of-place addmm would first copy base."""
     if base.dtype == z.dtype:
-        return torch.addmm(base, z, w)
-    return base + (z @ w).to(base.dtype)
+        return base.addmm_(z, w)
+    return base.add_((z @ w).to(base.dtype))
 
 
 def modulated_mlp(mlp: nn.Module, x: torch.Tensor, np_component: NPComponent, attn: torch.Tensor, scale: float,
@@ -145,6 +151,10 @@ def modulated_mlp(mlp: nn.Module, x: torch.Tensor, np_component: NPComponent, at
     Never forms a per-token ΔW (nor v_a, v_b unless `extras.vectors`).  `mlp` is an HF LlamaMLP; its linear
     layers are called as modules so ZeRO-3 hooks gather them.  -> (output, what the NP component made).
     """
-    gate, up, coef, reg, *vecs = np_component(attn, x, mlp.gate_proj(x), mlp.up_proj(x), scale, extras)
-    inputs = ModulatedMLPInputs(gate, up, coef, reg, Modulation(*vecs) if extras.vectors else None)
-    return mlp.down_proj(mlp.act_fn(inputs.gate) * inputs.up), inputs
+    x2 = x.reshape(-1, x.shape[-1])  # 2-D pre-activations: the NP component adds into them in place
+    gate, up, coef, reg, *vecs = np_component(attn, x2, mlp.gate_proj(x2), mlp.up_proj(x2), scale, extras)
+    lead = x.shape[:-1]
+    coef = coef.view(*lead, coef.shape[-1])
+    inputs = ModulatedMLPInputs(gate.view(*lead, -1), up.view(*lead, -1), coef, reg,
+                                Modulation(*vecs) if extras.vectors else None)
+    return mlp.down_proj(mlp.act_fn(gate) * up).view(*lead, -1), inputs
