@@ -27,8 +27,9 @@ test: setup        ## the whole suite, slow and multi-process tests included (wh
 test-fast: setup   ## skip the slow/multi-process tests
 	$(PY) -m pytest -q -p no:cacheprovider -m "not slow and not multiproc"
 
-# what each MODE adds to the demo recipe: multi-layer also aligns v_a with the attention output
-DEMO_multi_layer := loss.projection_consistency=0.5
+# what each MODE adds to the demo recipe: multi-layer also aligns v_a with the attention output and
+# distils the logits (KD), which keeps the student stage from trading perplexity for hidden-state MSE
+DEMO_multi_layer := loss.projection_consistency=0.5 loss.kd_weight=1.0
 
 demo: setup        ## train NPT on SmolLM2-135M + Shakespeare, 2 CPU ranks, ZeRO-3 (MODE=multi_layer switches mode)
 	PATH=$(abspath $(VENV))/bin:$$PATH PYTHON=$(abspath $(PY)) bash launch/train_local.sh configs/smollm2_demo.yaml \
