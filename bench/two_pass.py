@@ -52,7 +52,7 @@ def _student_layer(layer, h_in: torch.Tensor, h_out: torch.Tensor, attn_kwargs: 
                    extras: NPExtras) -> LayerOutput:
     attn = layer.attention(h_in, **attn_kwargs)  # recomputed: the teacher pass threw it away
     y, np_out, x = layer.student_mlp(h_in, attn, extras)
-    return layer_output(layer.layer_idx, y, h_out - h_in, attn, x, h_in, np_out)
+    return layer_output(layer.layer_idx, y, h_out - h_in, attn, x, h_in, np_out, extras)
 
 
 def two_pass_reuse_forward(model: nn.Module, input_ids: torch.Tensor,

@@ -7,7 +7,7 @@ stage (a training step's ``layer/{i}/direct_mse`` depends on the stage's mixing 
   it imitates its teacher layer;
 * ``eval/layer/{i}/direct_mse_student_in`` -- inside the full NPT model (ρ = 1, every NPT layer
   active): what inference sees, upstream NPT error included;
-* ``eval/layer/{i}/v_a_attn_sim`` -- :func:`npt_ds.losses.attn_alignment` on the teacher input.
+* ``eval/layer/{i}/v_a_attn_sim`` -- :func:`npt_ds.model.diagnostics.attn_alignment` on the teacher input.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .distributed import all_reduce_sum
-from .losses import attn_alignment, direct_mse
+from .losses import direct_mse
 from .model.fused import fused_forward
 from .model.np_component import NPExtras
 
@@ -45,9 +45,9 @@ def evaluate(model: nn.Module, batches: list[torch.Tensor]) -> dict[str, float]:
         add("batches", torch.tensor(1))
         for layer in out.layers:
             add(f"layer/{layer.index}/direct_mse_student_in", direct_mse(layer.student_out, layer.target))
-        for layer in fused_forward(model, ids, mixing_ratio=0.0, extras=NPExtras(vectors=True)).layers:
+        for layer in fused_forward(model, ids, mixing_ratio=0.0, extras=NPExtras(diagnostics=True)).layers:
             add(f"layer/{layer.index}/direct_mse_teacher_in", direct_mse(layer.student_out, layer.target))
-            add(f"layer/{layer.index}/v_a_attn_sim", attn_alignment(layer.v_a, layer.attn))
+            add(f"layer/{layer.index}/v_a_attn_sim", layer.stats["v_a_attn_sim"])
     keys = sorted(sums)
     total = dict(zip(keys, all_reduce_sum(torch.stack([sums[k] for k in keys]).tolist())))
     result = {"eval/ppl_base": _ppl(total["nll_base"] / total["tokens"]),

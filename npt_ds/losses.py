@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from npt_ds.config import ConfigError, LossConfig
+from npt_ds.model.diagnostics import vector_stats
 from npt_ds.model.np_component import NPExtras
 from npt_ds.model.outputs import LayerOutput, NPTForwardOutput
 
@@ -194,16 +195,6 @@ def attn_similarity(v_a: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
     return F.cosine_similarity(v_a.float().sum(-2), attn.float(), dim=-1, eps=1e-8).mean()
 
 
-def attn_alignment(v_a: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-    """The logged ``v_a_attn_sim``: mean over tokens and k of |cos(v_a,k, a)|.
-
-    Sign-invariant on purpose: the modulation s·v_b (v_a·x) is unchanged when v_a and v_b flip sign
-    together, so only the magnitude of the alignment with the attention output is meaningful.
-    """
-    a = attn.float().unsqueeze(-2).expand_as(v_a)
-    return F.cosine_similarity(v_a.float(), a, dim=-1, eps=1e-8).abs().mean()
-
-
 def grad_norm(term: torch.Tensor, params: Sequence[torch.Tensor]) -> torch.Tensor:
     """L2 norm of d term / d params over all of ``params`` (unused params count 0); graph kept."""
     if not term.requires_grad or not params:
@@ -262,7 +253,7 @@ class NPTLoss(nn.Module):
     * guidance terms: uniform mean over the NPT layers.
     * per-layer diagnostics keyed by ``LayerOutput.index``: ``layer/{i}/direct_mse`` (raw MSE: unscaled,
       unmasked) always; when the forward formed the vectors (log steps) also ``v_a_norm`` / ``v_b_norm``
-      (mean L2 norm over tokens and k) and ``v_a_attn_sim`` (:func:`attn_alignment`).
+      (mean L2 norm over tokens and k) and ``v_a_attn_sim`` (:func:`npt_ds.model.diagnostics.attn_alignment`).
     * adaptive weighting (``loss.adaptive_weighting``) needs ``params`` while training; in eval mode
       the stored weights are used and not updated.  Its weights are logged as ``weight/<term>``.
     """
@@ -278,7 +269,7 @@ class NPTLoss(nn.Module):
         """What the forward must add for these terms: the regulariser, and v_a itself for the guidance
         terms or for the logged per-layer ``diagnostics``."""
         guidance = any(getattr(self.cfg, field_name) > 0 for field_name in GUIDANCE.values())
-        return NPExtras(vectors=diagnostics or guidance, reg=self.cfg.reg_lambda > 0)
+        return NPExtras(vectors=guidance, reg=self.cfg.reg_lambda > 0, diagnostics=diagnostics)
 
     def forward(self, out: NPTForwardOutput, kd_weight: float = 0.0, params: Sequence[torch.Tensor] | None = None,
                 difficulty_keep: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -363,11 +354,10 @@ class NPTLoss(nn.Module):
 @torch.no_grad()
 def _layer_metrics(layer: LayerOutput) -> dict[str, torch.Tensor]:
     i = layer.index
-    metrics = {}
-    if layer.v_a is not None:  # the vectors are formed on log steps only
-        metrics[f"layer/{i}/v_a_norm"] = layer.v_a.float().norm(dim=-1).mean()
-        metrics[f"layer/{i}/v_b_norm"] = layer.v_b.float().norm(dim=-1).mean()
-        metrics[f"layer/{i}/v_a_attn_sim"] = attn_alignment(layer.v_a, layer.attn)
+    stats = layer.stats  # formed in the layer on log steps (diagnostics), else from kept vectors
+    if stats is None and layer.v_a is not None:
+        stats = vector_stats(layer.v_a, layer.v_b, layer.attn)
+    metrics = {f"layer/{i}/{name}": value for name, value in (stats or {}).items()}
     if layer.target is not None:
         metrics[f"layer/{i}/direct_mse"] = direct_mse(layer.student_out, layer.target)
     return metrics

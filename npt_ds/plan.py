@@ -45,12 +45,13 @@ d, f = d_ffn, q = heads * head_dim, H heads, k = num_ranks, r = rank, per token:
                                    modulated MLP's SiLU in/out and up (+ 3bf multiplicative, + 4d
                                    post-norm input with a student stream)
     A_np = R_np + I_np (+ A_attn with a student stream: the student's own attention)
-    diagnostics           D_np   = b k(d + f)           v_a, v_b, formed on log steps (and every step when a
-                                   guidance loss reads them; + bkf dual v_c, + bf multiplicative factor)
+    vectors               D_np   = b k(d + f)           v_a, v_b (+ bkf dual v_c, + bf multiplicative factor):
+                                   on log steps one layer's at a time (reduced to stats at once), every
+                                   NPT layer's when a guidance loss reads them (``keep_vectors``)
 
     stored      = N * (n_npt * A_np + n_student_layers * A_dec)
     stored_ckpt = N * (n_npt * (A_np - I_np) + n_student_layers * A_dec + max I_np)
-    diagnostic  = N * n_npt * D_np   (counted in the total: a log step is the peak)
+    vectors     = N * D_np, or N * n_npt * D_np with keep_vectors (in the total: a log step is the peak)
 
 ``model.activation_checkpointing`` recomputes each NPT layer's student MLP in backward (the trainer
 sets ``NPTDecoderLayer.checkpoint_student``): only I_np is dropped, and one layer's I_np comes back
@@ -313,12 +314,13 @@ def model_state_bytes(total_params: int, trainable_params: int, *, zero_stage: i
 def activation_bytes(shape: ModelShape, npt_layers: Sequence[int], *, seq_len: int, micro_batch_size: int,
                      rank: int, num_ranks: int, dual: bool = False, multiplicative: bool = False,
                      act_bytes: float = 2, checkpointing: bool = False, student_stream: bool = False,
-                     want_logits: bool = False) -> dict[str, float]:
+                     want_logits: bool = False, keep_vectors: bool = False) -> dict[str, float]:
     """Per-GPU activation bytes of one fused NPT training step (formulas in the module docstring).
 
     ``student_stream``: the student's own hidden state runs through every layer after the first NPT
     layer (schedule.mode other than single_layer, fidelity or KD); otherwise each NPT layer reads the
-    teacher state and nothing after the last NPT layer runs.  Returns the parts and their ``total``.
+    teacher state and nothing after the last NPT layer runs.  ``keep_vectors``: a guidance loss keeps every
+    NPT layer's v_a, v_b for backward.  Returns the parts and their ``total``.
     """
     if not npt_layers:
         raise ConfigError("npt.layers selects no layers")
@@ -347,7 +349,7 @@ def activation_bytes(shape: ModelShape, npt_layers: Sequence[int], *, seq_len: i
         recompute = 0.0
     parts = {
         "npt_and_student_layers": n_tok * per_layer,
-        "diagnostic_vectors": n_tok * n_npt * diagnostic,
+        "vectors": n_tok * diagnostic * (n_npt if keep_vectors else 1),
         "recompute_peak": n_tok * recompute,
         "hidden_streams": n_tok * b * d * (2 if student_stream else 1),
         "working_set": n_tok * 2 * b * (4 * q + 3 * f),
@@ -395,6 +397,7 @@ class PlanInputs:
     activation_checkpointing: bool = False
     student_stream: bool = False  # the student's own hidden state runs past the first NPT layer
     want_logits: bool = False  # teacher + student logits are materialised (KD / logit fidelity)
+    keep_vectors: bool = False  # a guidance loss keeps every NPT layer's v_a, v_b
     teacher_shape: ModelShape | None = None  # a KD teacher of another width (model.teacher_path)
     ds: DeepSpeedKnobs = field(default_factory=DeepSpeedKnobs)
     reserve_gib: float = RUNTIME_RESERVE_GIB
@@ -504,7 +507,7 @@ def plan_memory(inputs: PlanInputs) -> Plan:
     act_kwargs = dict(seq_len=i.seq_len, micro_batch_size=i.micro_batch_size, rank=i.rank,
                       num_ranks=i.num_ranks, dual=i.dual, multiplicative=i.multiplicative,
                       act_bytes=base_elem_bytes(i.precision, i.model_dtype),
-                      student_stream=i.student_stream, want_logits=i.want_logits)
+                      student_stream=i.student_stream, want_logits=i.want_logits, keep_vectors=i.keep_vectors)
     acts = activation_bytes(shape, i.npt_layers, checkpointing=i.activation_checkpointing, **act_kwargs)
     alt = activation_bytes(shape, i.npt_layers, checkpointing=not i.activation_checkpointing, **act_kwargs)
 
@@ -680,7 +683,8 @@ def inputs_from_config(cfg: TrainConfig, *, nodes: int, gpus_per_node: int, gpu_
     teacher = None
     if cfg.model.teacher_path:
         teacher = load_shape(cfg.model.teacher_path, cfg.model.teacher_tiny)
-    from .model.convert import parse_layer_spec  # lazy: torch/transformers only when planning
+    from .losses import GUIDANCE  # lazy: torch/transformers only when planning
+    from .model.convert import parse_layer_spec
 
     layers = tuple(parse_layer_spec(cfg.npt.layers, shape.num_layers))
     repo_root = Path(__file__).resolve().parent.parent
@@ -698,7 +702,8 @@ def inputs_from_config(cfg: TrainConfig, *, nodes: int, gpus_per_node: int, gpu_
         zero_stage=int(stage), nodes=nodes, gpus_per_node=gpus_per_node, gpu_mem_gib=float(gpu_mem_gib),
         activation_checkpointing=(cfg.model.activation_checkpointing if activation_checkpointing is None
                                   else activation_checkpointing),
-        student_stream=student, want_logits=logits, teacher_shape=teacher, ds=ds)
+        student_stream=student, want_logits=logits, teacher_shape=teacher, ds=ds,
+        keep_vectors=any(getattr(loss, name) > 0 for name in GUIDANCE.values()))
 
 
 # --------------------------------------------------------------------------- CLI

@@ -60,7 +60,7 @@ def test_mixing_ratio_sets_the_student_input_and_outputs_propagate(ratio):
 def test_held_out_layer_metrics_use_fixed_protocols():
     """eval/layer/{i}/direct_mse_{teacher,student}_in against hand-written streams at ρ = 0 and ρ = 1."""
     from npt_ds.evaluate import evaluate, layer_table
-    from npt_ds.losses import attn_alignment
+    from npt_ds.model.diagnostics import attn_alignment
 
     torch.manual_seed(0)
     model = tiny_llama()

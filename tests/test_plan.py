@@ -210,7 +210,7 @@ def test_activations_scale_with_tokens_and_streams():
     assert single < fused < logits
 
 
-@pytest.mark.parametrize("vectors", [False, True])
+@pytest.mark.parametrize("vectors", ["none", "diagnostics", "keep"])
 @pytest.mark.parametrize("student_stream", [False, True])
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_activation_formula_bounds_measured_autograd_tensors(student_stream, checkpointing, vectors, monkeypatch):
@@ -243,9 +243,9 @@ def test_activation_formula_bounds_measured_autograd_tensors(student_stream, che
     ids = torch.randint(0, 512, (2, 64), generator=torch.Generator().manual_seed(0))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fused_forward(model, ids, mixing_ratio=0.5 if student_stream else 0.0, student_stream=student_stream,
-                            extras=NPExtras(vectors=vectors, reg=True))
+                            extras=NPExtras(vectors=vectors == "keep", reg=True, diagnostics=vectors == "diagnostics"))
     for lo in out.layers:
-        assert (lo.v_a is not None) == vectors
+        assert (lo.v_a is not None) == (vectors == "keep") and (lo.stats is not None) == (vectors == "diagnostics")
         for t in (lo.student_out, lo.target, lo.attn, lo.x, lo.h_in, lo.coef, lo.v_a, lo.v_b):
             if t is None:
                 continue
@@ -257,8 +257,9 @@ def test_activation_formula_bounds_measured_autograd_tensors(student_stream, che
 
     shape = ModelShape.from_hf_config({**TINY_DEFAULTS, **over})
     est = activation_bytes(shape, [2, 3], seq_len=64, micro_batch_size=2, rank=16, num_ranks=3, act_bytes=4,
-                           student_stream=student_stream, checkpointing=checkpointing)
-    want = est["npt_and_student_layers"] + (est["diagnostic_vectors"] if vectors else 0.0)
+                           student_stream=student_stream, checkpointing=checkpointing, keep_vectors=vectors == "keep")
+    # diagnostics reduce each layer's vectors to stats at once: nothing of them is kept
+    want = est["npt_and_student_layers"] + (est["vectors"] if vectors == "keep" else 0.0)
     assert measured <= want <= 1.25 * measured
 
 

@@ -34,8 +34,9 @@ class Modulation:
 class NPExtras:
     """What a training forward wants from the NP component beyond the modulated MLP."""
 
-    vectors: bool = False  # v_a, v_b (v_c, factor): diagnostics and guidance losses
+    vectors: bool = False  # keep v_a, v_b (v_c, factor) with autograd: the guidance losses read them
     reg: bool = False  # mean(v_a²) + mean(v_b²): the regulariser (loss.reg_lambda > 0)
+    diagnostics: bool = False  # form the vectors without autograd, for per-layer stats (log steps)
 
 
 NO_EXTRAS = NPExtras()
@@ -49,7 +50,7 @@ class ModulatedMLPInputs:
     up: torch.Tensor  # W_u x (+ s Σ_k v_c,k (v_a,k · x) when dual)
     coef: torch.Tensor  # (..., k) v_a,k · x, unscaled
     reg: torch.Tensor | None = None  # 0-dim mean(v_a²) + mean(v_b²), when requested (exact, via Gram matrices)
-    mod: Modulation | None = None  # the vectors, when requested
+    mod: Modulation | None = None  # the vectors, when requested (NPExtras.vectors / diagnostics)
 
 
 class NPComponent(nn.Module):
@@ -85,7 +86,8 @@ class NPComponent(nn.Module):
         * ``np(attn)`` -> ``(v_a, v_b, v_c | None, factor | None)``; wrap as ``Modulation(*np(attn))``.
         * ``np(attn, x, gate, up, scale, extras)`` with the base pre-activations gate = W_g x and
           up = W_u x -> ``(gate, up, coef, reg | None, v_a, v_b, v_c, factor)`` (a flat tuple of plain
-          tensors, so ZeRO-3's hooks see them; the vectors are None unless ``extras.vectors``).
+          tensors, so ZeRO-3's hooks see them; the vectors are None unless ``extras.vectors`` or
+          ``extras.diagnostics``, and carry no autograd graph without ``extras.vectors``).
         """
         dtype = self.W_down.dtype
         lead = attn.shape[:-1]
@@ -106,7 +108,10 @@ class NPComponent(nn.Module):
         if self.W_c_up is not None:
             up2 = _add_matmul(up2, z, self.W_c_up.view(rank * k, self.d_ffn))
         reg = self._regulariser(r) if extras.reg else None
-        vecs = self._vectors(r, factor, lead) if extras.vectors else (None, None, None, None)
+        vecs = (None, None, None, None)
+        if extras.vectors or extras.diagnostics:
+            with torch.set_grad_enabled(torch.is_grad_enabled() and extras.vectors):
+                vecs = self._vectors(r, factor, lead)
         return (gate2.view(*lead, self.d_ffn), up2.view(*lead, self.d_ffn), coef.view(*lead, k), reg) + vecs
 
     def _regulariser(self, r: torch.Tensor) -> torch.Tensor:
@@ -156,5 +161,5 @@ def modulated_mlp(mlp: nn.Module, x: torch.Tensor, np_component: NPComponent, at
     lead = x.shape[:-1]
     coef = coef.view(*lead, coef.shape[-1])
     inputs = ModulatedMLPInputs(gate.view(*lead, -1), up.view(*lead, -1), coef, reg,
-                                Modulation(*vecs) if extras.vectors else None)
+                                None if vecs[0] is None else Modulation(*vecs))
     return mlp.down_proj(mlp.act_fn(gate) * up).view(*lead, -1), inputs

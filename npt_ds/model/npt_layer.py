@@ -76,7 +76,7 @@ class NPTDecoderLayer(LlamaDecoderLayer):
         h_S' = h_S + y.  With ratio 0 (or no student stream) the attention on h_T is computed once
         and shared by the teacher target and the student modulation.  Teacher work runs without
         autograd (the base is frozen and the teacher state carries no gradient).  `extras` asks for
-        the regulariser and v_a, v_b (diagnostics, guidance losses) in the LayerOutput.
+        the regulariser, v_a and v_b (guidance losses) and the per-layer vector stats in the LayerOutput.
         """
         with torch.no_grad():
             attn_t = self.attention(h_t, **attn_kwargs)
@@ -95,4 +95,4 @@ class NPTDecoderLayer(LlamaDecoderLayer):
             y, np_out, x = self.student_mlp(h_in, attn, extras)
         target, new_t = attn_t + mlp_t, h_mid + mlp_t
         new_s = None if h_s is None else h_s + y
-        return new_t, new_s, layer_output(self.layer_idx, y, target, attn, x, h_in, np_out)
+        return new_t, new_s, layer_output(self.layer_idx, y, target, attn, x, h_in, np_out, extras)

@@ -5,6 +5,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .diagnostics import vector_stats
+
 
 @dataclass
 class LayerOutput:
@@ -17,7 +19,9 @@ class LayerOutput:
     h_in:        the hidden state the layer read (teacher/student mix)
     coef:        (B, T, k) v_a,k · x
     reg:         0-dim mean(v_a²) + mean(v_b²); None unless the forward was asked for it (NPExtras)
-    v_a, v_b:    (B, T, k, d), (B, T, k, d_ffn); None unless the forward was asked for the vectors
+    v_a, v_b:    (B, T, k, d), (B, T, k, d_ffn); None unless the forward was asked to keep them
+    stats:       0-dim v_a_norm, v_b_norm, v_a_attn_sim (model.diagnostics.vector_stats) when the forward
+                 was asked for diagnostics: reduced at once, so no layer's vectors outlive it
     """
 
     index: int
@@ -30,6 +34,7 @@ class LayerOutput:
     reg: torch.Tensor | None = None
     v_a: torch.Tensor | None = None
     v_b: torch.Tensor | None = None
+    stats: dict[str, torch.Tensor] | None = None
 
 
 @dataclass
@@ -42,8 +47,10 @@ class NPTForwardOutput:
 
 
 def layer_output(index: int, student_out: torch.Tensor, target: torch.Tensor | None, attn: torch.Tensor,
-                 x: torch.Tensor, h_in: torch.Tensor, np_out) -> LayerOutput:
-    """A LayerOutput from a layer's tensors and its NP component's ModulatedMLPInputs."""
+                 x: torch.Tensor, h_in: torch.Tensor, np_out, extras) -> LayerOutput:
+    """A LayerOutput from a layer's tensors, its NP component's ModulatedMLPInputs and the NPExtras asked."""
     mod = np_out.mod
+    keep = mod is not None and extras.vectors
+    stats = vector_stats(mod.v_a, mod.v_b, attn) if mod is not None and extras.diagnostics else None
     return LayerOutput(index, student_out, target, attn, x, h_in, np_out.coef, np_out.reg,
-                       None if mod is None else mod.v_a, None if mod is None else mod.v_b)
+                       mod.v_a if keep else None, mod.v_b if keep else None, stats)
