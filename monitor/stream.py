@@ -45,8 +45,9 @@ __all__ = [
 
 #: keys that are not metrics (never plotted); ``run/*`` keys are metadata too
 NON_METRIC_KEYS = frozenset({"step", "time"})
-LAYER_KEY = re.compile(r"^layer/(\d+)/(.+)$")
-LAYER_FIELDS = ("direct_mse", "v_a_norm", "v_b_norm", "v_a_attn_sim")
+LAYER_KEY = re.compile(r"^(eval/)?layer/(\d+)/(.+)$")  # train values, and held-out ones as field "eval/<name>"
+LAYER_FIELDS = ("direct_mse", "v_a_norm", "v_b_norm", "v_a_attn_sim", "eval/direct_mse_teacher_in",
+                "eval/direct_mse_student_in")
 TRAIN_EVENT = "train"
 
 _isfinite = math.isfinite
@@ -891,11 +892,11 @@ class RunState:
         cache = self._layer_cache
         if key not in cache:
             m = LAYER_KEY.match(key)
-            cache[key] = (int(m.group(1)), m.group(2)) if m else None
+            cache[key] = (int(m.group(2)), (m.group(1) or "") + m.group(3)) if m else None
         return cache[key]
 
     def layers(self) -> dict[int, dict[str, float]]:
-        """Latest per-layer values: {layer index: {field: value}}."""
+        """Latest per-layer values: {layer index: {field: value}}; held-out (eval) fields are "eval/<name>"."""
         out: dict[int, dict[str, float]] = {}
         for key, v in self.latest.items():
             lf = self._layer_of(key)

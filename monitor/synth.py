@@ -127,6 +127,9 @@ def synth_records(
                 "eval/ppl_base": 12.5,
                 "eval/ppl_npt": round(12.5 * (1 + 2 * math.exp(-step / tau)), 4),
                 "eval/fidelity_mse": round(0.05 * math.exp(-step / tau) + 0.002, 6),
+                **{f"eval/layer/{layer}/direct_mse_{proto}": round(
+                    0.02 * math.exp(-step / tau) * (1 + 0.3 * layer) * (1 + 0.5 * layer * (proto == "student_in"))
+                    + 0.001, 7) for layer in range(n_layers) for proto in ("teacher_in", "student_in")},
             }
         if checkpoint_every and step % checkpoint_every == 0:
             yield {"time": now, "step": step, "event": "checkpoint", "path": f"checkpoints/step-{step:08d}"}

@@ -138,6 +138,19 @@ def test_runstate_header_and_layers_from_synth_run():
     assert st.series["loss/total"].count == 50
 
 
+def test_layers_include_the_latest_held_out_values():
+    st = RunState("/runs/exp2/metrics.jsonl")
+    recs = [{"step": 10, "event": "train", "layer/26/direct_mse": 5.0, "layer/26/v_a_norm": 1.0},
+            {"step": 10, "event": "eval", "eval/layer/26/direct_mse_teacher_in": 4.5,
+             "eval/layer/26/direct_mse_student_in": 4.75, "eval/ppl_npt": 50.0},
+            {"step": 20, "event": "eval", "eval/layer/26/direct_mse_student_in": 4.25}]
+    batch, corrupt = parse_lines([json.dumps(r) for r in recs])
+    assert corrupt == []
+    st.ingest(batch)
+    assert st.layers() == {26: {"direct_mse": 5.0, "v_a_norm": 1.0, "eval/direct_mse_teacher_in": 4.5,
+                                "eval/direct_mse_student_in": 4.25}}
+
+
 def test_runstate_name_falls_back_to_run_dir_and_eta_to_time_field():
     st = RunState("/runs/exp7/metrics.jsonl")
     recs = [

@@ -1,4 +1,5 @@
-"""Per-layer table: direct MSE, v_a/v_b norms, v_a-attention similarity (latest values)."""
+"""Per-layer table: direct MSE, v_a/v_b norms, v_a-attention similarity (latest values), and the latest
+held-out direct MSE of each layer on the teacher's input (ρ=0) and inside the NPT model (ρ=1)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ COLUMNS = (
     ("direct_mse", "direct MSE"),
     ("v_a_norm", "‖v_a‖"),
     ("v_b_norm", "‖v_b‖"),
-    ("v_a_attn_sim", "v_a·attn sim"),
+    ("v_a_attn_sim", "attn sim"),
+    ("eval/direct_mse_teacher_in", "eval ρ=0"),
+    ("eval/direct_mse_student_in", "eval ρ=1"),
 )
 
 
