@@ -49,5 +49,11 @@ def barrier() -> None:
         dist.barrier()
 
 
+def shutdown_distributed() -> None:
+    """Tear the process group down in order before the process exits (every rank, after the last collective)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def _device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")

@@ -29,6 +29,7 @@ def run_train(args: argparse.Namespace) -> int:
         path = None
     try:
         cfg = load_config(path, overrides)
+        from .distributed import shutdown_distributed
         from .trainer import Trainer, TrainingDiverged
 
         trainer = Trainer(cfg)
@@ -42,6 +43,7 @@ def run_train(args: argparse.Namespace) -> int:
         return 3
     finally:
         trainer.close()
+        shutdown_distributed()
     return 0
 
 
