@@ -87,7 +87,8 @@ class NPComponent(nn.Module):
         * ``np(attn, x, gate, up, scale, extras)`` with the base pre-activations gate = W_g x and
           up = W_u x -> ``(gate, up, coef, reg | None, v_a, v_b, v_c, factor)`` (a flat tuple of plain
           tensors, so ZeRO-3's hooks see them; the vectors are None unless ``extras.vectors`` or
-          ``extras.diagnostics``, and carry no autograd graph without ``extras.vectors``).
+          ``extras.diagnostics``, and carry no autograd graph without ``extras.vectors``).  The modulation
+          is added into 2-D ``gate`` / ``up`` in place: pass fresh pre-activations, not tensors used elsewhere.
         """
         dtype = self.W_down.dtype
         lead = attn.shape[:-1]
