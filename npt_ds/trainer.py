@@ -184,7 +184,7 @@ class Trainer:
         while self.step < stop:
             self.train_step()
             self.step += 1
-            if self.step % cfg.logging.log_every == 0 or self.step == total:
+            if self.logs_after(self.step):
                 self.log_train(start_step, t0)
             if cfg.logging.eval_every and self.step % cfg.logging.eval_every == 0 and self.step < total:
                 self.run_eval()
@@ -225,10 +225,13 @@ class Trainer:
         inject = cfg.inject_nan
         poison = bool(inject) and step == inject.get("step", 0) and self.rank == inject.get("rank", 0) \
             and self._poison_left > 0
-        log_step = (step + 1) % cfg.logging.log_every == 0 or step + 1 == cfg.schedule.total_steps
         return StepControls(stage=stage, mixing_ratio=ratio, kd_weight=kd, difficulty_keep=keep, student_stream=student_stream,
                             want_logits=needs_logits, poison=poison, active_layers=self.active_layers(step),
-                            diagnostics=log_step)
+                            diagnostics=self.logs_after(step + 1))
+
+    def logs_after(self, steps_done: int) -> bool:
+        """Whether a train line is written once `steps_done` steps have run (its step forms the diagnostics)."""
+        return steps_done % self.cfg.logging.log_every == 0 or steps_done == self.cfg.schedule.total_steps
 
     def active_layers(self, step: int) -> tuple[int, ...] | None:
         """Sequential mode: the one layer trained at `step` (earlier ones are carried); else None = all."""
