@@ -42,6 +42,11 @@ most one :class:`Alert` per record.  All thresholds live in
     ``mean(newer) >= mean(older) - plateau_min_rel_decrease * |mean(older)|``
     (``plateau_min_rel_decrease`` defaults to 0: "not decreasing at all").
     Re-arms once the loss decreases again and at least one window has passed.
+    The window starts afresh (and the detector re-arms) whenever the loss changes
+    by design: a change of any ``schedule_keys`` value (curriculum stage and
+    mixing ratio, sequential layer, KD weight during its warm-up, difficulty
+    keep fraction) or a step that goes back (a resume from an earlier
+    checkpoint).
 """
 
 from __future__ import annotations
@@ -80,6 +85,9 @@ class AlertConfig:
     kl_key: str = "kd/kl"
     grad_key: str = "grad_norm"
     nonfinite_ignore: tuple[str, ...] = ("eta_s", "tokens_per_s")
+    # train-line values whose change moves the loss on purpose: the plateau window restarts at each
+    schedule_keys: tuple[str, ...] = ("curriculum/stage", "curriculum/mixing_ratio", "sequential/layer",
+                                      "kd/weight", "difficulty/keep")
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -295,13 +303,30 @@ class PlateauDetector(_Detector):
         self.active = False
         self.since_fire = 0
         self.seen = 0
+        self.schedule: tuple | None = None  # schedule_keys values of the last train line
+        self.last_step: int | None = None
+
+    def restart(self) -> None:
+        """Forget the window: the loss level changed by design, so old and new halves are not comparable."""
+        self.older.clear()
+        self.newer.clear()
+        self.sum_older = self.sum_newer = 0.0
+        self.active = False
 
     def scan(self, batch: Batch) -> Hits:
         hits: Hits = []
         half = self.half
         older, newer = self.older, self.newer
         min_dec = self.cfg.plateau_min_rel_decrease
+        schedule_cols = [batch.column(k) for k in self.cfg.schedule_keys]
+        steps = batch.steps
         for i, loss in zip(*batch.train_finite_columns(self.cfg.loss_key)):
+            schedule = tuple(col[i] for col in schedule_cols)
+            step = steps[i] if steps is not None else None
+            rewound = step is not None and self.last_step is not None and step < self.last_step
+            if rewound or (self.schedule is not None and schedule != self.schedule):
+                self.restart()
+            self.schedule, self.last_step = schedule, step
             newer.append(loss)
             self.sum_newer += loss
             if len(newer) > half:

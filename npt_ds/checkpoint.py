@@ -1,8 +1,9 @@
 """Checkpoints: RUN_DIR/checkpoints/step-{N:08d}/ with DeepSpeed state (frozen base excluded),
 portable NP weights, meta.json (config, loop state, data position) and per-rank RNG state.
 
-The `latest` pointer is written last, atomically (temp file + rename), so an interrupted save
-never becomes the resume point; only the newest `keep_last` step dirs are kept.
+A step dir is written under a temp name and renamed into place; the `latest` pointer is written
+last, atomically (temp file + rename), so an interrupted save never becomes the resume point; only
+the `keep_last` most recently written step dirs are kept.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import os
 import random
 import re
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +22,7 @@ from .distributed import barrier
 from .model.io import save_np_weights
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
+TMP_PREFIX = ".tmp-"  # in-progress saves and replaced step dirs (never matched by STEP_DIR)
 
 
 def step_tag(step: int) -> str:
@@ -27,32 +30,78 @@ def step_tag(step: int) -> str:
 
 
 def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():  # this rank's current GPU (dropout, sampling on device)
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
 
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def save_checkpoint(engine, root: Path, step: int, meta: dict, rank: int, keep_last: int) -> Path:
+    """Write step-{N:08d}/ (collective: every rank calls it) and point `latest` at it.
+
+    Everything is written into a temp dir that is renamed into place once complete, so neither a killed
+    save nor a re-save of an existing step (re-running a finished run) leaves a half-written step dir.
+    Then the step dirs beyond the newest `keep_last` *in write order* are pruned, never the one just
+    written (after a resume from an earlier step, the highest step number is not the newest).
+    """
+    root = Path(root)
     tag = step_tag(step)
-    engine.save_checkpoint(str(root), tag=tag, client_state={"npt_meta": meta}, save_latest=False,
-                           exclude_frozen_parameters=True)
-    target = root / tag
-    torch.save(rng_state(), target / f"rng_rank{rank}.pt")
-    save_np_weights(engine.module.model, target / "np")  # collective under ZeRO-3 (gathers)
+    tmp = root / f"{TMP_PREFIX}{tag}"
+    if rank == 0:  # leftovers of a save that was killed
+        for stale in root.glob(f"{TMP_PREFIX}*") if root.is_dir() else []:
+            shutil.rmtree(stale, ignore_errors=True)
     barrier()
+    engine.save_checkpoint(str(root), tag=tmp.name, client_state={"npt_meta": meta}, save_latest=False,
+                           exclude_frozen_parameters=True)
+    torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
+    save_np_weights(engine.module.model, tmp / "np")  # collective under ZeRO-3 (gathers)
+    barrier()
+    target = root / tag
     if rank == 0:
-        (target / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
-        tmp = root / f".latest.tmp{os.getpid()}"
-        tmp.write_text(tag)
-        os.replace(tmp, root / "latest")
-        for old in list_steps(root)[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(root / step_tag(old), ignore_errors=True)
+        (tmp / "meta.json").write_text(json.dumps({**meta, "saved_at_ns": time.time_ns()}, indent=2, default=str))
+        replaced = root / f"{TMP_PREFIX}old-{tag}"
+        if target.exists():
+            os.replace(target, replaced)
+        os.replace(tmp, target)
+        latest = root / f"{TMP_PREFIX}latest{os.getpid()}"
+        latest.write_text(tag)
+        os.replace(latest, root / "latest")
+        shutil.rmtree(replaced, ignore_errors=True)
+        prune(root, keep_last, keep=tag)
     barrier()
     return target
+
+
+def written_at(step_dir: Path) -> int:
+    """When a step dir was saved (ns): meta.json's `saved_at_ns`, else its modification time."""
+    meta = step_dir / "meta.json"
+    try:
+        return int(json.loads(meta.read_text())["saved_at_ns"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return (meta if meta.exists() else step_dir).stat().st_mtime_ns
+
+
+def prune(root: Path, keep_last: int, keep: str) -> None:
+    """Delete all but the `keep_last` most recently written step dirs; `keep` (a tag) always stays."""
+    if keep_last <= 0:
+        return
+    by_age = sorted(list_steps(root), key=lambda s: (written_at(root / step_tag(s)), s))
+    for old in by_age[:-keep_last]:
+        if step_tag(old) != keep:
+            shutil.rmtree(root / step_tag(old), ignore_errors=True)
+
+
+def read_meta(target: Path) -> dict:
+    """meta.json of a step dir (loop state, config, world size)."""
+    return json.loads((Path(target) / "meta.json").read_text())
 
 
 def list_steps(root: Path) -> list[int]:

@@ -94,6 +94,7 @@ class LossConfig:
     kd_temperature: float = 2.0
     kd_warmup_start: float = 0.1
     kd_warmup_frac: float = 0.2
+    projector_ce_weight: float = 1.0  # cross-width KD: next-token CE that trains the logit projector
     modulation_guidance: float = 0.0
     info_bottleneck: float = 0.0
     orthogonality: float = 0.0
@@ -107,6 +108,9 @@ class LossConfig:
         _choice("loss.fidelity_on", self.fidelity_on, ("hidden", "logits", "both"))
         if self.kd_temperature <= 0:
             raise ConfigError("loss.kd_temperature must be > 0; use e.g. 2.0")
+        if self.projector_ce_weight <= 0:
+            raise ConfigError("loss.projector_ce_weight must be > 0: it is the only objective of the cross-width "
+                              "logit projector (the KD term never trains it); use e.g. 1.0")
         if not 0.0 <= self.kd_warmup_frac <= 1.0:
             raise ConfigError("loss.kd_warmup_frac must lie in [0, 1]; use e.g. 0.2")
 

@@ -21,10 +21,17 @@ def init_distributed() -> tuple[int, int]:
     if "RANK" not in os.environ:  # plain `python -m npt_ds.train`: a world of one on loopback
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
+    if torch.cuda.is_available():  # before any CUDA allocation: rank r computes (and bitsandbytes loads) on GPU r
+        torch.cuda.set_device(local_rank())
     if not dist.is_initialized():
         backend = "gloo" if not torch.cuda.is_available() else None
         deepspeed.init_distributed(dist_backend=backend)
     return dist.get_rank(), dist.get_world_size()
+
+
+def local_rank() -> int:
+    """This process's GPU index on its node (the launcher's LOCAL_RANK; 0 without a launcher)."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
 
 
 def any_rank_true(flag: bool | torch.Tensor) -> bool:

@@ -24,32 +24,38 @@ from .model.np_component import NPExtras
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: list[torch.Tensor]) -> dict[str, float]:
+def evaluate(model: nn.Module, batches: list[torch.Tensor], device: torch.device | str | None = None) -> dict[str, float]:
     """Perplexity of the teacher (base) and the NPT student (all NPT layers active) on `batches`.
 
-    Sums are all-reduced, so every rank must call this with the same number of batches.
+    `batches` may live on the host: each is moved to `device` (default: where the model's embedding
+    is).  Sums stay on that device until one host read at the end; they are all-reduced, so every
+    rank must call this with the same number of batches.
     """
+    device = torch.device(device) if device is not None else model.model.embed_tokens.weight.device
     sums: dict[str, torch.Tensor] = {}
+    counts = {"tokens": 0, "count": 0, "batches": 0}  # host integers: known without a device read
 
     def add(key: str, value: torch.Tensor) -> None:
-        sums[key] = sums.get(key, 0.0) + value.double()
+        sums[key] = sums[key] + value.double() if key in sums else value.double()
 
     for ids in batches:
+        ids = ids.to(device, non_blocking=True)
         out = fused_forward(model, ids, mixing_ratio=1.0, student_stream=True, want_logits=True)
         labels = ids[:, 1:].reshape(-1)
         add("nll_base", F.cross_entropy(out.teacher_logits[:, :-1].flatten(0, 1).float(), labels, reduction="sum"))
         add("nll_npt", F.cross_entropy(out.student_logits[:, :-1].flatten(0, 1).float(), labels, reduction="sum"))
         add("fid", F.mse_loss(out.student_hidden.float(), out.teacher_hidden.float(), reduction="sum"))
-        add("tokens", torch.tensor(labels.numel()))
-        add("count", torch.tensor(out.student_hidden.numel()))
-        add("batches", torch.tensor(1))
+        counts["tokens"] += labels.numel()
+        counts["count"] += out.student_hidden.numel()
+        counts["batches"] += 1
         for layer in out.layers:
             add(f"layer/{layer.index}/direct_mse_student_in", direct_mse(layer.student_out, layer.target))
         for layer in fused_forward(model, ids, mixing_ratio=0.0, extras=NPExtras(diagnostics=True)).layers:
             add(f"layer/{layer.index}/direct_mse_teacher_in", direct_mse(layer.student_out, layer.target))
             add(f"layer/{layer.index}/v_a_attn_sim", layer.stats["v_a_attn_sim"])
     keys = sorted(sums)
-    total = dict(zip(keys, all_reduce_sum(torch.stack([sums[k] for k in keys]).tolist())))
+    values = torch.stack([sums[k] for k in keys]).tolist() + [float(counts[k]) for k in counts]  # the one host read
+    total = dict(zip(keys + list(counts), all_reduce_sum(values)))
     result = {"eval/ppl_base": _ppl(total["nll_base"] / total["tokens"]),
               "eval/ppl_npt": _ppl(total["nll_npt"] / total["tokens"]),
               "eval/fidelity_mse": total["fid"] / total["count"], "eval/tokens": int(total["tokens"])}

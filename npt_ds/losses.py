@@ -207,15 +207,20 @@ def grad_norm(term: torch.Tensor, params: Sequence[torch.Tensor]) -> torch.Tenso
 class AdaptiveWeighter:
     """Inverse-gradient-norm weights, so each objective pulls the shared parameters about equally.
 
-    Per update: n_j = ‖∇_θ term_j‖ (averaged across data-parallel ranks when torch.distributed is up),
-    E_j ← ema · E_j + (1 − ema) · n_j (E_j = n_j on its first update).  Weight a_j = (1/E_j) /
-    mean_{k: E_k>0}(1/E_k), so the weights of terms with a gradient average to 1; a term whose EMA is 0
-    (no gradient reaches θ) gets weight 1.  Weights are detached.
+    Per micro-batch: n_j = ‖∇_θ term_j‖ (averaged across data-parallel ranks when torch.distributed is
+    up).  :meth:`update` returns the weights of the tentative EMA E_j' = ema · E_j + (1 − ema) · n_j
+    (E_j' = n_j on a term's first finite norm); :meth:`commit` makes it the EMA once the micro-batch is
+    known to be finite on every rank, :meth:`discard` drops it for a skipped one.  A non-finite n_j
+    never enters the EMA (the term keeps E_j).  Weight a_j = (1/E_j) / mean_{k: E_k>0}(1/E_k), so the
+    weights of terms with a gradient average to 1; a term whose EMA is 0 (no gradient reaches θ) or
+    not known yet gets weight 1.  Weights are detached; nothing here reads a value on the host.
+    :meth:`state_dict` carries the EMA through checkpoints.
     """
 
     def __init__(self, ema: float):
         self.ema = ema
-        self.norms: dict[str, torch.Tensor] = {}
+        self.norms: dict[str, torch.Tensor] = {}  # NaN = no finite norm seen yet
+        self.pending: dict[str, torch.Tensor] | None = None
 
     def update(self, terms: dict[str, torch.Tensor], params: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
         trainable = [p for p in params if p.requires_grad]
@@ -224,18 +229,37 @@ class AdaptiveWeighter:
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(norms)
             norms = norms / dist.get_world_size()
+        self.pending = dict(self.norms)
         for name, norm in zip(names, norms):
-            prev = self.norms.get(name)
-            self.norms[name] = norm if prev is None else self.ema * prev + (1.0 - self.ema) * norm
-        return self.weights(names)
+            prev = self.norms.get(name, torch.full_like(norm, math.nan))
+            blended = torch.where(torch.isfinite(prev), self.ema * prev + (1.0 - self.ema) * norm, norm)
+            self.pending[name] = torch.where(torch.isfinite(norm), blended, prev)
+        return self.weights(names, self.pending)
 
-    def weights(self, names: Sequence[str]) -> dict[str, torch.Tensor]:
-        """Current weights of ``names`` (1 for a name never updated)."""
-        known = [n for n in names if n in self.norms]
-        out = {n: torch.ones(()) for n in names if n not in self.norms}
+    def commit(self) -> None:
+        """Accept the pending update (the micro-batch was finite on every rank)."""
+        if self.pending is not None:
+            self.norms, self.pending = self.pending, None
+
+    def discard(self) -> None:
+        """Drop the pending update (the micro-batch is skipped on every rank)."""
+        self.pending = None
+
+    def state_dict(self) -> dict[str, float]:
+        return {name: float(v) for name, v in self.norms.items()}
+
+    def load_state_dict(self, state: dict[str, float], device: torch.device | str | None = None) -> None:
+        self.norms = {name: torch.tensor(float(v), dtype=torch.float32, device=device) for name, v in state.items()}
+        self.pending = None
+
+    def weights(self, names: Sequence[str], norms: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Weights of ``names`` from the committed EMA (or ``norms``); 1 for a name never updated."""
+        norms = self.norms if norms is None else norms
+        known = [n for n in names if n in norms]
+        out = {n: torch.ones(()) for n in names if n not in norms}
         if known:
-            ema = torch.stack([self.norms[n] for n in known])
-            has_grad = ema > 0
+            ema = torch.stack([norms[n] for n in known])
+            has_grad = torch.isfinite(ema) & (ema > 0)
             inv = torch.where(has_grad, 1.0 / ema.clamp_min(1e-30), torch.zeros_like(ema))
             mean_inv = inv.sum() / has_grad.sum().clamp_min(1)
             weights = torch.where(has_grad, inv / mean_inv.clamp_min(1e-30), torch.ones_like(ema))
@@ -338,6 +362,11 @@ class NPTLoss(nn.Module):
         if name == "orthogonality":
             return orthogonality_loss(layer.v_a, layer.h_in, self.cfg.orthogonality_pcs)
         return projection_consistency_loss(layer.v_a, layer.attn)
+
+    def finish_micro_batch(self, finite: bool) -> None:
+        """After the all-ranks finite check: commit (finite) or drop (skipped) the adaptive-weight update."""
+        if self.adaptive is not None:
+            self.adaptive.commit() if finite else self.adaptive.discard()
 
     def _adaptive_weights(self, objectives: dict[str, torch.Tensor],
                           params: Sequence[torch.Tensor] | None) -> dict[str, torch.Tensor]:

@@ -50,3 +50,24 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """Set every group's LR to ``lr × group['lr_mult']`` (1 when a group has no multiplier)."""
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_mult", 1.0)
+
+
+@torch.no_grad()
+def reset_optimizer_state(optimizer: torch.optim.Optimizer, group_indices: list[int]) -> None:
+    """Zero the optimizer state (Adam moments and step count) of the given param groups, in place.
+
+    Works on a torch optimizer and on DeepSpeed's ZeRO / bf16 wrappers, whose ``param_groups`` are those of
+    the wrapped optimizer (holding the flat fp32 partitions the state is keyed by).  The next step then
+    behaves as the first: an Adam update of about LR, whatever the group went through before (with LR 0 and
+    zero gradients its step count still advanced and its moments decayed, which scales a first real update
+    to several times the LR).
+    """
+    base = getattr(optimizer, "optimizer", optimizer)
+    for i in group_indices:
+        for p in base.param_groups[i]["params"]:
+            state = base.state.get(p)
+            for key, value in (state or {}).items():
+                if torch.is_tensor(value):
+                    value.zero_()
+                elif isinstance(value, (int, float)):
+                    state[key] = type(value)(0)

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .losses import NPTLoss
@@ -44,14 +45,38 @@ class NPTTrainModule(nn.Module):
                             student_stream=controls.student_stream, want_logits=controls.want_logits,
                             active=controls.active_layers,
                             extras=self.loss_fn.extras(diagnostics=controls.diagnostics))
+        projector_ce = None
         if self.teacher is not None:  # KD from a teacher of another width, read out via the student's head
-            with torch.no_grad():
-                hidden = self.teacher.model(input_ids=input_ids).last_hidden_state
-            out.teacher_logits = self.model.lm_head(self.logit_projector(hidden.to(self.logit_projector.weight.dtype)))
+            teacher_logits = self.cross_width_teacher_logits(input_ids)
+            # the student's KD term sees a constant teacher: the projector cannot lower KL by moving the
+            # teacher towards the student; it learns from its own next-token objective instead
+            out.teacher_logits = teacher_logits.detach()
+            projector_ce = next_token_ce(teacher_logits, input_ids)
         params = [p for p in self.parameters() if p.requires_grad] if self.loss_fn.adaptive else None
         total, comps = self.loss_fn(out, kd_weight=controls.kd_weight, params=params,
                                     difficulty_keep=controls.difficulty_keep)
+        if projector_ce is not None:
+            total = total + self.loss_fn.cfg.projector_ce_weight * projector_ce
+            comps["loss/projector_ce"] = projector_ce.detach()
+            comps["loss/total"] = total.detach()
         if controls.poison:
             total = total * float("nan")
             comps["loss/total"] = total.detach()
         return total, comps
+
+    def cross_width_teacher_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Teacher logits through projector and the student's head (graph kept to the projector only).
+
+        The projector may be fp32 while the frozen head is bf16 (``model.dtype: bfloat16`` with
+        ``precision: fp32``): its output is cast to the head's dtype, the head called as a module (ZeRO-3).
+        """
+        with torch.no_grad():
+            hidden = self.teacher.model(input_ids=input_ids).last_hidden_state
+        projected = self.logit_projector(hidden.to(self.logit_projector.weight.dtype))
+        head_dtype = next(self.model.lm_head.parameters()).dtype
+        return self.model.lm_head(projected.to(head_dtype))
+
+
+def next_token_ce(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of (B, T, V) logits on (B, T) ids (fp32)."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].reshape(-1))

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import list_steps, load_checkpoint, resolve_resume, save_checkpoint
+from .checkpoint import list_steps, load_checkpoint, read_meta, resolve_resume, save_checkpoint
 from .config import ConfigError, ModelConfig, TrainConfig
 from .data import PackedBatches, eval_batches
 from .distributed import any_rank_true, barrier, init_distributed
@@ -26,7 +26,7 @@ from .evaluate import evaluate, layer_table
 from .losses import NPTLoss
 from .metrics import MetricsWriter
 from .model import NPTDecoderLayer, convert_model, decoder_layers, load_base_model, load_tokenizer, npt_layers
-from .optim import build_param_groups, set_lr
+from .optim import build_param_groups, reset_optimizer_state, set_lr
 from .projector import LogitProjector
 from .quant import check_quantization_support
 from .schedules import difficulty_keep_at, kd_weight_at, lr_at, parse_curriculum
@@ -159,8 +159,14 @@ class Trainer:
                 raise ConfigError(f"logging.run_dir {str(self.run_dir)!r} already holds checkpoints; set "
                                   "checkpoint.resume: auto to continue it, or choose a new logging.run_dir")
             return
+        saved_world = read_meta(target).get("world_size", self.world)
+        if saved_world != self.world:  # ZeRO's optimizer shards (and the data shards) are per rank
+            raise ConfigError(f"checkpoint.resume: {target} was written by {saved_world} ranks but this run has "
+                              f"{self.world}; resume it on {saved_world} ranks, or start a new logging.run_dir")
         meta = load_checkpoint(self.engine, target, self.rank)
         self.step, self.skipped = meta["step"], meta["skipped_steps"]
+        if self.module.loss_fn.adaptive is not None and "adaptive_norms" in meta:
+            self.module.loss_fn.adaptive.load_state_dict(meta["adaptive_norms"], self.engine.device)
         self.tokens_seen = meta.get("tokens_seen", 0)
         self.data.load_state_dict(meta["data"])
         self.metrics.message(f"resumed from {target} at step {self.step}")
@@ -221,7 +227,9 @@ class Trainer:
                           cfg.loss.kd_warmup_frac) if cfg.loss.kd_weight > 0 else 0.0
         keep = difficulty_keep_at(step, cfg.schedule.total_steps) if cfg.loss.difficulty_mask else 1.0
         needs_logits = cfg.loss.kd_weight > 0 or (cfg.loss.fidelity_weight > 0 and cfg.loss.fidelity_on != "hidden")
-        student_stream = cfg.schedule.mode != "single_layer" or cfg.loss.fidelity_weight > 0 or cfg.loss.kd_weight > 0
+        # the student's final state feeds fidelity / KD only; up to the last NPT layer fused_forward runs the
+        # student stream by itself when the mixing ratio needs it
+        student_stream = cfg.loss.fidelity_weight > 0 or cfg.loss.kd_weight > 0
         inject = cfg.inject_nan
         poison = bool(inject) and step == inject.get("step", 0) and self.rank == inject.get("rank", 0) \
             and self._poison_left > 0
@@ -237,27 +245,51 @@ class Trainer:
         """Sequential mode: the one layer trained at `step` (earlier ones are carried); else None = all."""
         if not self.sequential:
             return None
-        n = len(self.layer_indices)
-        per_layer = self.cfg.schedule.sequential_steps_per_layer or math.ceil(self.cfg.schedule.total_steps / n)
-        return (self.layer_indices[min(step // per_layer, n - 1)],)
+        return (self.layer_indices[self.layer_stage(step)[0]],)
+
+    def layer_stage(self, step: int) -> tuple[int, int, int]:
+        """Sequential mode: (position of the layer trained at `step`, its first step, its number of steps).
+
+        Layer k trains for steps [k·P, (k+1)·P) with P = schedule.sequential_steps_per_layer (default
+        total / n); the last layer also takes whatever steps remain.
+        """
+        n, total = len(self.layer_indices), self.cfg.schedule.total_steps
+        per_layer = self.cfg.schedule.sequential_steps_per_layer or math.ceil(total / n)
+        k = min(step // per_layer, n - 1)
+        start = k * per_layer
+        return k, start, (per_layer if k < n - 1 else max(total - start, 1))
+
+    def lr_at(self, step: int) -> float:
+        """The base LR at `step`: warm-up + cosine over the run, or over each layer's stage in sequential mode
+        (every layer gets the whole schedule, warm-up included, not a slice of a global decay)."""
+        sched = self.cfg.schedule
+        if self.sequential:
+            _, start, length = self.layer_stage(step)
+            return lr_at(step - start, self.cfg.optim.lr, min(sched.warmup_steps, length), length, sched.min_lr_ratio)
+        return lr_at(step, self.cfg.optim.lr, sched.warmup_steps, sched.total_steps, sched.min_lr_ratio)
 
     def train_step(self) -> None:
         """One optimizer step: grad_accum good micro-batches; non-finite ones are skipped on all ranks."""
         cfg = self.cfg
         controls = self.controls(self.step)
-        lr = lr_at(self.step, cfg.optim.lr, cfg.schedule.warmup_steps, cfg.schedule.total_steps,
-                   cfg.schedule.min_lr_ratio)
+        lr = self.lr_at(self.step)
         set_lr(self.engine.optimizer, lr)
         if controls.active_layers is not None:  # freeze every other layer exactly: LR 0 leaves Adam's update at 0
-            for group in self.engine.optimizer.param_groups:
+            groups = self.engine.optimizer.param_groups
+            for group in groups:
                 if group.get("layer") is not None and group["layer"] not in controls.active_layers:
                     group["lr"] = 0.0
+            if self.step == self.layer_stage(self.step)[1]:  # a layer starts: fresh Adam moments and step count
+                reset_optimizer_state(self.engine.optimizer, [i for i, g in enumerate(groups)
+                                                              if g.get("layer") in controls.active_layers])
         self._lr, self._controls = lr, controls
         good = 0
         while good < cfg.optim.grad_accum:
             ids = next(self.data).to(self.engine.device)
             loss, comps = self.engine(ids, controls)
-            if any_rank_true(~torch.isfinite(loss.detach())):  # the one host sync of a non-log step
+            finite = not any_rank_true(~torch.isfinite(loss.detach()))  # the one host sync of a non-log step
+            self.module.loss_fn.finish_micro_batch(finite)
+            if not finite:
                 if controls.poison:
                     self._poison_left -= 1
                     controls.poison = self._poison_left > 0
@@ -302,6 +334,8 @@ class Trainer:
                   "eta_s": round(eta, 1), "skipped_steps": self.skipped, "tokens": self.tokens_seen}
         if self._controls.active_layers is not None:
             record["sequential/layer"] = self._controls.active_layers[0]
+        if cfg.loss.difficulty_mask:
+            record["difficulty/keep"] = self._controls.difficulty_keep
         record.update({k: float(v) / n for k, (v, n) in self.log_buffer.items()})  # the host sync of a log step
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is not None:
@@ -313,7 +347,7 @@ class Trainer:
 
     def run_eval(self) -> dict:
         self.engine.eval()
-        result = evaluate(self.engine.module.model, self.eval_data)
+        result = evaluate(self.engine.module.model, self.eval_data, self.engine.device)
         self.engine.train()
         self.last_eval = {"step": self.step, **result}
         if self.first_eval is None:
@@ -326,6 +360,8 @@ class Trainer:
     def save(self) -> Path:
         meta = {"step": self.step, "skipped_steps": self.skipped, "tokens_seen": self.tokens_seen,
                 "data": self.data.state_dict(), "config": self.cfg.to_dict(), "world_size": self.world}
+        if self.module.loss_fn.adaptive is not None:
+            meta["adaptive_norms"] = self.module.loss_fn.adaptive.state_dict()
         target = save_checkpoint(self.engine, self.ckpt_root, self.step, meta, self.rank, self.cfg.checkpoint.keep_last)
         self.metrics.log({"step": self.step, "event": "checkpoint", "path": str(target)})
         return target

@@ -296,9 +296,11 @@ def test_adaptive_weighter_ema_and_normalisation():
     weighter = AdaptiveWeighter(ema=0.9)
     terms = {"a": 1.5 * p.sum(), "b": 6.0 * p.sum()}  # grad norms 3 and 12
     w = weighter.update(terms, [p])
+    weighter.commit()
     assert weighter.norms["a"].item() == pytest.approx(3.0) and weighter.norms["b"].item() == pytest.approx(12.0)
     assert w["a"].item() == pytest.approx(1.6) and w["b"].item() == pytest.approx(0.4)  # ∝ 1/3 : 1/12, mean 1
     w = weighter.update({"a": 0.5 * p.sum(), "b": 6.0 * p.sum()}, [p])  # norm of a now 1
+    weighter.commit()
     ema_a = 0.9 * 3.0 + 0.1 * 1.0
     assert weighter.norms["a"].item() == pytest.approx(ema_a)
     inv = [1 / ema_a, 1 / 12.0]
@@ -326,6 +328,7 @@ def test_adaptive_weighting_term_scaled_100x_gets_100x_smaller_weight():
         for _ in range(4):
             out = adaptive_output(p, scale)
             total, comps = loss(out, params=[p])
+            loss.finish_micro_batch(finite=True)
         assert (comps["weight/direct"] + comps["weight/fidelity"]).item() == pytest.approx(2.0, abs=1e-5)
         assert total.item() == pytest.approx((comps["weight/direct"] * comps["loss/direct"]
                                               + comps["weight/fidelity"] * comps["loss/fidelity"]).item(), rel=1e-6)

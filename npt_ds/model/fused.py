@@ -1,8 +1,9 @@
 """The fused training forward: teacher targets and student outputs from one walk over the layers.
 
 Layers before the first NPT layer run once (the streams coincide there).  Without a student
-stream (single-layer training) each NPT layer reads the teacher state, so the whole step costs one
-frozen forward plus one extra modulated MLP per NPT layer, and nothing after the last NPT layer runs.
+stream (single-layer training, or the teacher stage ρ = 0 without fidelity / KD) each NPT layer reads
+the teacher state, so the whole step costs one frozen forward plus one extra modulated MLP per NPT
+layer; and unless a loss reads the final state, nothing after the last NPT layer runs.
 """
 from __future__ import annotations
 
@@ -23,6 +24,10 @@ def fused_forward(model: nn.Module, input_ids: torch.Tensor, *, mixing_ratio: fl
                   active: Collection[int] | None = None, extras: NPExtras = NO_EXTRAS) -> NPTForwardOutput:
     """Run teacher and NPT student together on `input_ids` (B, T) of a converted model.
 
+    `student_stream` asks for the student's final hidden state (and logits with `want_logits`), for
+    fidelity, KD and evaluation.  Without it nothing after the last active NPT layer runs, and the
+    student's own stream runs only as far as a mixing ratio > 0 makes a later NPT layer read it.
+
     `active` (layer indices, default all NPT layers) selects the layers trained this step and
     returned in `out.layers`.  Other NPT layers before the last active one are *carried*: already
     trained, their NPT output propagates in the student stream (no autograd).  NPT layers after
@@ -35,7 +40,12 @@ def fused_forward(model: nn.Module, input_ids: torch.Tensor, *, mixing_ratio: fl
     active = set(npt_idx if active is None else active)
     last_npt = max(active)
     carried = {i for i in npt_idx if i not in active and i < last_npt}
-    student_stream = student_stream or bool(carried)
+    # the student's own stream is computed only where something reads it: the final outputs, or an
+    # active layer that mixes it in (ρ > 0) downstream of the first NPT layer (where both streams agree)
+    members = sorted(active | carried)
+    run_stream = student_stream or (mixing_ratio > 0 and any(i in active for i in members[1:]))
+    if not run_stream:
+        carried = set()  # their NPT output would reach nothing: the teacher stream runs them as teachers
     with torch.no_grad():
         embeds = inner.embed_tokens(input_ids)
         position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
@@ -51,7 +61,7 @@ def fused_forward(model: nn.Module, input_ids: torch.Tensor, *, mixing_ratio: fl
     for i, layer in enumerate(layers):
         if i > last_npt and not student_stream:
             break  # nothing downstream of the last NPT layer feeds a loss
-        if student_stream and h_s is None and (i in active or i in carried):
+        if run_stream and h_s is None and (i in active or i in carried):
             h_s = h_t
         if i in active:
             h_t, h_s, layer_out = layer.fused(h_t, h_s, mixing_ratio, attn_kwargs, extras)

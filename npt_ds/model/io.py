@@ -87,7 +87,12 @@ def fold_modulation(layer: NPTDecoderLayer, mod: Modulation) -> None:
     """
     s = layer.modulation_scale
     gate, up = layer.mlp.gate_proj, layer.mlp.up_proj
-    with gathered([gate.weight, up.weight]):
+    for name, linear in (("gate_proj", gate), ("up_proj", up)):
+        if type(linear).__module__.split(".")[0] == "bitsandbytes":
+            raise ValueError(f"fold: layer {layer.layer_idx} mlp.{name} is bitsandbytes-quantised "
+                             f"({type(linear).__name__}); folding would edit its packed codes; load the base "
+                             "unquantised (model.quantization: none) to fold")
+    with gathered([p for p in (gate.weight, gate.bias, up.weight, up.bias) if p is not None]):
         w = gate.weight
         delta = s * torch.einsum("kf,kd->fd", mod.v_b.float(), mod.v_a.float())
         new = w.float()

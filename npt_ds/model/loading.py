@@ -123,6 +123,16 @@ def quantization_config(cfg: ModelConfig, compute_dtype: torch.dtype, model_conf
                               bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_quant_storage=compute_dtype)
 
 
+def quantized_device_map() -> dict:
+    """bitsandbytes quantises while it loads, on the device it is given: this rank's GPU (its LOCAL_RANK), not
+    ``cuda:0`` on every rank; on a CPU-only machine nothing (bitsandbytes' CPU path)."""
+    if not torch.cuda.is_available():
+        return {}
+    from ..distributed import local_rank
+
+    return {"device_map": {"": local_rank()}}
+
+
 def load_base_model(cfg: ModelConfig, seed: int = 0) -> nn.Module:
     """The frozen base as a LlamaForCausalLM in cfg.dtype (call under HfDeepSpeedConfig for ZeRO-3).
 
@@ -150,7 +160,8 @@ def load_base_model(cfg: ModelConfig, seed: int = 0) -> nn.Module:
             save_model(tiny, str(Path(tmp) / "model.safetensors"), metadata={"format": "pt"})
             qcfg = quantization_config(cfg, dtype, tiny.config)
             del tiny
-            model = AutoModelForCausalLM.from_pretrained(tmp, quantization_config=qcfg, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(tmp, quantization_config=qcfg, **kwargs,
+                                                         **quantized_device_map())
         return prepare_quantized_model(model).eval()
     directory, gguf = resolve_model_path(cfg.path)
     if gguf:
@@ -166,6 +177,7 @@ def load_base_model(cfg: ModelConfig, seed: int = 0) -> nn.Module:
         hf_config = AutoConfig.from_pretrained(str(directory))
         qcfg = quantization_config(cfg, dtype, hf_config)
         kwargs["quantization_config"] = qcfg
+        kwargs.update(quantized_device_map())
     model = AutoModelForCausalLM.from_pretrained(str(directory), **kwargs)
     if getattr(model.config, "model_type", None) != "llama":
         raise ConfigError(f"model.path {cfg.path!r} is a {model.config.model_type!r} model; NPT needs a Llama")
