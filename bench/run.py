@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inner", type=int, default=1, help="micro: calls averaged per timing")
     p.add_argument("--best-of", type=int, default=3, help="micro: a sample is the best of N timings")
     p.add_argument("--step-best-of", type=int, default=2, help="step: a sample is the best of N steps")
-    p.add_argument("--step-variants", default="fused,two_pass,two_pass_reuse,plain,teacher_fwd")
+    p.add_argument("--step-variants", default="fused,two_pass,two_pass_reuse,plain,teacher_fwd,mixed,mixed_to_end,"
+                                              "teacher_stage_to_end,kd_fidelity,kd_fidelity_adaptive")
     p.add_argument("--profile", action="store_true", help="step: torch.profiler top ops of fused and both two-pass variants")
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip memory measurements")
     p.add_argument("--no-rss-probe", dest="rss_probe", action="store_false",

@@ -17,8 +17,18 @@ Variants (same model object, same batch, interleaved in one process):
                         floor under any step that needs every NPT layer's teacher target.
                         fused − teacher_fwd = the student's cost; two_pass_reuse − fused = the recomputed
                         attention (+ hook overhead).
+* ``mixed``          -- a multi-layer step in the mixed stage (ρ = 0.5) without fidelity / KD: the student
+                        stream runs only as far as the last NPT layer.
+* ``mixed_to_end``   -- the same step as it used to run: both streams through every layer to the final norm,
+                        which no loss read.  ``teacher_stage_to_end`` likewise for ρ = 0, whose step now is
+                        exactly ``fused`` (no student stream at all).
+* ``kd_fidelity``    -- fidelity on the final hidden state + KD on the logits (both streams to the end);
+  ``kd_fidelity_adaptive`` the same with adaptive loss weighting: three extra retained backward passes
+                        (``autograd.grad`` of direct, fidelity and KD w.r.t. the NP params) per micro-batch.
 """
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
@@ -32,8 +42,18 @@ from .common import (alloc_peak_mb, count_flops, format_table, interleaved, rati
 from .models import build_model, make_batch
 from .two_pass import two_pass_forward, two_pass_reuse_forward
 
-VARIANTS = ("fused", "two_pass", "two_pass_reuse", "plain", "teacher_fwd")
-
+VARIANTS = ("fused", "two_pass", "two_pass_reuse", "plain", "teacher_fwd", "mixed", "mixed_to_end",
+            "teacher_stage_to_end", "kd_fidelity", "kd_fidelity_adaptive")
+KD_FIDELITY = LossConfig(fidelity_weight=0.5, kd_weight=1.0)
+KD_CONTROLS = StepControls(kd_weight=1.0, student_stream=True, want_logits=True, diagnostics=False)
+MODULE_STEPS = {  # variant -> (loss config, controls) of an NPTTrainModule step
+    "fused": (LossConfig(), StepControls(diagnostics=False)),  # a non-log training step
+    "mixed": (LossConfig(), StepControls(mixing_ratio=0.5, diagnostics=False)),
+    "mixed_to_end": (LossConfig(), StepControls(mixing_ratio=0.5, student_stream=True, diagnostics=False)),
+    "teacher_stage_to_end": (LossConfig(), StepControls(mixing_ratio=0.0, student_stream=True, diagnostics=False)),
+    "kd_fidelity": (KD_FIDELITY, KD_CONTROLS),
+    "kd_fidelity_adaptive": (dataclasses.replace(KD_FIDELITY, adaptive_weighting=True), KD_CONTROLS),
+}
 
 class StepBench:
     """Holds the model, batch, loss and one optimizer per variant; `steps[name]()` runs one step."""
@@ -46,15 +66,24 @@ class StepBench:
         self.loss_fn = NPTLoss(LossConfig(), self.n_layers)
         self.module = NPTTrainModule(self.model, self.loss_fn)
         self.params = [p for _, p in np_named_parameters(self.model)]
-        self.opt = {name: torch.optim.Adam(self.params, lr=1e-4) for name in ("fused", "two_pass", "two_pass_reuse")}
-        self.steps = {"fused": self.fused_step, "two_pass_reuse": self.two_pass_reuse_step,
-                      "two_pass": self.two_pass_step, "plain": self.plain_step,
-                      "teacher_fwd": self.teacher_forward}
+        self.opt = {name: torch.optim.Adam(self.params, lr=1e-4) for name in (*MODULE_STEPS, "two_pass", "two_pass_reuse")}
+        self.steps = {"two_pass_reuse": self.two_pass_reuse_step, "two_pass": self.two_pass_step,
+                      "plain": self.plain_step, "teacher_fwd": self.teacher_forward}
+        self.modules = {}
+        for name, (loss_cfg, _) in MODULE_STEPS.items():
+            self.modules[name] = self.module if loss_cfg == LossConfig() else \
+                NPTTrainModule(self.model, NPTLoss(loss_cfg, self.n_layers))
+            self.steps[name] = lambda name=name: self._train(name, lambda: self.module_loss(name))
 
     # -- losses (no optimizer step): used by the equivalence checks
-    def fused_loss(self) -> torch.Tensor:
-        loss, _ = self.module(self.ids, StepControls(diagnostics=False))  # a non-log training step
+    def module_loss(self, variant: str) -> torch.Tensor:
+        module = self.modules[variant]
+        loss, _ = module(self.ids, MODULE_STEPS[variant][1])
+        module.loss_fn.finish_micro_batch(finite=True)
         return loss
+
+    def fused_loss(self) -> torch.Tensor:
+        return self.module_loss("fused")
 
     def two_pass_reuse_loss(self) -> torch.Tensor:
         loss, _ = self.loss_fn(two_pass_reuse_forward(self.model, self.ids))
@@ -70,9 +99,6 @@ class StepBench:
         opt.zero_grad(set_to_none=True)
         loss_of().backward()
         opt.step()
-
-    def fused_step(self) -> None:
-        self._train("fused", self.fused_loss)
 
     def two_pass_reuse_step(self) -> None:
         self._train("two_pass_reuse", self.two_pass_reuse_loss)
@@ -152,7 +178,8 @@ def run_step(opts) -> dict:
             row["alloc_peak_mb"] = alloc_peak_mb(bench.steps[v], opts.device)
         result["rows"].append(row)
     for a, b in (("fused", "two_pass"), ("fused", "two_pass_reuse"), ("fused", "plain"), ("two_pass", "plain"),
-                 ("teacher_fwd", "fused")):
+                 ("teacher_fwd", "fused"), ("mixed", "mixed_to_end"), ("fused", "teacher_stage_to_end"),
+                 ("kd_fidelity_adaptive", "kd_fidelity")):
         if a in times and b in times:
             result["ratios"][f"{a}/{b}"] = ratio(times, a, b)
             result["ratios"][f"{a}/{b}"]["flops"] = flops[a] / flops[b]

@@ -43,7 +43,7 @@ class NPTConfig:
     num_ranks: int = 1
     modulation_scale: float = 0.1
     dual: bool = False  # also modulate W_up
-    multiplicative: bool = False  # bounded factor 0.5 + sigmoid(z) on the gate
+    multiplicative: bool = False  # gate factor 0.5 + sigmoid(z) in (0.5, 1.5), 1 at init (never 1 + tanh)
     safe_mode: bool = False  # additive modulation only
     init_b: str = "small"  # small (std init_std_b) | zero
     init_std_down: float = 0.02

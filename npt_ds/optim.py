@@ -56,18 +56,31 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 def reset_optimizer_state(optimizer: torch.optim.Optimizer, group_indices: list[int]) -> None:
     """Zero the optimizer state (Adam moments and step count) of the given param groups, in place.
 
-    Works on a torch optimizer and on DeepSpeed's ZeRO / bf16 wrappers, whose ``param_groups`` are those of
-    the wrapped optimizer (holding the flat fp32 partitions the state is keyed by).  The next step then
+    Works on a torch optimizer and on DeepSpeed's ZeRO / bf16 wrappers (see :func:`_state_keys`).  The next step then
     behaves as the first: an Adam update of about LR, whatever the group went through before (with LR 0 and
     zero gradients its step count still advanced and its moments decayed, which scales a first real update
     to several times the LR).
     """
     base = getattr(optimizer, "optimizer", optimizer)
     for i in group_indices:
-        for p in base.param_groups[i]["params"]:
+        for p in _state_keys(optimizer, base, i):
             state = base.state.get(p)
             for key, value in (state or {}).items():
                 if torch.is_tensor(value):
                     value.zero_()
                 elif isinstance(value, (int, float)):
                     state[key] = type(value)(0)
+
+
+def _state_keys(optimizer, base: torch.optim.Optimizer, group: int) -> list[torch.Tensor]:
+    """The tensors the wrapped optimizer's state of param group `group` is keyed by.
+
+    ZeRO-3 keeps its flat fp32 partitions aside (one or more sub-groups per group) and puts them into the
+    group only for the duration of a step; ZeRO-1/2, the bf16 wrapper and plain torch keep them in the group.
+    """
+    flat = getattr(optimizer, "fp32_partitioned_groups_flat", None)
+    if flat is not None:
+        owner = optimizer.sub_group_to_group_id
+        items = owner.items() if isinstance(owner, dict) else enumerate(owner)
+        return [flat[sub] for sub, g in items if g == group]
+    return list(base.param_groups[group]["params"])

@@ -133,9 +133,16 @@ def test_micro_quick_produces_results(tmp_path, keep_threads):
 
 
 def test_step_bench_on_tiny_model():
-    opts = _opts("--only", "step", "--shape", "tiny", "--seq", "16", "--repeats", "2", "--no-rss-probe")
+    opts = _opts("--only", "step", "--shape", "tiny", "--seq", "16", "--repeats", "2", "--no-rss-probe",
+                 "--npt-layers", "1,2")  # a layer above the NPT ones: what the multi-layer stages may skip
     res = run_step(opts)
-    assert [r["variant"] for r in res["rows"]] == ["fused", "two_pass", "two_pass_reuse", "plain", "teacher_fwd"]
+    assert [r["variant"] for r in res["rows"]] == ["fused", "two_pass", "two_pass_reuse", "plain", "teacher_fwd",
+                                                   "mixed", "mixed_to_end", "teacher_stage_to_end", "kd_fidelity",
+                                                   "kd_fidelity_adaptive"]
+    # the multi-layer stages do less than they used to (no layer that no loss reads); adaptive costs extra passes
+    assert res["ratios"]["mixed/mixed_to_end"]["flops"] < 1.0
+    assert res["ratios"]["fused/teacher_stage_to_end"]["flops"] < 1.0
+    assert res["ratios"]["kd_fidelity_adaptive/kd_fidelity"]["flops"] > 1.2
     assert res["breakdown_s"]["teacher_forward"] > 0
     for name, eq in res["equivalence"].items():
         assert eq["rel_diff"] < 1e-5 and eq["grad_max_rel_diff"] < 1e-3, name
@@ -146,7 +153,7 @@ def test_step_bench_on_tiny_model():
     assert set(res["targets"]) == {"fused_vs_two_pass_throughput", "fused_vs_plain_cost"}
     bench = StepBench(opts)
     before = [p.detach().clone() for p in bench.params]
-    bench.fused_step()
+    bench.steps["fused"]()
     assert any(not torch.equal(a, p) for a, p in zip(before, bench.params))  # Adam really stepped
 
 

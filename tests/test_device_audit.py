@@ -122,3 +122,41 @@ def test_fold_and_cached_decoding():
 
     out = audited(decode)
     assert out.logits.shape == (1, 1, 320) and out.past_key_values.get_seq_length() == 10
+
+
+def test_each_rank_computes_on_its_own_gpu(monkeypatch):
+    """Without set_device every rank's CUDA work (and bitsandbytes' quantising load) lands on cuda:0."""
+    from npt_ds import distributed
+    from npt_ds.model import loading
+
+    picked = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", picked.append)
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(distributed.dist, "get_rank", lambda: 3)
+    monkeypatch.setattr(distributed.dist, "get_world_size", lambda: 4)
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert distributed.init_distributed() == (3, 4)
+    assert picked == [1]
+    assert loading.quantized_device_map() == {"device_map": {"": 1}}
+
+
+def test_a_quantised_base_is_loaded_onto_this_ranks_gpu(monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from npt_ds.config import ModelConfig
+    from npt_ds.model.loading import load_base_model
+
+    class Loaded(Exception):
+        pass
+
+    def from_pretrained(path, **kwargs):
+        raise Loaded(kwargs.get("device_map"))
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    with pytest.raises(Loaded) as got:
+        load_base_model(ModelConfig(path="tiny", quantization="nf4"))
+    assert got.value.args[0] == {"": 1}

