@@ -161,14 +161,20 @@ class OptimConfig:
                                   "allowed: pattern, lr_mult, weight_decay")
 
 
+FROZEN_BASE_MODES = ("auto", "partitioned", "resident", "hpz", "quantized")
+
+
 @dataclass
 class DeepSpeedSection:
     config: str = "ds_configs/zero3_fp32.json"  # DeepSpeed JSON; optimizer/clip/batch filled in from here
-    precision: str = "fp32"  # fp32 | bf16 | fp16
+    precision: str = "fp32"  # auto | fp32 | bf16 | fp16 (auto: bf16 where the hardware computes it fast)
     zero_stage: int | None = None  # override the JSON's stage
+    # ZeRO-3 and the frozen base (npt_ds.frozen_base): auto | partitioned | resident | hpz | quantized
+    frozen_base: str = "auto"
 
     def __post_init__(self):
-        _choice("deepspeed.precision", self.precision, ("fp32", "bf16", "fp16"))
+        _choice("deepspeed.precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
+        _choice("deepspeed.frozen_base", self.frozen_base, FROZEN_BASE_MODES)
         if self.zero_stage is not None and self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError("deepspeed.zero_stage must be 0, 1, 2 or 3")
 

@@ -23,12 +23,26 @@ def _resolve(path: str) -> Path:
                       "(zero3_fp32.json, zero3_bf16.json, zero2_bf16.json)")
 
 
-def build_ds_config(cfg: TrainConfig, world_size: int) -> dict:
+def _template(cfg: TrainConfig) -> tuple[Path, dict]:
     path = _resolve(cfg.deepspeed.config)
     try:
-        template = json.loads(path.read_text())
+        return path, json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ConfigError(f"deepspeed.config: {path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+
+
+def template_zero_stage(cfg: TrainConfig) -> int:
+    """The ZeRO stage of the DeepSpeed JSON template (3 when it names none)."""
+    return int(_template(cfg)[1].get("zero_optimization", {}).get("stage", 3))
+
+
+def build_ds_config(cfg: TrainConfig, world_size: int) -> dict:
+    """The DeepSpeed config for `cfg` on `world_size` ranks.  `deepspeed.frozen_base` and
+    `deepspeed.precision` should be resolved first (npt_ds.hardware.resolve_hardware); an unresolved
+    'auto' frozen base builds plain partitioned ZeRO-3."""
+    from .hardware import apply_frozen_base, ranks_per_node
+
+    path, template = _template(cfg)
     ds = copy.deepcopy(template)
     fill = {
         "train_micro_batch_size_per_gpu": cfg.data.micro_batch_size,
@@ -49,6 +63,10 @@ def build_ds_config(cfg: TrainConfig, world_size: int) -> dict:
     precision = cfg.deepspeed.precision
     ds.pop("bf16", None)
     ds.pop("fp16", None)
+    if precision == "auto":
+        from .hardware import resolve_precision
+
+        precision = resolve_precision(precision)[0]
     if precision == "bf16":
         ds["bf16"] = {"enabled": True}
     elif precision == "fp16":
@@ -56,6 +74,7 @@ def build_ds_config(cfg: TrainConfig, world_size: int) -> dict:
     zero = ds.setdefault("zero_optimization", {"stage": 3})
     if cfg.deepspeed.zero_stage is not None:
         zero["stage"] = cfg.deepspeed.zero_stage
+    apply_frozen_base(ds, cfg.deepspeed.frozen_base, ranks_per_node(world_size))
     leftovers = [k for k, v in _walk(ds) if v == "auto"]
     if leftovers:
         raise ConfigError(f"deepspeed.config: {path.name} leaves {leftovers[0]!r} as 'auto' with nothing to fill it; "

@@ -399,6 +399,7 @@ class PlanInputs:
     want_logits: bool = False  # teacher + student logits are materialised (KD / logit fidelity)
     keep_vectors: bool = False  # a guidance loss keeps every NPT layer's v_a, v_b
     teacher_shape: ModelShape | None = None  # a KD teacher of another width (model.teacher_path)
+    frozen_base: str = "partitioned"  # ZeRO-3: partitioned | resident | hpz | quantized (npt_ds.hardware)
     ds: DeepSpeedKnobs = field(default_factory=DeepSpeedKnobs)
     reserve_gib: float = RUNTIME_RESERVE_GIB
 
@@ -503,6 +504,8 @@ def plan_memory(inputs: PlanInputs) -> Plan:
         teacher_bytes = i.teacher_shape.base_bytes(i.quantization, elem)
         if i.zero_stage == 3:
             teacher_bytes = 0.0 if i.ds.offload_param else teacher_bytes / i.world_size
+    if i.zero_stage == 3 and not i.ds.offload_param:
+        states, teacher_bytes = _frozen_base_states(i, states, frozen_bytes, teacher_bytes, trainable * p_bytes)
 
     act_kwargs = dict(seq_len=i.seq_len, micro_batch_size=i.micro_batch_size, rank=i.rank,
                       num_ranks=i.num_ranks, dual=i.dual, multiplicative=i.multiplicative,
@@ -512,7 +515,7 @@ def plan_memory(inputs: PlanInputs) -> Plan:
     alt = activation_bytes(shape, i.npt_layers, checkpointing=not i.activation_checkpointing, **act_kwargs)
 
     temp = states.gathered_params
-    if i.zero_stage == 3:
+    if i.zero_stage == 3 and i.frozen_base != "resident":
         temp += min(i.ds.prefetch_bucket_size, base_total + trainable) * elem
     if trainable:
         temp += min(i.ds.reduce_bucket_size, trainable) * p_bytes
@@ -529,6 +532,27 @@ def plan_memory(inputs: PlanInputs) -> Plan:
               "logit_projector": projector, "teacher_total": teacher_total, "trainable": trainable,
               "largest_module": shape.largest_module_params()}
     return Plan(i, terms, params, {k: v for k, v in acts.items() if k != "total"}, alt["total"])
+
+
+def _frozen_base_states(i: PlanInputs, states: ModelStates, frozen_bytes: float, teacher_bytes: float,
+                        trainable_bytes: float) -> tuple[ModelStates, float]:
+    """ZeRO-3 model states under `i.frozen_base` (see npt_ds.hardware), from the partitioned ones.
+
+    resident: every parameter persistent (whole base, teacher and NP params on every GPU; no gather buffer).
+    hpz: + a secondary partition of the base within the node (1 / gpus_per_node of it).
+    quantized: the frozen weights held as int8 (1 byte + an fp32 scale per row, as npt_ds.plan's int8).
+    """
+    w, g = i.world_size, i.gpus_per_node
+    if i.frozen_base == "resident":
+        return replace(states, frozen_params=frozen_bytes, trainable_params=trainable_bytes,
+                                   gathered_params=0.0), teacher_bytes * w
+    if i.frozen_base == "hpz":
+        return replace(states, frozen_params=frozen_bytes / w + frozen_bytes / g), \
+            teacher_bytes + teacher_bytes * w / g
+    if i.frozen_base == "quantized":
+        int8 = i.shape.base_bytes("int8", base_elem_bytes(i.precision, i.model_dtype))
+        return replace(states, frozen_params=int8 / w), teacher_bytes
+    return states, teacher_bytes
 
 
 # --------------------------------------------------------------------------- suggestions
@@ -698,7 +722,9 @@ def inputs_from_config(cfg: TrainConfig, *, nodes: int, gpus_per_node: int, gpu_
         shape=shape, npt_layers=layers, rank=cfg.npt.rank, num_ranks=cfg.npt.num_ranks,
         dual=cfg.npt.dual and not safe, multiplicative=cfg.npt.multiplicative and not safe,
         seq_len=cfg.data.seq_len, micro_batch_size=cfg.data.micro_batch_size,
-        precision=cfg.deepspeed.precision, model_dtype=cfg.model.dtype, quantization=cfg.model.quantization,
+        precision="bf16" if cfg.deepspeed.precision == "auto" else cfg.deepspeed.precision,  # GPUs: bf16
+        model_dtype=cfg.model.dtype, quantization=cfg.model.quantization,
+        frozen_base="partitioned" if cfg.deepspeed.frozen_base == "auto" else cfg.deepspeed.frozen_base,
         zero_stage=int(stage), nodes=nodes, gpus_per_node=gpus_per_node, gpu_mem_gib=float(gpu_mem_gib),
         activation_checkpointing=(cfg.model.activation_checkpointing if activation_checkpointing is None
                                   else activation_checkpointing),

@@ -17,18 +17,21 @@ from pathlib import Path
 
 import torch
 
+from .comm_stats import COUNTER
 from .checkpoint import list_steps, load_checkpoint, read_meta, resolve_resume, save_checkpoint
 from .config import ConfigError, ModelConfig, TrainConfig
 from .data import PackedBatches, eval_batches
 from .distributed import any_rank_true, barrier, init_distributed
 from .ds_config import build_ds_config
 from .evaluate import evaluate, layer_table
+from .hardware import resolve_hardware
 from .losses import NPTLoss
 from .metrics import MetricsWriter
 from .model import NPTDecoderLayer, convert_model, decoder_layers, load_base_model, load_tokenizer, npt_layers
 from .optim import build_param_groups, reset_optimizer_state, set_lr
 from .projector import LogitProjector
 from .quant import check_quantization_support
+from .resident_base import keep_frozen_resident
 from .schedules import difficulty_keep_at, kd_weight_at, lr_at, parse_curriculum
 from .train_module import NPTTrainModule, StepControls
 
@@ -91,8 +94,9 @@ class Trainer:
     def __init__(self, cfg: TrainConfig):
         import deepspeed
 
-        self.cfg = cfg
         self.rank, self.world = init_distributed()
+        cfg, self.hardware_notes = resolve_hardware(cfg, self.world)  # 'auto' precision / frozen base
+        self.cfg = cfg
         self.run_dir = Path(cfg.logging.run_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
         self.curriculum = parse_curriculum(cfg.schedule.curriculum or default_curriculum(cfg))
@@ -121,6 +125,8 @@ class Trainer:
             found = re.fullmatch(r"\*layers\.(\d+)\.np\.\*(/no_decay)?", group["name"])
             group["layer"] = int(found[1]) if found else None
         self.engine, _, _, _ = deepspeed.initialize(model=self.module, model_parameters=groups, config=self.ds_config)
+        if cfg.deepspeed.frozen_base == "resident" and self.ds_config["zero_optimization"].get("stage") == 3:
+            keep_frozen_resident(self.engine)
         self.engine.train()  # load_base_model returns eval mode; bitsandbytes int8 computes differently there
         self.data = PackedBatches(cfg.data, self.tokenizer, self.rank, self.world, cfg.seed)
         self.eval_data = eval_batches(cfg.data, self.tokenizer, self.rank, self.world)
@@ -136,6 +142,10 @@ class Trainer:
         self.first_eval: dict | None = None
         self._poison_left = int(cfg.inject_nan.get("repeat", 1)) if cfg.inject_nan else 0
         self._window_start, self._window_tokens = time.time(), 0
+        for note in self.hardware_notes:
+            self.metrics.message(note)
+        self.comm = COUNTER.install()
+        self.reset_comm_window()
         self._resume()
 
     # ---------------------------------------------------------------- setup helpers
@@ -180,6 +190,7 @@ class Trainer:
             cfg.save(self.run_dir / "config.json")
         self.metrics.log({"step": self.step, "event": "start", "run/name": cfg.run_name, "run/total_steps": total,
                           "run/world_size": self.world, "run/npt_layers": ",".join(map(str, self.layer_indices)),
+                          "run/precision": cfg.deepspeed.precision, "run/frozen_base": cfg.deepspeed.frozen_base,
                           "run/trainable_params": sum(getattr(p, "ds_numel", p.numel()) for g in self.engine.optimizer.param_groups
                                                       for p in g["params"])})
         if self.step == 0:
@@ -190,6 +201,7 @@ class Trainer:
         while self.step < stop:
             self.train_step()
             self.step += 1
+            self._steps_since_mark += 1
             if self.logs_after(self.step):
                 self.log_train(start_step, t0)
             if cfg.logging.eval_every and self.step % cfg.logging.eval_every == 0 and self.step < total:
@@ -327,11 +339,12 @@ class Trainer:
         tps = self._window_tokens / max(now - self._window_start, 1e-9)
         self._window_start, self._window_tokens = now, 0
         per_step = (now - t0) / max(self.step - start_step, 1)
+        comm, self._comm_mark = self.comm_per_step(self._comm_mark)
         eta = per_step * (cfg.schedule.total_steps - self.step)
         record = {"step": self.step, "event": "train", "lr": self._lr,
                   "kd/weight": self._controls.kd_weight, "curriculum/stage": self._controls.stage,
                   "curriculum/mixing_ratio": self._controls.mixing_ratio, "tokens_per_s": round(tps, 2),
-                  "eta_s": round(eta, 1), "skipped_steps": self.skipped, "tokens": self.tokens_seen}
+                  "eta_s": round(eta, 1), "skipped_steps": self.skipped, "tokens": self.tokens_seen, **comm}
         if self._controls.active_layers is not None:
             record["sequential/layer"] = self._controls.active_layers[0]
         if cfg.loss.difficulty_mask:
@@ -345,6 +358,20 @@ class Trainer:
         self.metrics.progress(self.step, cfg.schedule.total_steps, record.get("loss/total", math.nan), tps, eta,
                               f"[{self._controls.stage}]")
 
+    def reset_comm_window(self) -> None:
+        """Start counting collective bytes afresh (after set-up, an eval or a save: not a training step's)."""
+        self._comm_mark, self._steps_since_mark = self.comm.totals(), 0
+
+    def comm_per_step(self, mark: dict[str, int]) -> tuple[dict[str, float], dict[str, int]]:
+        """This rank's collective bytes per optimizer step since `mark` (GB), and the new mark.
+
+        Between two log lines only training steps run collectives (evals and saves reset the mark)."""
+        now = self.comm.totals()
+        steps = max(self._steps_since_mark, 1)
+        self._steps_since_mark = 0
+        return {f"comm/{kind}_gb_per_step": round((now[kind] - mark[kind]) / steps / 1e9, 9)
+                for kind in ("gather", "reduce")}, now
+
     def run_eval(self) -> dict:
         self.engine.eval()
         result = evaluate(self.engine.module.model, self.eval_data, self.engine.device)
@@ -352,6 +379,7 @@ class Trainer:
         self.last_eval = {"step": self.step, **result}
         if self.first_eval is None:
             self.first_eval = self.last_eval
+        self.reset_comm_window()
         self.metrics.log({"event": "eval", **self.last_eval})
         self.metrics.message(f"eval @ step {self.step}: ppl base {result['eval/ppl_base']:.3f}  "
                              f"npt {result['eval/ppl_npt']:.3f}  fidelity mse {result['eval/fidelity_mse']:.4g}")
@@ -363,6 +391,7 @@ class Trainer:
         if self.module.loss_fn.adaptive is not None:
             meta["adaptive_norms"] = self.module.loss_fn.adaptive.state_dict()
         target = save_checkpoint(self.engine, self.ckpt_root, self.step, meta, self.rank, self.cfg.checkpoint.keep_last)
+        self.reset_comm_window()
         self.metrics.log({"step": self.step, "event": "checkpoint", "path": str(target)})
         return target
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -88,3 +89,37 @@ def test_nan_batch_on_one_rank_is_skipped_on_all(runs):
     train = [r for r in rows if r.get("event") == "train"]
     assert all(r["loss/total"] == r["loss/total"] for r in train)  # no NaN reached an optimizer step
     assert train[-1]["skipped_steps"] == 1 and train[-1]["step"] == 20
+
+
+def metric_rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("mode", ["partitioned", "hpz"])
+def test_frozen_base_modes_give_the_same_losses(runs, mode, free_port):
+    """`full` runs with frozen_base auto (= resident here): every mode trains the same model, so the same
+    losses exactly; resident gathers only the trainable parameters per step, partitioned the whole model."""
+    base, _ = runs
+    rows = metric_rows(base / "full")
+    assert next(r for r in rows if r["event"] == "start")["run/frozen_base"] == "resident"
+    launch("train_local.sh", base / mode, f"deepspeed.frozen_base={mode}", port=free_port)
+    other = metric_rows(base / mode)
+    assert next(r for r in other if r["event"] == "start")["run/frozen_base"] == mode
+    full, losses = train_losses(base / "full"), train_losses(base / mode)
+    assert sorted(losses) == sorted(full)
+    for step in full:
+        assert losses[step] == full[step], step
+    trainable_bytes = 4 * 2 * (64 * 8 + 8 * 64 + 8 * 160)  # fp32 NP params of layers 2, 3 (rank 8)
+    gathered = {r["step"]: r["comm/gather_gb_per_step"] * 1e9 for r in rows if r["event"] == "train"}
+    # steady state (ZeRO-3 re-gathers the model once in each of the first two steps, while it records its trace)
+    # and right after a checkpoint the trainable parameters once more
+    steady = [v for s, v in gathered.items() if s > 2]
+    assert max(steady) <= 2.01 * trainable_bytes and statistics.median(steady) == pytest.approx(trainable_bytes, rel=1e-3)
+    partitioned = [r["comm/gather_gb_per_step"] * 1e9 for r in other if r["event"] == "train"][2:]
+    assert min(partitioned) > 20 * trainable_bytes  # the base's layers, every step
+
+
+def test_quantized_frozen_base_is_refused_on_cpu(tmp_path):
+    from npt_ds.train import main
+
+    assert main(["configs/tiny_debug.yaml", f"logging.run_dir={tmp_path}", "deepspeed.frozen_base=quantized"]) == 2

@@ -1,0 +1,76 @@
+"""Bytes moved by DeepSpeed's collectives on this rank, by kind, counted without any sync.
+
+A thin wrapper around the methods of `deepspeed.comm`'s backend object (every ZeRO all-gather,
+reduce-scatter and all-reduce goes through it).  What is counted per call is the message size the way
+DeepSpeed's comms logger counts it: the full gathered tensor of an all-gather, the full input of a
+reduce-scatter, the tensor of an all-reduce or broadcast.  On the wire a ring moves (n-1)/n of that per
+rank.  Kinds: ``gather`` (parameter all-gathers), ``reduce`` (gradient reduce-scatter / all-reduce),
+``other`` (broadcasts and the rest).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+KINDS = {
+    "all_gather_into_tensor": "gather", "all_gather_base": "gather", "all_gather": "gather",
+    "all_gather_coalesced": "gather",
+    "reduce_scatter_tensor": "reduce", "reduce_scatter": "reduce", "all_reduce": "reduce",
+    "all_reduce_coalesced": "reduce", "reduce": "reduce",
+    "broadcast": "other", "all_to_all_single": "other",
+}
+GATHER_OUTPUT = {"all_gather_into_tensor", "all_gather_base", "all_gather", "all_gather_coalesced"}
+
+
+def _nbytes(obj) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(o) for o in obj)
+    return 0
+
+
+class CommCounter:
+    """Cumulative bytes per kind since install; `totals()` is a snapshot (host integers, no device sync)."""
+
+    def __init__(self) -> None:
+        self.bytes = {"gather": 0, "reduce": 0, "other": 0}
+        self.calls = {"gather": 0, "reduce": 0, "other": 0}
+        self._backend = None
+
+    def install(self) -> "CommCounter":
+        """Wrap the collectives of the initialised deepspeed.comm backend (idempotent per backend)."""
+        import deepspeed.comm.comm as ds_comm
+
+        backend = ds_comm.cdb
+        if backend is None or self._backend is backend:
+            return self
+        for name, kind in KINDS.items():
+            method = getattr(backend, name, None)
+            if method is None or getattr(method, "_npt_counted", False):
+                continue
+            setattr(backend, name, self._wrap(method, name, kind))
+        self._backend = backend
+        return self
+
+    def _wrap(self, method, name: str, kind: str):
+        counter = self
+
+        @functools.wraps(method)
+        def counted(*args, **kwargs):
+            payload = args[0] if args else next(iter(kwargs.values()), None)
+            if name not in GATHER_OUTPUT and name in ("reduce_scatter_tensor", "reduce_scatter") and len(args) > 1:
+                payload = args[1]  # (output, input): the reduced message is the input
+            counter.bytes[kind] += _nbytes(payload)
+            counter.calls[kind] += 1
+            return method(*args, **kwargs)
+
+        counted._npt_counted = True
+        return counted
+
+    def totals(self) -> dict[str, int]:
+        return dict(self.bytes)
+
+
+COUNTER = CommCounter()
