@@ -47,6 +47,11 @@ RUNS = {  # name -> (ZeRO stage, ranks, DeepSpeed template, zero_optimization ov
     "z3p_1r": (3, 1, "ds_configs/zero3_fp32.json", {"stage3_param_persistence_threshold": 1_000_000,
                                                     "stage3_model_persistence_threshold": 10**12}),
 }
+RUNS.update({  # deepspeed.frozen_base (npt_ds.hardware); every other ZeRO-3 run is the plain partitioned one
+    "z3auto_2r": (3, 2, "ds_configs/zero3_fp32.json", {}),
+    "z3hpz_2r": (3, 2, "ds_configs/zero3_fp32.json", {}),
+})
+FROZEN_BASE = {"z3auto_2r": "auto", "z3hpz_2r": "hpz"}
 PATCHES = {"z3leaf_2r": ["z3_leaf"], "z3leaf_1r": ["z3_leaf"]}
 TRACE_RE = re.compile(r"Invalidate trace cache @ step (\d+)")
 PROGRESS_RE = re.compile(r"step\s+(\d+)/(\d+)")
@@ -59,7 +64,8 @@ def free_port() -> int:
 
 
 def write_recipe(work: Path, name: str, stage: int, template: str, opts, model: str = "smollm2",
-                 layers: str = "upper_half", steps: int | None = None, zero: dict | None = None) -> Path:
+                 layers: str = "upper_half", steps: int | None = None, zero: dict | None = None,
+                 frozen_base: str = "partitioned") -> Path:
     """A YAML recipe + DeepSpeed JSON (trace warnings on) for one run; returns the YAML path."""
     ds = json.loads((REPO_ROOT / template).read_text())
     ds.setdefault("zero_optimization", {})["log_trace_cache_warnings"] = True
@@ -77,7 +83,8 @@ def write_recipe(work: Path, name: str, stage: int, template: str, opts, model: 
                  "eval_seq_len": 32, "eval_batches": 1},
         "schedule": {"mode": "single_layer", "total_steps": steps or opts.dist_steps, "warmup_steps": 2},
         "optim": {"lr": 1.0e-3},
-        "deepspeed": {"config": str(ds_path), "precision": precision, "zero_stage": stage},
+        "deepspeed": {"config": str(ds_path), "precision": precision, "zero_stage": stage,
+                      "frozen_base": frozen_base},
         "checkpoint": {"every": 0, "save_final": False, "resume": "none"},
         "logging": {"run_dir": str(work / f"run-{name}"), "log_every": 1, "eval_every": 0, "console": True},
     }
@@ -123,7 +130,7 @@ def ext_cache_dir() -> Path:
 
 
 def parse_metrics(path: Path, warmup: int) -> dict:
-    records = []
+    records, start = [], {}
     if path.is_file():
         for line in path.read_text().splitlines():
             try:
@@ -132,13 +139,19 @@ def parse_metrics(path: Path, warmup: int) -> dict:
                 continue
             if rec.get("event") == "train":
                 records.append(rec)
+            elif rec.get("event") == "start":
+                start = rec
     steady = [r for r in records if r["step"] > warmup]
     tps = [r["tokens_per_s"] for r in steady]
     out = {"train_records": len(records), "steady_steps": len(steady), "steady_tokens_per_s": tps,
            "tokens_per_s_median": statistics.median(tps) if tps else None,
            "tokens_per_s_all": [r["tokens_per_s"] for r in records],
            "loss_first": records[0].get("loss/total") if records else None,
-           "loss_last": records[-1].get("loss/total") if records else None}
+           "loss_last": records[-1].get("loss/total") if records else None,
+           "frozen_base": start.get("run/frozen_base"), "trainable_params": start.get("run/trainable_params")}
+    for kind in ("gather", "reduce"):  # this rank's (rank 0's) collective bytes per steady step
+        values = [r[f"comm/{kind}_gb_per_step"] for r in steady if f"comm/{kind}_gb_per_step" in r]
+        out[f"{kind}_gb_per_step"] = statistics.median(values) if values else None
     return out
 
 
@@ -177,7 +190,7 @@ def merge_rounds(runs: list[dict]) -> dict:
 def run_one(name: str, opts, work: Path, tag: str | None = None) -> dict:
     stage, ranks, template, zero = RUNS[name]
     tag = tag or name
-    recipe = write_recipe(work, tag, stage, template, opts, zero=zero)
+    recipe = write_recipe(work, tag, stage, template, opts, zero=zero, frozen_base=FROZEN_BASE.get(name, "partitioned"))
     patches = PATCHES.get(name, [])
     cmd = launch_cmd(ranks, "bench.dist_worker" if patches else "npt_ds.train", recipe,
                      ["--patch", ",".join(patches)] if patches else None)
@@ -242,7 +255,8 @@ def run_dist(opts) -> dict:
 
     for a, b in (("z2_2r", "z3_2r"), ("z2_1r", "z3_2r"), ("z3_1r", "z3_2r"), ("z2_1r", "z2_2r"),
                  ("z3p_2r", "z3_2r"), ("z3leaf_2r", "z3_2r"), ("z2_2r", "z3leaf_2r"), ("z2_1r", "z3_1r"),
-                 ("z3leaf_1r", "z3_1r"), ("z3p_1r", "z3_1r")):
+                 ("z3leaf_1r", "z3_1r"), ("z3p_1r", "z3_1r"), ("z3auto_2r", "z2_2r"), ("z3auto_2r", "z3_2r"),
+                 ("z3hpz_2r", "z3_2r")):
         if tps(a) and tps(b):
             result["ratios"][f"tokens_per_s {a}/{b}"] = tps(a) / tps(b)
     z3 = by.get("z3_2r", {}).get("trace", {})
@@ -254,7 +268,15 @@ def run_dist(opts) -> dict:
     if opts.sync_probe:
         print("  dist sync probe ...", flush=True)
         result["sync_probe"] = run_sync_probe(opts, work)
+    auto = by.get("z3auto_2r", {})
+    trainable_gb = (auto.get("trainable_params") or 0) * 4 / 1e9  # fp32 trainable parameters
     result["targets"] = {
+        "zero3_auto_vs_zero2": target(result["ratios"].get("tokens_per_s z3auto_2r/z2_2r"), 0.9, ">=",
+                                      "ZeRO-3 (frozen_base auto) tokens/s ÷ ZeRO-2 tokens/s, 2 ranks"),
+        "zero3_auto_gather_vs_trainable": target(auto["gather_gb_per_step"] / trainable_gb
+                                                 if auto.get("gather_gb_per_step") is not None and trainable_gb
+                                                 else None, 2.0, "<=",
+                                                 "ZeRO-3 (auto) gathered bytes per step ÷ trainable parameter bytes"),
         "zero3_overhead_vs_zero2": target(result["ratios"].get("tokens_per_s z2_2r/z3_2r"), None, "",
                                           "ZeRO-2 tokens/s ÷ ZeRO-3 tokens/s, 2 ranks"),
         "zero3_overhead_vs_one_rank": target(result["ratios"].get("tokens_per_s z2_1r/z3_2r"), None, "",
@@ -268,7 +290,9 @@ def print_dist(res: dict) -> str:
             ("thr/rank", "threads_per_rank", "d"), ("rc", "rc", "d"),
             ("tokens/s (median)", "tokens_per_s_median", ",.1f"), ("best", "tokens_per_s_best", ",.1f"),
             ("s/step", "s_per_step", ".3f"), ("rounds", "rounds", "d"),
-            ("steady steps", "steady_steps", "d"), ("wall s", "wall_s", ".0f"), ("loss first", "loss_first", ".4g"),
+            ("steady steps", "steady_steps", "d"), ("wall s", "wall_s", ".0f"), ("frozen base", "frozen_base", ""),
+            ("gather GB/step", "gather_gb_per_step", ".4f"), ("reduce GB/step", "reduce_gb_per_step", ".4f"),
+            ("loss first", "loss_first", ".4g"),
             ("loss last", "loss_last", ".4g")]
     rows = [dict(r, trace_n=r["trace"]["invalidations"]) for r in res["runs"]]
     cols.append(("trace invalidations", "trace_n", "d"))

@@ -20,7 +20,14 @@ KINDS = {
     "all_reduce_coalesced": "reduce", "reduce": "reduce",
     "broadcast": "other", "all_to_all_single": "other",
 }
-GATHER_OUTPUT = {"all_gather_into_tensor", "all_gather_base", "all_gather", "all_gather_coalesced"}
+# where the message is: (position, keyword); default the first argument
+MESSAGE_ARG = {
+    "all_gather_into_tensor": (0, "output_tensor"), "all_gather_base": (0, "output_tensor"),
+    "all_gather": (0, "tensor_list"), "all_gather_coalesced": (0, "output_tensors"),
+    "reduce_scatter_tensor": (1, "input_tensor"), "reduce_scatter": (1, "input_list"),
+    "all_reduce": (0, "tensor"), "all_reduce_coalesced": (0, "tensors"), "reduce": (0, "tensor"),
+    "broadcast": (0, "tensor"),
+}
 
 
 def _nbytes(obj) -> int:
@@ -57,11 +64,16 @@ class CommCounter:
     def _wrap(self, method, name: str, kind: str):
         counter = self
 
+        position, keyword = MESSAGE_ARG.get(name, (0, None))
+
         @functools.wraps(method)
         def counted(*args, **kwargs):
-            payload = args[0] if args else next(iter(kwargs.values()), None)
-            if name not in GATHER_OUTPUT and name in ("reduce_scatter_tensor", "reduce_scatter") and len(args) > 1:
-                payload = args[1]  # (output, input): the reduced message is the input
+            if keyword in kwargs:
+                payload = kwargs[keyword]
+            elif len(args) > position:
+                payload = args[position]
+            else:
+                payload = next(iter(kwargs.values()), None)
             counter.bytes[kind] += _nbytes(payload)
             counter.calls[kind] += 1
             return method(*args, **kwargs)

@@ -795,6 +795,11 @@ def add_plan_subparser(subparsers: Any) -> argparse.ArgumentParser:
                    help="override model.activation_checkpointing")
     p.add_argument("--override", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                    help="config overrides, e.g. data.seq_len=4096 (repeatable)")
+    p.add_argument("--link-gbps", default="3600,400", metavar="INTRA,INTER",
+                   help="per-GPU link bandwidths in Gbit/s for the step-time table (default 3600,400: NVLink 4, "
+                        "one 400G InfiniBand port per GPU)")
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="GPU peak (default 989: H100 dense bf16)")
+    p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation assumed (default 0.4)")
     p.add_argument("--json", action="store_true", help="print a machine-readable JSON dict")
     p.set_defaults(func=run_plan)
     return p
@@ -808,6 +813,12 @@ def run_plan(args: argparse.Namespace) -> int:
                                     gpu_mem_gib=args.gpu_mem, zero_stage=args.zero_stage,
                                     activation_checkpointing=args.activation_checkpointing)
         plan = make_plan(inputs)
+        links = _link_gbps(args.link_gbps)
+        from .step_time import format_prediction, predict, recommend
+
+        rows = predict(inputs, link_gbps=links, grad_accum=cfg.optim.grad_accum, peak_tflops=args.peak_tflops,
+                       mfu=args.mfu)
+        recommended = recommend(rows)
     except ConfigError as exc:
         if getattr(args, "json", False):
             print(json.dumps({"error": str(exc)}))
@@ -815,10 +826,23 @@ def run_plan(args: argparse.Namespace) -> int:
             print(f"error: {exc}")
         return 2
     if args.json:
-        print(json.dumps(plan.to_dict(), indent=2))
+        print(json.dumps({**plan.to_dict(), "frozen_base_modes": rows,
+                          "recommended_frozen_base": {"mode": recommended[0], "why": recommended[1]}}, indent=2))
     else:
         print(format_plan(plan))
+        print()
+        print(format_prediction(rows, recommended, links, args.peak_tflops, args.mfu))
     return 0 if plan.fits else 1
+
+
+def _link_gbps(text: str) -> tuple[float, float]:
+    try:
+        intra, inter = (float(v) for v in str(text).split(","))
+    except ValueError:
+        raise ConfigError(f"--link-gbps: {text!r} is not INTRA,INTER in Gbit/s, e.g. 3600,400") from None
+    if intra <= 0 or inter <= 0:
+        raise ConfigError("--link-gbps: both bandwidths must be > 0")
+    return intra, inter
 
 
 def main(argv: Sequence[str] | None = None) -> int:
