@@ -6,7 +6,9 @@ persistent base is still all-gathered once per optimizer step (measured: 0.54 GB
 fp32, the whole model).  A frozen weight never changes, so there is nothing to re-partition.
 :func:`keep_frozen_resident` narrows both to the trainable parameters on a built engine:
 
-* the coordinator's "release all" skips frozen persistent parameters (they stay AVAILABLE);
+* the coordinator's release (after a module's forward/backward, and the step's "release all") skips
+  frozen persistent parameters: they stay AVAILABLE (while recording its trace, ZeRO-3 would otherwise
+  release even persistent ones after each module);
 * the post-step re-gather list holds only trainable persistent parameters.
 
 Gradients, optimizer state and the trainable parameters' fp32 masters stay partitioned as before.
@@ -43,6 +45,13 @@ def keep_frozen_resident(engine) -> int:
             if id(param) not in keep and param.ds_status != ZeroParamStatus.NOT_AVAILABLE:
                 raise RuntimeError(f"{param.ds_summary()} expected to be released")
 
+    def release_unless_resident(param, free_data: bool = True) -> None:
+        if id(param) not in keep:
+            release(param, free_data)
+
+    # every release path (after a module's forward or backward -- while ZeRO-3 records its trace it releases
+    # persistent parameters too -- and the step's "release all") goes through this one method
+    coordinator._PartitionedParameterCoordinator__release_param = release_unless_resident
     offload.partition_all_parameters = partition_all_but_resident
     opt.persistent_parameters = [p for p in opt.persistent_parameters if id(p) not in keep]
     if resident:  # gather them now, once

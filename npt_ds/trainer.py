@@ -56,16 +56,22 @@ def zero3_construction(ds_config: dict):
         unset_hf_deepspeed_config()
 
 
-def mark_frozen_layers_as_zero3_leaves(model) -> None:
+def mark_frozen_layers_as_zero3_leaves(model, resident: bool = False) -> None:
     """One ZeRO-3 gather/release per frozen decoder layer instead of one per submodule (~10 % faster on CPU).
 
-    NPT layers stay non-leaf: their training pass is `fused()`, not `forward`, and needs per-submodule hooks.
+    NPT layers stay non-leaf: their training pass is `fused()`, not `forward`, and calls the MLP's linears
+    directly, so a partitioned base needs their own hooks.  With a resident base (always gathered) the
+    hooks of an NPT layer's frozen parts only cost time: attention, MLP and norms become leaves too, and
+    only the NP component keeps per-module hooks.
     """
     from deepspeed.utils import set_z3_leaf_module
 
     for layer in decoder_layers(model):
         if not isinstance(layer, NPTDecoderLayer):
             set_z3_leaf_module(layer, True)
+        elif resident:
+            for part in (layer.self_attn, layer.mlp, layer.input_layernorm, layer.post_attention_layernorm):
+                set_z3_leaf_module(part, True)
 
 
 def default_curriculum(cfg: TrainConfig) -> str:
@@ -108,7 +114,7 @@ class Trainer:
             model = load_base_model(cfg.model, seed=cfg.seed)
         self.layer_indices = convert_model(model, cfg.npt)
         if self.ds_config["zero_optimization"].get("stage", 0) == 3:
-            mark_frozen_layers_as_zero3_leaves(model)
+            mark_frozen_layers_as_zero3_leaves(model, resident=cfg.deepspeed.frozen_base == "resident")
         if cfg.model.activation_checkpointing:
             for layer in npt_layers(model):
                 layer.checkpoint_student = True

@@ -117,6 +117,19 @@ def test_frozen_base_modes_give_the_same_losses(runs, mode, free_port):
     assert max(steady) <= 2.01 * trainable_bytes and statistics.median(steady) == pytest.approx(trainable_bytes, rel=1e-3)
     partitioned = [r["comm/gather_gb_per_step"] * 1e9 for r in other if r["event"] == "train"][2:]
     assert min(partitioned) > 20 * trainable_bytes  # the base's layers, every step
+    # the planner's byte model (npt_ds.step_time) is exact for these runs
+    from npt_ds.config import load_config
+    from npt_ds.plan import inputs_from_config
+    from npt_ds.step_time import mode_bytes
+
+    inputs = inputs_from_config(load_config(REPO / "configs" / "tiny_debug.yaml", []), nodes=1, gpus_per_node=2,
+                                gpu_mem_gib=24)
+    assert statistics.median(steady) == pytest.approx(mode_bytes(inputs, "resident")["gathered"], abs=1)
+    if mode == "partitioned":
+        assert statistics.median(partitioned) == pytest.approx(mode_bytes(inputs, "partitioned")["gathered"], abs=1)
+    reduced = [r["comm/reduce_gb_per_step"] * 1e9 for r in other if r["event"] == "train"][2:]
+    # reduced: the gradients' reduce-scatter, plus DeepSpeed's 8-byte all-reduce of the gradient norm
+    assert statistics.median(reduced) == pytest.approx(mode_bytes(inputs, mode)["reduced"] + 8, abs=1)
 
 
 def test_quantized_frozen_base_is_refused_on_cpu(tmp_path):
