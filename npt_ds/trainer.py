@@ -197,8 +197,9 @@ class Trainer:
         self.metrics.log({"step": self.step, "event": "start", "run/name": cfg.run_name, "run/total_steps": total,
                           "run/world_size": self.world, "run/npt_layers": ",".join(map(str, self.layer_indices)),
                           "run/precision": cfg.deepspeed.precision, "run/frozen_base": cfg.deepspeed.frozen_base,
-                          "run/trainable_params": sum(getattr(p, "ds_numel", p.numel()) for g in self.engine.optimizer.param_groups
-                                                      for p in g["params"])})
+                          # from the module: ZeRO-3 keeps its optimizer's param groups empty between steps
+                          "run/trainable_params": sum(getattr(p, "ds_numel", p.numel())
+                                                      for p in self.module.parameters() if p.requires_grad)})
         if self.step == 0:
             self.run_eval()
         start_step, t0 = self.step, time.time()

@@ -101,7 +101,8 @@ def test_frozen_base_modes_give_the_same_losses(runs, mode, free_port):
     losses exactly; resident gathers only the trainable parameters per step, partitioned the whole model."""
     base, _ = runs
     rows = metric_rows(base / "full")
-    assert next(r for r in rows if r["event"] == "start")["run/frozen_base"] == "resident"
+    start = next(r for r in rows if r["event"] == "start")
+    assert start["run/frozen_base"] == "resident" and start["run/trainable_params"] == 2 * (64 * 8 + 8 * 64 + 8 * 160)
     launch("train_local.sh", base / mode, f"deepspeed.frozen_base={mode}", port=free_port)
     other = metric_rows(base / mode)
     assert next(r for r in other if r["event"] == "start")["run/frozen_base"] == mode
