@@ -48,9 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dist-steps", type=int, default=12)
     p.add_argument("--dist-seq", type=int, default=128)
     p.add_argument("--dist-warmup", type=int, default=3, help="dist: train steps skipped as warm-up")
-    p.add_argument("--dist-runs", default="z3_2r,z3auto_2r,z2_2r,z3_1r,z2_1r",
+    p.add_argument("--dist-runs", default="z3_2r,z3auto_2r,z2_2r,z3_1r,z2_1r,demo_z3auto_2r,demo_z2_2r",
                    help="dist: runs among z3_2r,z2_2r,z3_1r,z2_1r (ZeRO stage _ ranks; ZeRO-3 partitioned), "
-                        "z3auto_2r / z3hpz_2r (deepspeed.frozen_base auto / hpz) and the experiments "
+                        "z3auto_2r / z3hpz_2r (deepspeed.frozen_base auto / hpz), demo_z3auto_2r / demo_z2_2r (the "
+                        "demo's shape: layers 26-29, micro-batch 2) and the experiments "
                         "z3p_2r,z3p_1r (persistent layer weights), z3leaf_2r,z3leaf_1r (non-NPT layers as leaves)")
     p.add_argument("--dist-rounds", type=int, default=1, help="dist: launches per run config, interleaved")
     p.add_argument("--dist-precision", default="fp32", choices=["fp32", "bf16"])
@@ -86,8 +87,8 @@ def resolve(opts: argparse.Namespace) -> argparse.Namespace:
         opts.seq = min(opts.seq, 128)
         opts.dist_steps = min(opts.dist_steps, 8)
         opts.dist_warmup = min(opts.dist_warmup, 2)
-        opts.dist_runs = "z3_2r,z3auto_2r,z2_2r" if opts.dist_runs == "z3_2r,z3auto_2r,z2_2r,z3_1r,z2_1r" \
-            else opts.dist_runs
+        opts.dist_runs = "z3_2r,z3auto_2r,z2_2r" \
+            if opts.dist_runs == "z3_2r,z3auto_2r,z2_2r,z3_1r,z2_1r,demo_z3auto_2r,demo_z2_2r" else opts.dist_runs
     opts.repeats = opts.repeats or (3 if opts.quick else 9)
     opts.step_repeats = opts.repeats if opts.repeats <= 5 else max(5, opts.repeats // 2)
     if opts.quick:
