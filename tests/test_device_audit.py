@@ -55,7 +55,7 @@ def test_trainer_eval_hands_the_engine_device_to_evaluate():
     logged = []
     fake = SimpleNamespace(engine=SimpleNamespace(eval=lambda: None, train=lambda: None, device=META,
                                                   module=SimpleNamespace(model=model)),
-                           eval_data=host_batches(), step=0, first_eval=None,
+                           eval_data=host_batches(), step=0, first_eval=None, reset_comm_window=lambda: None,
                            metrics=SimpleNamespace(log=logged.append, message=lambda text: None))
     audited(Trainer.run_eval, fake)
     assert logged and logged[0]["event"] == "eval"
