@@ -211,7 +211,7 @@ def run_one(name: str, opts, work: Path, tag: str | None = None) -> dict:
            "template": template, "zero_overrides": zero, "patches": patches,
            "precision": getattr(opts, "dist_precision", "fp32"), "rc": proc.returncode,
            "wall_s": round(wall, 1), "cmd": " ".join(cmd), "log": str(work / f"{tag}.log"),
-           "tokens_per_step": opts.dist_seq * ranks * micro_batch, "npt_layers": layers}
+           "tokens_per_step": opts.dist_seq * ranks * micro_batch, "npt_layers": layers, "recipe": str(recipe)}
     res.update(parse_metrics(work / f"run-{tag}" / "metrics.jsonl", opts.dist_warmup))
     res["trace"] = scan_trace_warnings(log)
     if proc.returncode != 0:
@@ -272,6 +272,9 @@ def run_dist(opts) -> dict:
         "z3_2r_by_train_step": z3.get("by_train_step"),
         "invalidated_every_step": (max(z3["per_round"]) >= opts.dist_steps - 1) if z3 else None,
     }
+    if "z2_1r" in by and by["z2_1r"].get("s_per_step"):
+        print("  dist step-time prediction (gloo bandwidth probe) ...", flush=True)
+        result["prediction"] = predict_cpu_runs(by, opts)
     if opts.sync_probe:
         print("  dist sync probe ...", flush=True)
         result["sync_probe"] = run_sync_probe(opts, work)
@@ -294,6 +297,38 @@ def run_dist(opts) -> dict:
     return result
 
 
+def predict_cpu_runs(by: dict, opts) -> dict:
+    """npt_ds.step_time's model on this CPU: compute from the NPT step FLOPs at the FLOP rate of the 1-rank
+    ZeRO-2 run (2 threads; a 2-rank run has 1 thread per rank), communication = the planner's message bytes
+    at the all-gather bandwidth gloo reaches on loopback (bench/gloo_probe.py)."""
+    from npt_ds.config import load_config
+    from npt_ds.plan import inputs_from_config
+    from npt_ds.step_time import mode_bytes, step_flops
+
+    probe = subprocess.run([sys.executable, "-m", "bench.gloo_probe", "64", "5"], cwd=REPO_ROOT, text=True,
+                           capture_output=True, env=run_env(2, opts.threads), timeout=300)
+    bw = json.loads(probe.stdout.strip().splitlines()[-1])["message_gb_per_s"] * 1e9
+
+    def inputs(run):
+        return inputs_from_config(load_config(run["recipe"], []), nodes=1, gpus_per_node=run["ranks"], gpu_mem_gib=24)
+
+    ref = by["z2_1r"]
+    per_thread_flops = step_flops(inputs(ref)) / ref["s_per_step"] / max(1, opts.threads)
+    rows = []
+    for name, run in by.items():
+        if run["ranks"] != 2 or not run.get("s_per_step"):
+            continue
+        i = inputs(run)
+        mode = run.get("frozen_base") if run["zero_stage"] == 3 else "resident"  # ZeRO-2: the base is resident
+        b = mode_bytes(i, mode)
+        compute = step_flops(i) / (per_thread_flops * max(1, opts.threads // 2))
+        comm = (b["gathered"] + b["reduced"]) / bw
+        rows.append({"run": name, "measured_s": run["s_per_step"], "predicted_s": compute + comm, "compute_s": compute,
+                     "comm_s": comm, "predicted_gather_gb": b["gathered"] / 1e9,
+                     "measured_gather_gb": run.get("gather_gb_per_step")})
+    return {"gloo_message_gb_per_s": bw / 1e9, "per_thread_gflops": per_thread_flops / 1e9, "rows": rows}
+
+
 def print_dist(res: dict) -> str:
     cols = [("run", "run", ""), ("stage", "zero_stage", "d"), ("ranks", "ranks", "d"),
             ("thr/rank", "threads_per_rank", "d"), ("rc", "rc", "d"),
@@ -310,6 +345,14 @@ def print_dist(res: dict) -> str:
                                       f"{c['steps']} steps ({c['warmup_skipped']} warm-up skipped), {c['precision']}")]
     for k, v in res["ratios"].items():
         lines.append(f"{k} = {v:.3f}")
+    pred = res.get("prediction")
+    if pred:
+        lines.append(f"step-time prediction (npt_ds.step_time on this CPU: {pred['per_thread_gflops']:.1f} GFLOP/s per "
+                     f"thread from z2_1r, gloo all-gather {pred['gloo_message_gb_per_s']:.2f} GB/s):")
+        for r in pred["rows"]:
+            lines.append(f"   {r['run']:<16} measured {r['measured_s']:.3f} s/step, predicted {r['predicted_s']:.3f} "
+                         f"(compute {r['compute_s']:.3f} + comm {r['comm_s']:.3f}); gathered GB/step predicted "
+                         f"{r['predicted_gather_gb']:.4f}, measured {r['measured_gather_gb']}")
     tc = res["trace_cache"]
     lines.append(f"ZeRO-3 trace invalidations (2 ranks): {tc['z3_2r_invalidations']} at train steps "
                  f"{tc['z3_2r_by_train_step']}; every step: {tc['invalidated_every_step']}")

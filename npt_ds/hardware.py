@@ -79,7 +79,10 @@ def resolve_frozen_base(cfg: TrainConfig, world: int, zero_stage: int) -> tuple[
     per_node = ranks_per_node(world)
     nodes = max(1, world // per_node)
     mem = device_memory_gib(per_node)
-    inputs = inputs_from_config(cfg, nodes=nodes, gpus_per_node=per_node, gpu_mem_gib=mem, zero_stage=3)
+    try:
+        inputs = inputs_from_config(cfg, nodes=nodes, gpus_per_node=per_node, gpu_mem_gib=mem, zero_stage=3)
+    except ConfigError as exc:  # no config.json to plan from (e.g. a bare .gguf): stay on the safe side
+        return "partitioned", f"the planner cannot read this model's shape ({exc})"
     resident = plan_memory(dataclasses.replace(inputs, frozen_base="resident"))
     if resident.fits:
         return "resident", f"the whole base fits on every rank ({resident.total / 2**30:.1f} of {mem:.0f} GiB)"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -199,3 +200,11 @@ def test_no_mask_sync_patch_keeps_the_fused_loss():
     finally:
         fused_mod.create_causal_mask = saved
     assert torch.equal(got, want)
+
+
+def test_gloo_bandwidth_probe_measures_an_all_gather():
+    proc = subprocess.run([sys.executable, "-m", "bench.gloo_probe", "4", "2"], cwd=ROOT, text=True,
+                          capture_output=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["message_gb_per_s"] > 0 and result["message_mb"] == 4.0
