@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from .comm_stats import COUNTER
 from .checkpoint import list_steps, load_checkpoint, read_meta, resolve_resume, save_checkpoint
+from .comm_stats import COUNTER
 from .config import ConfigError, ModelConfig, TrainConfig
 from .data import PackedBatches, eval_batches
 from .distributed import any_rank_true, barrier, init_distributed
