@@ -43,7 +43,6 @@ class CommCounter:
 
     def __init__(self) -> None:
         self.bytes = {"gather": 0, "reduce": 0, "other": 0}
-        self.calls = {"gather": 0, "reduce": 0, "other": 0}
         self._backend = None
 
     def install(self) -> "CommCounter":
@@ -63,7 +62,6 @@ class CommCounter:
 
     def _wrap(self, method, name: str, kind: str):
         counter = self
-
         position, keyword = MESSAGE_ARG.get(name, (0, None))
 
         @functools.wraps(method)
@@ -75,7 +73,6 @@ class CommCounter:
             else:
                 payload = next(iter(kwargs.values()), None)
             counter.bytes[kind] += _nbytes(payload)
-            counter.calls[kind] += 1
             return method(*args, **kwargs)
 
         counted._npt_counted = True

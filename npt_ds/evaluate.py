@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .distributed import all_reduce_sum
-from .losses import direct_mse
+from .losses import direct_mse, next_token_ce
 from .model.fused import fused_forward
 from .model.np_component import NPExtras
 
@@ -41,9 +41,9 @@ def evaluate(model: nn.Module, batches: list[torch.Tensor], device: torch.device
     for ids in batches:
         ids = ids.to(device, non_blocking=True)
         out = fused_forward(model, ids, mixing_ratio=1.0, student_stream=True, want_logits=True)
-        labels = ids[:, 1:].reshape(-1)
-        add("nll_base", F.cross_entropy(out.teacher_logits[:, :-1].flatten(0, 1).float(), labels, reduction="sum"))
-        add("nll_npt", F.cross_entropy(out.student_logits[:, :-1].flatten(0, 1).float(), labels, reduction="sum"))
+        labels = ids[:, 1:]
+        add("nll_base", next_token_ce(out.teacher_logits, ids, reduction="sum"))
+        add("nll_npt", next_token_ce(out.student_logits, ids, reduction="sum"))
         add("fid", F.mse_loss(out.student_hidden.float(), out.teacher_hidden.float(), reduction="sum"))
         counts["tokens"] += labels.numel()
         counts["count"] += out.student_hidden.numel()

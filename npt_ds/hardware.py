@@ -1,12 +1,13 @@
 """Hardware-dependent choices resolved once at start: precision, and how ZeRO-3 holds the frozen base.
 
-Under plain ZeRO-3 every rank all-gathers every frozen base weight on every forward (and the NPT
-layers' again in backward), although the base never changes.  ``deepspeed.frozen_base``:
+Under plain ZeRO-3 every rank all-gathers every frozen base weight on every forward, although the
+base never changes.  ``deepspeed.frozen_base``:
 
 * ``partitioned`` -- plain ZeRO-3: the base is partitioned and re-gathered every micro-batch.
 * ``resident``    -- every parameter is ZeRO-3-*persistent* (``stage3_param_persistence_threshold`` and
-  ``stage3_model_persistence_threshold`` above the model size): gathered once, never released, so a
-  step moves no parameter bytes; gradients and optimizer state stay partitioned.  Memory: the whole
+  ``stage3_model_persistence_threshold`` above the model size) and :mod:`npt_ds.resident_base` keeps
+  the frozen ones from ever being released: gathered once, so a step gathers only the trainable
+  parameters; gradients and optimizer state stay partitioned.  Memory: the whole
   base on every rank, as ZeRO-2.  ``auto`` picks it when the planner says it fits.
 * ``hpz``         -- ZeRO++ hierarchical partitioning (``zero_hpz_partition_size`` = GPUs per node): a
   secondary copy of the partitions within each node, so the re-gathers stay on the intra-node link.

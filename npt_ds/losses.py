@@ -134,6 +134,11 @@ def kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     return temperature ** 2 * kl, kl
 
 
+def next_token_ce(logits: torch.Tensor, input_ids: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy (fp32) of (B, T, V) logits on (B, T) ids: position t predicts id t + 1."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].reshape(-1), reduction=reduction)
+
+
 def modulation_coefficient(v_a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Σ_k v_a,k · x per token: (B, T, k, d), (B, T, d) -> (B, T)."""
     return torch.einsum("btkd,btd->bt", v_a.float(), x.float())

@@ -545,7 +545,7 @@ def _frozen_base_states(i: PlanInputs, states: ModelStates, frozen_bytes: float,
     w, g = i.world_size, i.gpus_per_node
     if i.frozen_base == "resident":
         return replace(states, frozen_params=frozen_bytes, trainable_params=trainable_bytes,
-                                   gathered_params=0.0), teacher_bytes * w
+                       gathered_params=0.0), teacher_bytes * w
     if i.frozen_base == "hpz":
         return replace(states, frozen_params=frozen_bytes / w + frozen_bytes / g), \
             teacher_bytes + teacher_bytes * w / g
@@ -795,11 +795,14 @@ def add_plan_subparser(subparsers: Any) -> argparse.ArgumentParser:
                    help="override model.activation_checkpointing")
     p.add_argument("--override", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                    help="config overrides, e.g. data.seq_len=4096 (repeatable)")
-    p.add_argument("--link-gbps", default="3600,400", metavar="INTRA,INTER",
-                   help="per-GPU link bandwidths in Gbit/s for the step-time table (default 3600,400: NVLink 4, "
+    from .step_time import DEFAULT_LINK_GBPS, DEFAULT_MFU, DEFAULT_PEAK_TFLOPS
+
+    p.add_argument("--link-gbps", default=",".join(f"{v:g}" for v in DEFAULT_LINK_GBPS), metavar="INTRA,INTER",
+                   help="per-GPU link bandwidths in Gbit/s for the step-time table (default %(default)s: NVLink 4, "
                         "one 400G InfiniBand port per GPU)")
-    p.add_argument("--peak-tflops", type=float, default=989.0, help="GPU peak (default 989: H100 dense bf16)")
-    p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation assumed (default 0.4)")
+    p.add_argument("--peak-tflops", type=float, default=DEFAULT_PEAK_TFLOPS,
+                   help="GPU peak (default %(default)s: H100 dense bf16)")
+    p.add_argument("--mfu", type=float, default=DEFAULT_MFU, help="model FLOPs utilisation assumed (default %(default)s)")
     p.add_argument("--json", action="store_true", help="print a machine-readable JSON dict")
     p.set_defaults(func=run_plan)
     return p

@@ -12,8 +12,9 @@ fp32, the whole model).  A frozen weight never changes, so there is nothing to r
 * the post-step re-gather list holds only trainable persistent parameters.
 
 Gradients, optimizer state and the trainable parameters' fp32 masters stay partitioned as before.
-This reaches into DeepSpeed 0.19.8's ZeRO-3 internals (pinned in pyproject.toml); the test
-``tests/test_frozen_base.py`` checks the losses against plain ZeRO-3 and the bytes moved.
+This reaches into DeepSpeed 0.19.8's ZeRO-3 internals (pinned in pyproject.toml); the 2-rank test
+``tests/test_distributed.py::test_frozen_base_modes_give_the_same_losses`` checks the losses against plain
+ZeRO-3 and the bytes moved.
 """
 from __future__ import annotations
 

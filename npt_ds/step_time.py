@@ -43,8 +43,10 @@ class LinkBytes:
 
 def _split(message: float, world: int, per_node: int, node_only: bool = False) -> LinkBytes:
     """Per-GPU bytes of one collective's message on each link (ring-style share of the others' parts)."""
-    if node_only or world <= per_node:
-        return LinkBytes(message * (per_node - 1) / max(per_node, 1) if node_only else message * (world - 1) / world, 0.0)
+    if node_only:
+        return LinkBytes(message * (per_node - 1) / per_node, 0.0)
+    if world <= per_node:
+        return LinkBytes(message * (world - 1) / world, 0.0)
     return LinkBytes(message * (per_node - 1) / world, message * (world - per_node) / world)
 
 
@@ -124,7 +126,7 @@ def predict(i: PlanInputs, *, link_gbps: tuple[float, float] = DEFAULT_LINK_GBPS
     for mode in MODES:
         plan = plan_memory(replace(i, frozen_base=mode, zero_stage=3))
         b = mode_bytes(i, mode, grad_accum)
-        comm_s = max(b["intra"] * 8 / (link_gbps[0] * 1e9), b["inter"] * 8 / (link_gbps[1] * 1e9) if b["inter"] else 0.0)
+        comm_s = max(b["intra"] * 8 / (link_gbps[0] * 1e9), b["inter"] * 8 / (link_gbps[1] * 1e9))
         step_s = compute_s + comm_s
         rows.append({"mode": mode, "fits": plan.fits, "mem_gib": plan.total / 2**30, **b, "compute_s": compute_s,
                      "comm_s": comm_s, "step_s": step_s, "tokens_per_s_per_gpu": tokens / step_s,

@@ -8,10 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .losses import NPTLoss
+from .losses import NPTLoss, next_token_ce
 from .model.fused import fused_forward
 from .projector import LogitProjector
 
@@ -75,8 +74,3 @@ class NPTTrainModule(nn.Module):
         projected = self.logit_projector(hidden.to(self.logit_projector.weight.dtype))
         head_dtype = next(self.model.lm_head.parameters()).dtype
         return self.model.lm_head(projected.to(head_dtype))
-
-
-def next_token_ce(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy of (B, T, V) logits on (B, T) ids (fp32)."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].reshape(-1))

@@ -113,8 +113,10 @@ class Trainer:
         with zero3_construction(self.ds_config):
             model = load_base_model(cfg.model, seed=cfg.seed)
         self.layer_indices = convert_model(model, cfg.npt)
-        if self.ds_config["zero_optimization"].get("stage", 0) == 3:
-            mark_frozen_layers_as_zero3_leaves(model, resident=cfg.deepspeed.frozen_base == "resident")
+        zero3 = self.ds_config["zero_optimization"].get("stage", 0) == 3
+        resident = zero3 and cfg.deepspeed.frozen_base == "resident"
+        if zero3:
+            mark_frozen_layers_as_zero3_leaves(model, resident=resident)
         if cfg.model.activation_checkpointing:
             for layer in npt_layers(model):
                 layer.checkpoint_student = True
@@ -131,7 +133,7 @@ class Trainer:
             found = re.fullmatch(r"\*layers\.(\d+)\.np\.\*(/no_decay)?", group["name"])
             group["layer"] = int(found[1]) if found else None
         self.engine, _, _, _ = deepspeed.initialize(model=self.module, model_parameters=groups, config=self.ds_config)
-        if cfg.deepspeed.frozen_base == "resident" and self.ds_config["zero_optimization"].get("stage") == 3:
+        if resident:
             keep_frozen_resident(self.engine)
         self.engine.train()  # load_base_model returns eval mode; bitsandbytes int8 computes differently there
         self.data = PackedBatches(cfg.data, self.tokenizer, self.rank, self.world, cfg.seed)
@@ -346,7 +348,7 @@ class Trainer:
         tps = self._window_tokens / max(now - self._window_start, 1e-9)
         self._window_start, self._window_tokens = now, 0
         per_step = (now - t0) / max(self.step - start_step, 1)
-        comm, self._comm_mark = self.comm_per_step(self._comm_mark)
+        comm = self.comm_per_step()
         eta = per_step * (cfg.schedule.total_steps - self.step)
         record = {"step": self.step, "event": "train", "lr": self._lr,
                   "kd/weight": self._controls.kd_weight, "curriculum/stage": self._controls.stage,
@@ -369,15 +371,15 @@ class Trainer:
         """Start counting collective bytes afresh (after set-up, an eval or a save: not a training step's)."""
         self._comm_mark, self._steps_since_mark = self.comm.totals(), 0
 
-    def comm_per_step(self, mark: dict[str, int]) -> tuple[dict[str, float], dict[str, int]]:
-        """This rank's collective bytes per optimizer step since `mark` (GB), and the new mark.
+    def comm_per_step(self) -> dict[str, float]:
+        """This rank's collective bytes (GB) per optimizer step since the window started; starts a new one.
 
-        Between two log lines only training steps run collectives (evals and saves reset the mark)."""
-        now = self.comm.totals()
-        steps = max(self._steps_since_mark, 1)
-        self._steps_since_mark = 0
-        return {f"comm/{kind}_gb_per_step": round((now[kind] - mark[kind]) / steps / 1e9, 9)
-                for kind in ("gather", "reduce")}, now
+        Only training steps run collectives inside a window (evals and saves start a new one)."""
+        now, steps = self.comm.totals(), max(self._steps_since_mark, 1)
+        per_step = {f"comm/{kind}_gb_per_step": round((now[kind] - self._comm_mark[kind]) / steps / 1e9, 9)
+                    for kind in ("gather", "reduce")}
+        self.reset_comm_window()
+        return per_step
 
     def run_eval(self) -> dict:
         self.engine.eval()

@@ -193,9 +193,9 @@ def test_cross_width_kl_falls_because_the_student_moves(tmp_path):
 
 def test_projector_learns_only_from_its_own_objective():
     """The KD term sees a detached teacher: the projector's gradient is that of its next-token CE alone."""
-    from npt_ds.losses import NPTLoss
+    from npt_ds.losses import NPTLoss, next_token_ce
     from npt_ds.projector import LogitProjector
-    from npt_ds.train_module import NPTTrainModule, StepControls, next_token_ce
+    from npt_ds.train_module import NPTTrainModule, StepControls
     from npt_ds.config import LossConfig
 
     torch.manual_seed(0)
