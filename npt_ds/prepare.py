@@ -27,7 +27,7 @@ from .config import ConfigError, DataConfig, ModelConfig
 from .prepared import FORMAT, INDEX, VERSION, token_dtype, tokenizer_name, vocab_hash
 
 PIECE_CHARS = 1 << 15  # a piece of a document tokenised by itself (cut at a line end)
-TASK_CHARS = 1 << 20  # characters per worker task
+TASK_CHARS = 1 << 18  # characters per worker task (many tasks keep the workers evenly busy)
 SHARD_TOKENS = 1 << 27  # tokens per shard file (256 MB as uint16)
 
 
