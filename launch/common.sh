@@ -23,3 +23,25 @@ run() {  # print, and execute unless DRY_RUN=1
   echo "+ $*" >&2
   if [[ "${DRY_RUN:-0}" != "1" ]]; then "$@"; fi
 }
+
+sweep_shm() {  # DeepSpeed's CPU shm all-reduce buffers of this job's port (a killed rank leaves its 69 MB behind)
+  rm -f /dev/shm/deepspeed_allreduce_buffer_"$(id -u)"_*_"${MASTER_PORT:-none}"_* 2>/dev/null || true
+}
+
+run_job() {  # run a launch command; after a failure relaunch it up to MAX_RESTARTS times (resume: auto continues
+  #            from the last good checkpoint; the trainer logs a `restart` event with NPT_DS_RESTART = the attempt)
+  local attempt=0 rc
+  while true; do
+    export NPT_DS_RESTART="$attempt"
+    if [[ -n "${BEFORE_ATTEMPT:-}" ]]; then "$BEFORE_ATTEMPT"; fi
+    set +e; run "$@"; rc=$?; set -e
+    sweep_shm
+    if [[ $rc -eq 0 ]]; then return 0; fi
+    if (( attempt >= ${MAX_RESTARTS:-0} )); then
+      echo "npt-ds: the job failed (exit $rc)${MAX_RESTARTS:+ after $attempt restart(s)}" >&2
+      return "$rc"
+    fi
+    attempt=$((attempt + 1))
+    echo "npt-ds: the job failed (exit $rc); restart $attempt of $MAX_RESTARTS from the last checkpoint" >&2
+  done
+}

@@ -4,12 +4,12 @@
 #   launch/train_local.sh CONFIG.yaml [key.path=value ...]
 #
 # Env: NUM_RANKS (default 2), MASTER_PORT (default: a free port), OMP_NUM_THREADS (default 1),
-#      DRY_RUN=1 prints the command without running it.
+#      MAX_RESTARTS (default 0: relaunch after a failure this many times), DRY_RUN=1 prints the command.
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 need_config "$@"
 CONFIG="$1"; shift
 NUM_RANKS="${NUM_RANKS:-2}"
 MASTER_PORT="${MASTER_PORT:-$(free_port)}"
 cd "$REPO_ROOT"
-run deepspeed --num_gpus "$NUM_RANKS" --master_addr 127.0.0.1 --master_port "$MASTER_PORT" \
+run_job deepspeed --num_gpus "$NUM_RANKS" --master_addr 127.0.0.1 --master_port "$MASTER_PORT" \
     --module npt_ds.train --config "$CONFIG" "$@"

@@ -46,7 +46,8 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_checkpoint(engine, root: Path, step: int, meta: dict, rank: int, keep_last: int) -> Path:
+def save_checkpoint(engine, root: Path, step: int, meta: dict, rank: int, keep_last: int,
+                    before_publish=None) -> Path:
     """Write step-{N:08d}/ (collective: every rank calls it) and point `latest` at it.
 
     Everything is written into a temp dir that is renamed into place once complete, so neither a killed
@@ -66,6 +67,8 @@ def save_checkpoint(engine, root: Path, step: int, meta: dict, rank: int, keep_l
     torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
     save_np_weights(engine.module.model, tmp / "np")  # collective under ZeRO-3 (gathers)
     save_portable_state(engine, tmp, rank)  # collective
+    if before_publish is not None:  # a test's fault hook: the shards are written, nothing is published yet
+        before_publish()
     barrier()
     target = root / tag
     if rank == 0:

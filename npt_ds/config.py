@@ -194,6 +194,17 @@ class CheckpointConfig:
     keep_last: int = 2
     resume: str = "auto"  # auto | none | a step-XXXXXXXX dir
     save_final: bool = True
+    node_local: bool = False  # run_dir on each node's own disk: every node writes its ranks' shards (DeepSpeed
+    #                           use_node_local_storage) and its own `latest`; default: one shared filesystem
+
+
+@dataclass
+class DistributedConfig:
+    timeout_s: float = 900.0  # bounds every collective: a lost rank ends the others' wait after this long
+
+    def __post_init__(self):
+        if not self.timeout_s > 0:
+            raise ConfigError("distributed.timeout_s: must be > 0 seconds (e.g. 900 on GPUs, 20 in tests)")
 
 
 @dataclass
@@ -220,6 +231,7 @@ class TrainConfig:
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     inject_nan: dict = field(default_factory=dict)  # testing aid: {step: N, rank: R, repeat: 1} NaN micro-batches
 
     def __post_init__(self):

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import socket
+import time
 from pathlib import Path
 
 import torch
@@ -16,8 +18,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed() -> tuple[int, int]:
-    """Initialise torch.distributed via DeepSpeed; works with or without the launcher. -> (rank, world)."""
+def init_distributed(timeout_s: float | None = None) -> tuple[int, int]:
+    """Initialise torch.distributed via DeepSpeed; works with or without the launcher. -> (rank, world).
+
+    `timeout_s` bounds every collective (distributed.timeout_s): a rank waiting on a lost peer raises then."""
     import deepspeed
 
     if "RANK" not in os.environ:  # plain `python -m npt_ds.train`: a world of one on loopback
@@ -27,7 +31,8 @@ def init_distributed() -> tuple[int, int]:
         torch.cuda.set_device(local_rank())
     if not dist.is_initialized():
         backend = "gloo" if not torch.cuda.is_available() else None
-        deepspeed.init_distributed(dist_backend=backend)
+        kwargs = {"timeout": datetime.timedelta(seconds=timeout_s)} if timeout_s else {}
+        deepspeed.init_distributed(dist_backend=backend, **kwargs)
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -43,6 +48,34 @@ def any_rank_true(flag: bool | torch.Tensor) -> bool:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)
+
+
+def any_rank_flags(flags: torch.Tensor) -> list[bool]:
+    """Element-wise: is the flag set on any rank?  One small MAX all-reduce and one host read for all flags."""
+    t = flags.detach().reshape(-1).float()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [v > 0 for v in t.tolist()]
+
+
+def missing_ranks(wait_s: float = 3.0) -> list[int] | None:
+    """After a failed collective: which ranks do not answer a roll call through the rendezvous store.
+
+    Every surviving rank checks in and waits `wait_s`; None when the store itself is gone (it lives in
+    rank 0's process, so rank 0 is the lost one)."""
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        rank, world = dist.get_rank(), dist.get_world_size()
+        store.set(f"npt-ds/rollcall/{rank}", "here")
+        deadline = time.time() + wait_s
+        while time.time() < deadline:
+            missing = [r for r in range(world) if not store.check([f"npt-ds/rollcall/{r}"])]
+            if not missing:
+                return []
+            time.sleep(0.2)
+        return missing
+    except Exception:  # noqa: BLE001 - the store host is gone
+        return None
 
 
 def all_reduce_sum(values: list[float]) -> list[float]:

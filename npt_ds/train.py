@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .config import ConfigError, load_config
@@ -39,12 +40,30 @@ def run_train(args: argparse.Namespace) -> int:
     try:
         trainer.train()
     except TrainingDiverged as exc:
-        print(f"\nnpt-ds train: {exc}", file=sys.stderr)
-        return 3
-    finally:
         trainer.close()
         shutdown_distributed()
+        print(f"\nnpt-ds train: {exc}", file=sys.stderr)
+        return 3
+    except Exception as exc:
+        if not lost_peer(exc, trainer.world):
+            raise
+        print(f"\nnpt-ds train: {trainer.abort(exc)}", file=sys.stderr, flush=True)
+        # the process group is broken: its teardown (and the interpreter's) could wait on the lost peer
+        os._exit(4)
+    trainer.close()
+    shutdown_distributed()
     return 0
+
+
+def lost_peer(exc: BaseException, world: int) -> bool:
+    """A collective failed because another rank went away (or timed out: distributed.timeout_s)."""
+    import torch.distributed as dist
+
+    if world < 2:
+        return False
+    text = str(exc).lower()
+    return isinstance(exc, dist.DistError) or any(k in text for k in (
+        "connection closed by peer", "connection reset", "gloo", "nccl", "timed out", "broken pipe"))
 
 
 def main(argv: list[str] | None = None) -> int:

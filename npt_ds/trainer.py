@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import re
 import time
 from fnmatch import fnmatchcase
@@ -21,10 +22,11 @@ from .checkpoint import list_steps, load_checkpoint, read_meta, resolve_resume, 
 from .comm_stats import COUNTER
 from .config import ConfigError, ModelConfig, TrainConfig
 from .data import PackedBatches, eval_batches
-from .distributed import all_reduce_sum, any_rank_true, barrier, init_distributed
+from .distributed import all_reduce_sum, any_rank_flags, barrier, init_distributed
 from .ds_config import build_ds_config
 from .elastic import keep_global_batch
 from .evaluate import evaluate, layer_table
+from .faults import FaultHook, PreemptionFlag
 from .hardware import resolve_hardware
 from .losses import NPTLoss
 from .metrics import MetricsWriter
@@ -101,7 +103,10 @@ class Trainer:
     def __init__(self, cfg: TrainConfig):
         import deepspeed
 
-        self.rank, self.world = init_distributed()
+        self.rank, self.world = init_distributed(cfg.distributed.timeout_s)
+        self.preemption = PreemptionFlag()  # SIGTERM/SIGINT -> checkpoint at the next step boundary, exit 0
+        self.fault = FaultHook.from_env(self.rank)  # test aid (NPT_DS_TEST_FAULT)
+        self.preempt_seen = False
         cfg, self.hardware_notes = resolve_hardware(cfg, self.world)  # 'auto' precision / frozen base
         self.run_dir = Path(cfg.logging.run_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
@@ -219,6 +224,9 @@ class Trainer:
                           # from the module: ZeRO-3 keeps its optimizer's param groups empty between steps
                           "run/trainable_params": sum(getattr(p, "ds_numel", p.numel())
                                                       for p in self.module.parameters() if p.requires_grad)})
+        restart = int(os.environ.get("NPT_DS_RESTART", "0") or 0)
+        if restart:  # launch/common.sh relaunched the job after a failure (MAX_RESTARTS)
+            self.metrics.log({"step": self.step, "event": "restart", "restart": restart})
         if self._resharded:
             self.metrics.log(self._resharded)
         if self.step == 0:
@@ -232,6 +240,15 @@ class Trainer:
             self._steps_since_mark += 1
             if self.logs_after(self.step):
                 self.log_train(start_step, t0)
+            if self.fault is not None:
+                self.fault.after_step(self.step, self.run_dir)
+            if self.preempt_seen and self.step < total:  # every rank saw it in this step's flag all-reduce
+                path = self.save()
+                self.metrics.log({"step": self.step, "event": "preempted", "signal": self.preemption.signal_name
+                                  or "another rank's", "path": str(path), "skipped_steps": self.skipped})
+                self.metrics.message(f"preempted at step {self.step}: checkpoint {path}; `checkpoint.resume: auto` "
+                                     "continues from it")
+                return self.last_eval
             if cfg.logging.eval_every and self.step % cfg.logging.eval_every == 0 and self.step < total:
                 self.run_eval()
             if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < stop:
@@ -327,7 +344,11 @@ class Trainer:
         while good < cfg.optim.grad_accum:
             ids = next(self.data).to(self.engine.device)
             loss, comps = self.engine(ids, controls)
-            finite = not any_rank_true(~torch.isfinite(loss.detach()))  # the one host sync of a non-log step
+            # the one host sync of a non-log step: a non-finite loss on any rank, a preemption signal on any rank
+            nonfinite = (~torch.isfinite(loss.detach())).any().float()
+            bad, preempted = any_rank_flags(torch.stack([nonfinite, nonfinite.new_full((), float(self.preemption.set))]))
+            finite = not bad
+            self.preempt_seen |= preempted
             self.module.loss_fn.finish_micro_batch(finite)
             if not finite:
                 if controls.poison:
@@ -429,12 +450,31 @@ class Trainer:
                 "data": self.data.state_dict(), "config": self.cfg.to_dict(), "world_size": self.world}
         if self.module.loss_fn.adaptive is not None:
             meta["adaptive_norms"] = self.module.loss_fn.adaptive.state_dict()
-        target = save_checkpoint(self.engine, self.ckpt_root, self.step, meta, self.rank, self.cfg.checkpoint.keep_last)
+        hook = None if self.fault is None else (lambda: self.fault.in_save(self.step, self.run_dir))
+        target = save_checkpoint(self.engine, self.ckpt_root, self.step, meta, self.rank, self.cfg.checkpoint.keep_last,
+                                 before_publish=hook)
         self.reset_comm_window()
         self.metrics.log({"step": self.step, "event": "checkpoint", "path": str(target)})
         return target
 
+    def abort(self, exc: BaseException) -> str:
+        """A peer is gone: find which ranks answer no roll call, log an `abort` event, and say so in one line."""
+        from .distributed import missing_ranks, release_shm_buffer
+
+        missing = missing_ranks()
+        who = ("rank 0 (it hosts the rendezvous store)" if missing is None else
+               f"rank {', '.join(map(str, missing))}" if missing else "a peer")
+        steps = list_steps(self.ckpt_root)
+        resume = f"step-{steps[-1]:08d}" if steps else "the start (no checkpoint yet)"
+        self.metrics.log({"step": self.step, "event": "abort", "missing_ranks": missing,
+                          "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"})
+        self.metrics.close()
+        release_shm_buffer(self.rank)
+        return (f"lost {who} at step {self.step} ({type(exc).__name__}); rank {self.rank} stops. Relaunch "
+                f"(MAX_RESTARTS=N in launch/*.sh does) to resume from {resume}")
+
     def close(self) -> None:
+        self.preemption.restore()
         self.data.close()
         self.metrics.close()
         barrier()

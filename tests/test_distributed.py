@@ -13,6 +13,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -27,14 +28,17 @@ COMMON = ["schedule.total_steps=20", "checkpoint.every=10", "checkpoint.keep_las
 PREPARED: list[str] = []  # data.* overrides pointing at the prepared dirs (set by the fixture)
 
 
-def launch(script: str, run_dir: Path, *overrides: str, port: int, ranks: int = 2) -> subprocess.CompletedProcess:
+def launch(script: str, run_dir: Path, *overrides: str, port: int, ranks: int = 2, check: bool = True,
+           **env_extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "MASTER_PORT": str(port),
            "NUM_RANKS": str(ranks), "OMP_NUM_THREADS": "1", "PYTHON": sys.executable,
-           "NPT_DS_RECORD_WINDOWS": str(run_dir)}
+           "NPT_DS_RECORD_WINDOWS": str(run_dir), **env_extra}
+    env.pop("NPT_DS_RESTART", None)
     cmd = ["bash", str(REPO / "launch" / script), "configs/tiny_debug.yaml", f"logging.run_dir={run_dir}",
            *COMMON, *PREPARED, *overrides]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
 
@@ -186,3 +190,69 @@ def test_quantized_frozen_base_is_refused_on_cpu(tmp_path):
     from npt_ds.train import main
 
     assert main(["configs/tiny_debug.yaml", f"logging.run_dir={tmp_path}", "deepspeed.frozen_base=quantized"]) == 2
+
+
+# ---------------------------------------------------------------- preemption, a lost rank, a killed save
+def last_losses(run_dir: Path) -> dict[int, float]:
+    """Per-step loss of the last attempt that logged the step (a restarted job logs steps again)."""
+    return {r["step"]: r["loss/total"] for r in metric_rows(run_dir) if r.get("event") == "train"}
+
+
+def fault_time(run_dir: Path) -> float:
+    return json.loads(next(run_dir.glob("fault-*.json")).read_text())["time"]
+
+
+def test_sigterm_on_one_rank_checkpoints_every_rank_and_exits_0(runs, free_port):
+    """SIGTERM to rank 1 once step 7 is done: step 8's flag all-reduce tells every rank, which checkpoint at the
+    end of step 8, log `preempted` and exit 0 (well inside the launcher's 30 s grace period)."""
+    base, *_ = runs
+    run_dir = base / "preempted"
+    t0 = time.time()
+    launch("train_local.sh", run_dir, port=free_port, NPT_DS_TEST_FAULT="term:rank=1:step=7")
+    rows = metric_rows(run_dir)
+    preempted = [r for r in rows if r.get("event") == "preempted"]
+    assert len(preempted) == 1, rows[-3:]
+    stop = preempted[0]["step"]
+    assert stop == 8 and (run_dir / "checkpoints" / "latest").read_text() == f"step-{stop:08d}"
+    assert preempted[0]["time"] - fault_time(run_dir) < 30 and time.time() - t0 < 120
+    assert max(last_losses(run_dir)) == stop
+    launch("train_local.sh", run_dir, port=free_port)  # resume: auto
+    full, resumed = train_losses(base / "full"), last_losses(run_dir)
+    for step in range(stop + 1, 21):
+        assert resumed[step] == pytest.approx(full[step], abs=1e-6), step
+
+
+def test_a_killed_rank_stops_the_others_and_max_restarts_finishes_the_job(runs, free_port):
+    base, *_ = runs
+    run_dir = base / "killed"
+    timeout = 20
+    proc = launch("train_local.sh", run_dir, "checkpoint.every=5", f"distributed.timeout_s={timeout}",
+                  port=free_port, NPT_DS_TEST_FAULT="kill:rank=1:step=7", MAX_RESTARTS="1")
+    rows = metric_rows(run_dir)
+    abort = [r for r in rows if r.get("event") == "abort"]
+    assert len(abort) == 1 and abort[0]["missing_ranks"] == [1], rows[-5:]
+    assert abort[0]["time"] - fault_time(run_dir) < timeout + 10
+    assert "lost rank 1 at step" in proc.stderr and "restart 1 of 1" in proc.stderr
+    restart = [r for r in rows if r.get("event") == "restart"]
+    assert len(restart) == 1 and restart[0]["restart"] == 1 and restart[0]["step"] == 5
+    full, resumed = train_losses(base / "full"), last_losses(run_dir)
+    assert sorted(resumed) == list(range(1, 21))
+    for step in range(6, 21):
+        assert resumed[step] == pytest.approx(full[step], abs=1e-6), step
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{free_port}_*"))  # swept
+
+
+def test_sigkill_during_a_save_keeps_the_previous_checkpoint(runs, free_port):
+    base, *_ = runs
+    run_dir = base / "killed-in-save"
+    proc = launch("train_local.sh", run_dir, "checkpoint.every=5", "distributed.timeout_s=20", port=free_port,
+                  check=False, NPT_DS_TEST_FAULT="kill-in-save:rank=0:step=10")
+    assert proc.returncode != 0
+    ckpt = run_dir / "checkpoints"
+    assert (ckpt / "latest").read_text() == "step-00000005"
+    assert not (ckpt / "step-00000010").exists() and (ckpt / ".tmp-step-00000010").is_dir()
+    launch("train_local.sh", run_dir, "checkpoint.every=5", port=free_port)
+    assert not list(ckpt.glob(".tmp-*"))
+    full, resumed = train_losses(base / "full"), last_losses(run_dir)
+    for step in range(6, 21):
+        assert resumed[step] == pytest.approx(full[step], abs=1e-6), step
