@@ -35,8 +35,9 @@ class DecodeOptions:
 class _Streamer:
     """Prints the decoded continuation as tokens arrive (transformers' streamer protocol: put / end)."""
 
-    def __init__(self, tokenizer, prompt_len: int, out=sys.stdout):
-        self.tokenizer, self.out, self.skip, self.ids, self.shown = tokenizer, out, prompt_len, [], ""
+    def __init__(self, tokenizer, prompt_len: int, out=None):
+        self.tokenizer, self.out = tokenizer, out if out is not None else sys.stdout
+        self.skip, self.ids, self.shown = prompt_len, [], ""
 
     def put(self, value: torch.Tensor) -> None:
         new = value.reshape(-1).tolist()
@@ -51,7 +52,8 @@ class _Streamer:
             self.shown = text
 
     def end(self) -> None:
-        self.out.write("\n")
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        self.out.write(text[len(self.shown):] + "\n")
         self.out.flush()
 
 
