@@ -18,6 +18,7 @@ from torch import nn
 from ..config import DataConfig
 from ..data import eval_batches
 from ..evaluate import evaluate
+from ..model.inject import injections_of
 from .inject import inject_text
 
 FACT_KEYS = {"id": str, "context": str, "prompts": list, "paraphrases": list, "answer": str, "controls": list}
@@ -76,7 +77,7 @@ class WeightSnapshot:
         self.model = model
         self.params = {n: p.detach().clone() for n, p in model.named_parameters()
                        if ".mlp.gate_proj." in n or ".mlp.up_proj." in n}
-        inj = model.npt_injections
+        inj = injections_of(model)
         self.deltas, self.records = dict(inj.deltas), list(inj.records)
 
     @torch.no_grad()
