@@ -191,8 +191,12 @@ def context_deltas(model: nn.Module, input_ids: torch.Tensor, *, layers: list[in
 
 def inject(model: nn.Module, input_ids: torch.Tensor, record: dict, **kwargs) -> dict[str, torch.Tensor]:
     """context_deltas, applied to the model and added to its Injections (with `record` saying what it was)."""
+    from .io import gathered  # io imports this module
+
     deltas = context_deltas(model, input_ids, **kwargs)
-    apply_deltas(model, deltas)
+    params = dict(model.named_parameters())
+    with gathered([params[n] for n in deltas]):
+        apply_deltas(model, deltas)
     injections_of(model).add(deltas, record)
     return deltas
 
