@@ -32,24 +32,38 @@ class NPTLlamaConfig(LlamaConfig):
 
 
 class NPComponent(nn.Module):
-    """Attention output -> modulation vectors v_a (d_model), v_b (d_ffn) per rank, optional v_c and factor."""
+    """Attention output -> the modulated gate / up pre-activations, without forming v_a, v_b per token:
+    v_a,k · x = Σ_j r_j (W_a_up[j,k] · x) and s Σ_k v_b,k (v_a,k · x) = (s · r ⊗ coef) W_b_up (the same
+    factorisation and operation order as npt-ds's training code, so the logits agree to rounding)."""
 
     def __init__(self, config: NPTLlamaConfig):
         super().__init__()
         d, f, rank, k = config.hidden_size, config.intermediate_size, config.npt_rank, config.npt_num_ranks
+        self.d_model, self.d_ffn, self.rank, self.num_ranks = d, f, rank, k
         self.W_down = nn.Parameter(torch.zeros(d, rank))
         self.W_a_up = nn.Parameter(torch.zeros(rank, k, d))
         self.W_b_up = nn.Parameter(torch.zeros(rank, k, f))
         self.W_c_up = nn.Parameter(torch.zeros(rank, k, f)) if config.npt_dual else None
         self.W_m = nn.Parameter(torch.zeros(rank, f)) if config.npt_multiplicative else None
 
-    def forward(self, attn: torch.Tensor):
-        r = attn.to(self.W_down.dtype) @ self.W_down
-        v_a = torch.einsum("...r,rkd->...kd", r, self.W_a_up)
-        v_b = torch.einsum("...r,rkf->...kf", r, self.W_b_up)
-        v_c = None if self.W_c_up is None else torch.einsum("...r,rkf->...kf", r, self.W_c_up)
-        factor = None if self.W_m is None else 0.5 + torch.sigmoid(r @ self.W_m)
-        return v_a, v_b, v_c, factor
+    def forward(self, attn: torch.Tensor, x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, scale: float):
+        """attn, x: (N, d); gate = W_g x, up = W_u x: (N, d_ffn) -> modulated (gate, up)."""
+        dtype, n, rank, k = self.W_down.dtype, attn.shape[0], self.rank, self.num_ranks
+        r = attn.to(dtype) @ self.W_down
+        q = (x.to(dtype) @ self.W_a_up.view(rank * k, self.d_model).T).view(n, rank, k)
+        coef = torch.einsum("nr,nrk->nk", r, q) if k > 1 else (r * q.squeeze(-1)).sum(-1, keepdim=True)
+        z = (scale * r).unsqueeze(-1) * coef.unsqueeze(1) if k > 1 else (scale * coef) * r
+        z = z.reshape(n, rank * k)
+        if self.W_m is not None:
+            gate = gate * (0.5 + torch.sigmoid(r @ self.W_m)).to(gate.dtype)
+        gate = _add_matmul(gate, z, self.W_b_up.view(rank * k, self.d_ffn))
+        if self.W_c_up is not None:
+            up = _add_matmul(up, z, self.W_c_up.view(rank * k, self.d_ffn))
+        return gate, up
+
+
+def _add_matmul(base: torch.Tensor, z: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return torch.addmm(base, z, w) if base.dtype == z.dtype else base + (z @ w).to(base.dtype)
 
 
 class NPTDecoderLayer(LlamaDecoderLayer):
@@ -64,17 +78,11 @@ class NPTDecoderLayer(LlamaDecoderLayer):
                                  position_ids=position_ids, past_key_values=past_key_values, use_cache=use_cache,
                                  position_embeddings=position_embeddings, **kwargs)
         x = self.post_attention_layernorm(hidden_states)
-        v_a, v_b, v_c, factor = self.np(attn)
-        coef = torch.einsum("...kd,...d->...k", v_a, x.to(v_a.dtype))
-        s = self.modulation_scale
-        gate = self.mlp.gate_proj(x)
-        if factor is not None:
-            gate = gate * factor.to(gate.dtype)
-        gate = gate + (s * torch.einsum("...k,...kf->...f", coef, v_b)).to(gate.dtype)
-        up = self.mlp.up_proj(x)
-        if v_c is not None:
-            up = up + (s * torch.einsum("...k,...kf->...f", coef, v_c)).to(up.dtype)
-        return hidden_states + self.mlp.down_proj(self.mlp.act_fn(gate) * up)
+        lead, d = x.shape[:-1], x.shape[-1]
+        x2 = x.reshape(-1, d)
+        gate, up = self.np(attn.reshape(-1, d), x2, self.mlp.gate_proj(x2), self.mlp.up_proj(x2),
+                           self.modulation_scale)
+        return hidden_states + self.mlp.down_proj(self.mlp.act_fn(gate) * up).view(*lead, -1)
 
 
 class NPTLlamaForCausalLM(LlamaForCausalLM):
