@@ -49,3 +49,19 @@ def test_generate_cli_prints_text_and_rejects_bad_options(tmp_path, capsys):
     assert capsys.readouterr().out.strip()
     assert main(["generate", "--model", "tiny", "--np", np_dir, "--prompt", "x", "--top-p", "0"]) == 2
     assert capsys.readouterr().err.strip() == "npt-ds generate: --top-p: must be in (0, 1], got 0.0"
+
+
+def test_interactive_answers_each_line_until_exit(capsys):
+    from npt_ds.tools.generate import interactive
+
+    model = strong_npt().float()
+    lines = iter(["Hello", "  ", "To be", "exit", "never read"])
+    seen = []
+
+    def read(prompt):
+        seen.append(prompt)
+        return next(lines)
+
+    interactive(model, ByteTokenizer(), DecodeOptions(max_new_tokens=3), read=read)
+    assert len(seen) == 4  # stopped at 'exit'
+    assert capsys.readouterr().out.count("\n") == 2  # two answers (the blank line is skipped)

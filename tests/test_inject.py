@@ -177,3 +177,24 @@ def test_inject_errors_are_one_line(tmp_path, capsys, extra, msg):
     assert main(["inject", "--model", "tiny", "--np", np_dir, "--out", str(tmp_path / "x")] + extra) == 2
     err = capsys.readouterr().err.strip()
     assert msg in err and "\n" not in err, err
+
+
+def test_eval_loads_the_saved_injections(tmp_path, capsys):
+    np_dir, out = _np_dir(tmp_path), str(tmp_path / "inj")
+    model = tiny_llama()
+    load_np_weights(model, np_dir)
+    with torch.no_grad():
+        for layer in npt_layers(model):
+            for p in layer.np.parameters():
+                p.normal_(std=0.5)
+    save_np_weights(model, np_dir)
+    assert main(["inject", "--model", "tiny", "--np", np_dir, "--context", "All the world's a stage.",
+                 "--alpha", "3", "--out", out]) == 0
+    ppl = {}
+    for name, d in (("plain", np_dir), ("injected", out)):
+        capsys.readouterr()
+        assert main(["eval", "--model", "tiny", "--np", d, "--batches", "1", "--seq-len", "32"]) == 0
+        text = capsys.readouterr().out
+        ppl[name] = float(text.split("NPT perplexity")[1].split()[0])
+        assert ("1 injection(s)" in text) == (name == "injected")
+    assert ppl["plain"] != ppl["injected"]
