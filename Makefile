@@ -9,7 +9,7 @@ export TOKENIZERS_PARALLELISM := false
 export WANDB_MODE ?= offline
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup test test-fast demo bench monitor monitor-demo clean
+.PHONY: setup test test-fast demo prepare-demo bench monitor monitor-demo clean
 
 setup: $(STAMP)
 
@@ -34,6 +34,10 @@ DEMO_multi_layer := loss.projection_consistency=0.5 loss.kd_weight=1.0
 demo: setup        ## train NPT on SmolLM2-135M + Shakespeare, 2 CPU ranks, ZeRO-3 (MODE=multi_layer switches mode)
 	PATH=$(abspath $(VENV))/bin:$$PATH PYTHON=$(abspath $(PY)) bash launch/train_local.sh configs/smollm2_demo.yaml \
 	    $(if $(MODE),schedule.mode=$(MODE) logging.run_dir=runs/demo-$(MODE) $(DEMO_$(MODE))) $(ARGS)
+
+prepare-demo: setup  ## tokenise the demo's plays once into data/prepared/ (then: make demo ARGS="data.source=prepared ...")
+	$(VENV)/bin/npt-ds prepare shakespeare --tokenizer smollm2 --out data/prepared/shakespeare
+	$(VENV)/bin/npt-ds prepare shakespeare --split eval --tokenizer smollm2 --out data/prepared/shakespeare-eval
 
 bench: setup       ## micro, step and distributed benchmarks + monitor load/tail -> bench/results/*.json
 	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m bench.run $(ARGS)

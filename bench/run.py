@@ -1,6 +1,6 @@
 """Run the npt-ds benchmarks and write bench/results/<name>.json.
 
-    python -m bench.run                       # micro + step + dist (< 10 min on 2 CPU cores)
+    python -m bench.run                       # micro + step + dist + data (~12 min on 2 CPU cores)
     python -m bench.run --quick               # smaller and fewer repeats (~3 min)
     python -m bench.run --only micro,step --repeats 7
     python -m bench.run --only step --device cuda --dtype bf16 --shape llama-3.1-8b --peak-tflops 989
@@ -8,11 +8,12 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 import time
 
-SECTIONS = ("micro", "step", "dist")
+SECTIONS = ("micro", "step", "dist", "data")  # each is bench/<name>.py with run_<name>(opts), print_<name>(res)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dist: model of the host-sync probe (sync sites do not depend on model size)")
     p.add_argument("--no-sync-probe", dest="sync_probe", action="store_false",
                    help="dist: skip the host-sync profile of train_step")
+    p.add_argument("--data-steps", type=int, default=16, help="data: demo steps per data source")
     p.add_argument("--out", default=None, help="results directory (default bench/results)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
@@ -113,13 +115,7 @@ def run_section(section: str, opts) -> dict:
 
     set_threads(opts.threads)
     t0 = time.time()
-    if section == "micro":
-        from .micro import run_micro as fn
-    elif section == "step":
-        from .step import run_step as fn
-    else:
-        from .dist import run_dist as fn
-    res = fn(opts)
+    res = getattr(importlib.import_module(f"bench.{section}"), f"run_{section}")(opts)
     res["env"] = env_info(opts.device)
     res["wall_s"] = round(time.time() - t0, 1)
     res["name"] = result_name(section, opts)
@@ -127,13 +123,7 @@ def run_section(section: str, opts) -> dict:
 
 
 def print_section(section: str, res: dict) -> str:
-    if section == "micro":
-        from .micro import print_micro as fmt
-    elif section == "step":
-        from .step import print_step as fmt
-    else:
-        from .dist import print_dist as fmt
-    text = fmt(res)
+    text = getattr(importlib.import_module(f"bench.{section}"), f"print_{section}")(res)
     for name, t in res.get("targets", {}).items():
         v = t["value"]
         shown = "-" if v is None else f"{v:.3f}"

@@ -1,5 +1,6 @@
 """Checkpoints: RUN_DIR/checkpoints/step-{N:08d}/ with DeepSpeed state (frozen base excluded),
-portable NP weights, meta.json (config, loop state, data position) and per-rank RNG state.
+portable NP weights, portable.pt (the trainable state in a world-size-independent form, see npt_ds/elastic.py),
+meta.json (config, loop state, global data cursor) and per-rank RNG state.
 
 A step dir is written under a temp name and renamed into place; the `latest` pointer is written
 last, atomically (temp file + rename), so an interrupted save never becomes the resume point; only
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 
 from .distributed import barrier
+from .elastic import load_portable_state, save_portable_state
 from .model.io import save_np_weights
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
@@ -63,6 +65,7 @@ def save_checkpoint(engine, root: Path, step: int, meta: dict, rank: int, keep_l
                            exclude_frozen_parameters=True)
     torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
     save_np_weights(engine.module.model, tmp / "np")  # collective under ZeRO-3 (gathers)
+    save_portable_state(engine, tmp, rank)  # collective
     barrier()
     target = root / tag
     if rank == 0:
@@ -130,10 +133,17 @@ def resolve_resume(root: Path, resume: str) -> Path | None:
     return target
 
 
-def load_checkpoint(engine, target: Path, rank: int) -> dict:
-    _, client = engine.load_checkpoint(str(target.parent), tag=target.name, load_module_strict=False,
-                                       load_optimizer_states=True, load_lr_scheduler_states=False)
+def load_checkpoint(engine, target: Path, rank: int, world: int) -> dict:
+    """Restore a step dir: DeepSpeed's native shards when `world` is the size that wrote it, else the
+    portable trainable state (elastic resume).  Returns the saved loop state (meta)."""
+    meta = read_meta(target)
+    if int(meta.get("world_size", world)) == world:
+        _, client = engine.load_checkpoint(str(target.parent), tag=target.name, load_module_strict=False,
+                                           load_optimizer_states=True, load_lr_scheduler_states=False)
+        meta = client["npt_meta"]
+    else:
+        load_portable_state(engine, target)
     rng = target / f"rng_rank{rank}.pt"
-    if rng.is_file():
+    if rng.is_file():  # a rank the writing run did not have keeps its seeded state
         set_rng_state(torch.load(rng, weights_only=False))
-    return client["npt_meta"]
+    return meta

@@ -1,5 +1,6 @@
-"""`npt-ds` command line: train, convert, eval, plan, generate, export, inject, inject-eval.
+"""`npt-ds` command line: prepare, train, convert, eval, plan, generate, export, inject, inject-eval.
 
+    npt-ds prepare shakespeare --tokenizer smollm2 --out data/prepared/shakespeare
     npt-ds train configs/smollm2_demo.yaml [key.path=value ...]
     npt-ds convert --layers upper_half --out runs/np-init
     npt-ds eval [--np runs/demo/checkpoints/step-00000200/np] [--layers upper_half]
@@ -183,10 +184,12 @@ def _add_tool_parsers(sub) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from .plan import add_plan_subparser
+    from .prepare import add_prepare_subparser
     from .train import add_train_arguments
 
     parser = argparse.ArgumentParser(prog="npt-ds", description="NPT training on DeepSpeed")
     sub = parser.add_subparsers(dest="command", required=True)
+    add_prepare_subparser(sub)
     train = sub.add_parser("train", help="train NP components (one process; use launch/*.sh for several)")
     add_train_arguments(train)
     convert = sub.add_parser("convert", help="convert layers and write the (initial) NP weights")
@@ -209,6 +212,10 @@ def main(argv: list[str] | None = None) -> int:
             from .train import run_train
 
             return run_train(args)
+        if args.command == "prepare":
+            from .prepare import run_prepare
+
+            return run_prepare(args)
         if args.command == "plan":
             from .plan import run_plan
 

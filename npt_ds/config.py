@@ -61,7 +61,9 @@ class NPTConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "shakespeare"  # "shakespeare" | a hub dataset name | "files"
+    source: str = "shakespeare"  # "shakespeare" | a hub dataset name | "files" | "prepared" (data.path)
+    path: str = ""  # source: prepared -> the dir written by `npt-ds prepare`
+    eval_path: str = ""  # a prepared held-out dir (any source); empty: the source's own held-out text
     files: list = field(default_factory=list)  # local text/jsonl/json/parquet files (source: files)
     eval_files: list = field(default_factory=list)  # held-out files (source: files)
     eval_split: str = "validation"  # hub datasets
@@ -72,7 +74,9 @@ class DataConfig:
     eval_holdout: list = field(default_factory=lambda: ["hamlet", "tempest"])  # whole plays held out
     eval_batches: int = 4
     eval_seq_len: int = 256
-    shuffle_buffer: int = 0  # 0 = keep document order (deterministic)
+    shuffle_buffer: int = 0  # streaming sources: 0 = keep document order (deterministic)
+    shuffle: bool = True  # prepared: a seeded permutation of the windows per epoch (False: corpus order)
+    prefetch: int = 4  # batches built ahead by a background thread (0: build them in the step)
 
     def __post_init__(self):
         _positive("data.seq_len", self.seq_len)
@@ -80,6 +84,11 @@ class DataConfig:
         _positive("data.eval_seq_len", self.eval_seq_len)
         if self.source == "files" and not self.files:
             raise ConfigError("data.files: source 'files' needs a list of local files; add data.files: [path, ...]")
+        if self.source == "prepared" and not self.path:
+            raise ConfigError("data.path: source 'prepared' needs the dir written by `npt-ds prepare`; "
+                              "add data.path: DIR")
+        if self.prefetch < 0:
+            raise ConfigError("data.prefetch: must be >= 0 (0 builds batches in the step)")
 
 
 @dataclass

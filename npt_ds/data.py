@@ -1,19 +1,35 @@
-"""Text -> packed token windows: HF `datasets` streaming, per-rank sharding, resumable position.
+"""Text -> token windows -> per-rank micro-batches addressed by one global sample cursor.
 
-Documents are tokenised, joined with EOS and cut into fixed windows of seq_len tokens.  Window j
-of the global stream belongs to rank j % world_size, so every rank sees a disjoint, deterministic
-shard.  The position (batches consumed, epoch) is saved in checkpoints; resuming replays the
-stream up to it, so the data order after a resume equals an uninterrupted run.
+Two window sources:
+
+* **prepared** (`data.source: prepared`, `data.path`): random access into the memory-mapped shards of
+  `npt-ds prepare`; every epoch visits the windows in a seeded permutation (`data.shuffle`).  A resume sets
+  the cursor and reads nothing before it (O(1)); no tokeniser runs during training.
+* **streaming** (shakespeare, local files, a hub dataset): documents are tokenised on the fly, joined with
+  EOS and cut into windows of seq_len tokens.  A resume *replays* the stream up to the cursor (re-reading and
+  re-tokenising it), so its cost grows with the step: use prepared data for long runs.
+
+Either way the data order does not depend on the world size: the cursor counts windows consumed by the whole
+job, and a micro-batch pull takes the next world_size x micro_batch windows, rank r the r-th slice of
+micro_batch of them.  So one optimizer step sees the same windows on N ranks with accumulation A as on
+N/2 ranks with accumulation 2A.  A background thread builds the next `data.prefetch` batches.
 """
 from __future__ import annotations
 
+import dataclasses
+import os
+import queue
+import threading
+import time
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import torch
 
 from .assets import shakespeare_texts
 from .config import ConfigError, DataConfig
+from .prepared import PreparedCorpus
 
 BUILDERS = {".txt": "text", ".text": "text", ".md": "text", ".json": "json", ".jsonl": "json",
             ".parquet": "parquet", ".csv": "csv"}
@@ -90,68 +106,193 @@ def token_windows(ds, text_key: str, tokenizer, seq_len: int, seed: int = 0, epo
             del buf[:seq_len]
 
 
+class StreamedWindows:
+    """The windows of a streaming source in order, epoch after epoch, numbered by global position."""
+
+    def __init__(self, cfg: DataConfig, tokenizer, seed: int):
+        self.cfg, self.tokenizer, self.seed = cfg, tokenizer, seed
+        document_source(cfg, "train")  # fail early on a bad source
+
+    def positions(self, start: int) -> Iterator[tuple[int, list[int]]]:
+        """(global position, window) from `start` on; the windows before it are replayed, not returned."""
+        position, epoch = 0, 0
+        while True:
+            ds, key = document_source(self.cfg, "train")
+            produced = 0
+            for window in token_windows(ds, key, self.tokenizer, self.cfg.seq_len, self.seed, epoch,
+                                        self.cfg.shuffle_buffer):
+                produced += 1
+                if position >= start:
+                    yield position, window
+                position += 1
+            if not produced:
+                raise ConfigError(f"data: the training corpus is shorter than one window of {self.cfg.seq_len} "
+                                  "tokens; lower data.seq_len or add data")
+            epoch += 1
+
+
+class PreparedWindows:
+    """Random access to a prepared corpus's windows; global position p -> (epoch, permuted window)."""
+
+    def __init__(self, cfg: DataConfig, tokenizer, seed: int, path: str | None = None, key: str = "data.path",
+                 seq_len: int | None = None):
+        corpus = PreparedCorpus.open(path or cfg.path, key)
+        if tokenizer is not None:
+            corpus.check_tokenizer(tokenizer, key)
+        self.view = corpus.windows(seq_len or cfg.seq_len, "data.seq_len" if seq_len is None else "data.eval_seq_len")
+        self.seed, self.shuffle = seed, cfg.shuffle
+        self._order: tuple[int, np.ndarray | None] = (-1, None)
+
+    def __len__(self) -> int:
+        return len(self.view)
+
+    def window_id(self, position: int) -> int:
+        """The window at global position p: epoch p // n visits all n windows once, in its own seeded order."""
+        epoch, i = divmod(position, len(self.view))
+        if not self.shuffle:
+            return i
+        if self._order[0] != epoch:
+            self._order = (epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.view)))
+        return int(self._order[1][i])
+
+    def read(self, position: int) -> np.ndarray:
+        return self.view.read(self.window_id(position))
+
+
 class PackedBatches:
-    """Endless (micro_batch, seq_len) LongTensor batches for one rank, with a resumable position."""
+    """Endless (micro_batch, seq_len) LongTensor batches for one rank at a global cursor (see the module doc).
+
+    `cursor` counts the windows the whole job has consumed; `state_dict()` is the same on every rank and
+    for every world size.  Set NPT_DS_RECORD_WINDOWS=DIR to append each consumed window's id to
+    DIR/windows-rank{r}.txt (a test aid: which windows a run saw).
+    """
 
     def __init__(self, cfg: DataConfig, tokenizer, rank: int = 0, world_size: int = 1, seed: int = 0):
-        self.cfg, self.tokenizer, self.rank, self.world = cfg, tokenizer, rank, world_size
-        self.seed = seed
-        self.batches_consumed = 0
-        self.epoch = 0
-        self._it: Iterator[torch.Tensor] | None = None
+        self.cfg, self.rank, self.world = cfg, rank, world_size
+        self.source = PreparedWindows(cfg, tokenizer, seed) if cfg.source == "prepared" else \
+            StreamedWindows(cfg, tokenizer, seed)
+        self.cursor = 0
+        self.wait_s = 0.0  # time spent waiting for a batch (the step's data stall)
+        record = os.environ.get("NPT_DS_RECORD_WINDOWS")
+        self._record = Path(record) / f"windows-rank{rank}.txt" if record else None
+        self._producer: _Prefetcher | None = None
+
+    @property
+    def per_pull(self) -> int:
+        """Windows one micro-batch pull consumes across all ranks."""
+        return self.world * self.cfg.micro_batch_size
 
     def state_dict(self) -> dict:
-        return {"batches_consumed": self.batches_consumed, "epoch": self.epoch}
+        return {"cursor": self.cursor, "source": self.cfg.source}
 
     def load_state_dict(self, state: dict) -> None:
-        self.batches_consumed, self.epoch = 0, 0
-        self._it = None
-        target = int(state.get("batches_consumed", 0))
-        for _ in range(target):  # replay: deterministic, so the next batch matches an uninterrupted run
-            next(self)
+        """Continue at the saved global cursor (prepared: O(1); streaming: the stream is replayed to it)."""
+        self.close()
+        self.cursor = int(state["cursor"])
 
-    def _epoch_batches(self) -> Iterator[torch.Tensor]:
-        ds, key = document_source(self.cfg, "train")
-        windows, batch = token_windows(ds, key, self.tokenizer, self.cfg.seq_len, self.seed, self.epoch,
-                                       self.cfg.shuffle_buffer), []
-        for j, window in enumerate(windows):
-            if j % self.world != self.rank:
+    def _batches(self, cursor: int) -> Iterator[tuple[torch.Tensor, list[int]]]:
+        mb = self.cfg.micro_batch_size
+        if isinstance(self.source, PreparedWindows):
+            while True:
+                mine = range(cursor + self.rank * mb, cursor + (self.rank + 1) * mb)
+                rows = [self.source.read(p) for p in mine]
+                yield torch.from_numpy(np.stack(rows)), [self.source.window_id(p) for p in mine]
+                cursor += self.per_pull
+        rows, ids = [], []
+        for position, window in self.source.positions(cursor):
+            if (position % self.per_pull) // mb != self.rank:
                 continue
-            batch.append(window)
-            if len(batch) == self.cfg.micro_batch_size:
-                yield torch.tensor(batch, dtype=torch.long)
-                batch = []
+            rows.append(window)
+            ids.append(position)
+            if len(rows) == mb:
+                yield torch.tensor(rows, dtype=torch.long), ids
+                rows, ids = [], []
 
     def __iter__(self):
         return self
 
     def __next__(self) -> torch.Tensor:
-        for _ in range(2):
-            if self._it is None:
-                self._it = self._epoch_batches()
-            try:
-                batch = next(self._it)
-                self.batches_consumed += 1
-                return batch
-            except StopIteration:
-                self._it = None
-                self.epoch += 1
-        raise ConfigError("data: the training corpus is shorter than one batch; lower data.seq_len or "
-                          "data.micro_batch_size, or add data")
+        if self._producer is None:
+            self._producer = _Prefetcher(self._batches(self.cursor), self.cfg.prefetch)
+        t0 = time.perf_counter()
+        batch, ids = self._producer.get()
+        self.wait_s += time.perf_counter() - t0
+        self.cursor += self.per_pull
+        if self._record is not None:
+            with self._record.open("a") as f:
+                f.write("".join(f"{i}\n" for i in ids))
+        return batch
+
+    def close(self) -> None:
+        if self._producer is not None:
+            self._producer.close()
+            self._producer = None
+
+
+class _Prefetcher:
+    """Runs a batch generator `depth` items ahead on a daemon thread (depth 0: in the caller); errors are re-raised
+    by `get()` in the caller's thread."""
+
+    _DONE = object()
+
+    def __init__(self, items: Iterator, depth: int):
+        self.items, self.depth = items, depth
+        if depth == 0:
+            return
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="npt-ds-data", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            for item in self.items:
+                while not self.stop.is_set():
+                    try:
+                        self.queue.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if self.stop.is_set():
+                    return
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            self.queue.put((self._DONE, exc))
+
+    def get(self):
+        if self.depth == 0:
+            return next(self.items)
+        item = self.queue.get()
+        if isinstance(item, tuple) and item and item[0] is self._DONE:
+            raise item[1]
+        return item
+
+    def close(self) -> None:
+        if self.depth:
+            self.stop.set()
+            self.thread.join(timeout=5)
 
 
 def eval_batches(cfg: DataConfig, tokenizer, rank: int = 0, world_size: int = 1,
                  batch_size: int = 1) -> list[torch.Tensor]:
     """The first eval_batches·world_size windows of the held-out text, this rank's share.
 
-    Every rank gets the same number of batches (ZeRO-3 needs every rank in every forward)."""
-    ds, key = document_source(cfg, "eval")
+    Every rank gets the same number of batches (ZeRO-3 needs every rank in every forward).  With
+    `data.eval_path` the windows come from that prepared dir, in corpus order."""
     want = cfg.eval_batches * world_size * batch_size
-    windows = []
-    for w in token_windows(ds, key, tokenizer, cfg.eval_seq_len):
-        windows.append(w)
-        if len(windows) == want:
-            break
+    if cfg.eval_path:
+        source = PreparedWindows(dataclasses.replace(cfg, shuffle=False), tokenizer, 0, cfg.eval_path,
+                                 "data.eval_path", cfg.eval_seq_len)
+        windows = [source.read(p).tolist() for p in range(min(want, len(source)))]
+    else:
+        if cfg.source == "prepared":
+            raise ConfigError("data.eval_path: source 'prepared' needs a prepared held-out dir too (e.g. "
+                              "`npt-ds prepare shakespeare --split eval --out DIR`); add data.eval_path: DIR")
+        ds, key = document_source(cfg, "eval")
+        windows = []
+        for w in token_windows(ds, key, tokenizer, cfg.eval_seq_len):
+            windows.append(w)
+            if len(windows) == want:
+                break
     if len(windows) < want:
         raise ConfigError(f"data: held-out text has only {len(windows)} windows of {cfg.eval_seq_len} tokens; "
                           "lower data.eval_batches or data.eval_seq_len")

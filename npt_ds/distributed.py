@@ -1,8 +1,10 @@
 """Process-group setup for one process or a DeepSpeed launch, and the few collectives the loop needs."""
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -59,7 +61,23 @@ def barrier() -> None:
 def shutdown_distributed() -> None:
     """Tear the process group down in order before the process exits (every rank, after the last collective)."""
     if dist.is_initialized():
+        rank = dist.get_rank()
+        barrier()  # every rank is past its last shm all-reduce
         dist.destroy_process_group()
+        release_shm_buffer(rank)
+
+
+def shm_buffer_path(rank: int) -> Path:
+    """DeepSpeed's CPU shared-memory all-reduce buffer of this rank (deepspeed/ops/csrc/cpu/comm/shm.cpp)."""
+    addr, port = os.environ.get("MASTER_ADDR", "127.0.0.1"), os.environ.get("MASTER_PORT", "29500")
+    return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+
+
+def release_shm_buffer(rank: int) -> None:
+    """Unlink this rank's shm all-reduce buffer: DeepSpeed creates one (69 MB of RAM) per rank and run and
+    never removes it, so a day of runs fills /dev/shm (the launch scripts also sweep a killed run's)."""
+    with contextlib.suppress(OSError):
+        shm_buffer_path(rank).unlink()
 
 
 def _device() -> torch.device:

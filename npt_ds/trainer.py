@@ -21,8 +21,9 @@ from .checkpoint import list_steps, load_checkpoint, read_meta, resolve_resume, 
 from .comm_stats import COUNTER
 from .config import ConfigError, ModelConfig, TrainConfig
 from .data import PackedBatches, eval_batches
-from .distributed import any_rank_true, barrier, init_distributed
+from .distributed import all_reduce_sum, any_rank_true, barrier, init_distributed
 from .ds_config import build_ds_config
+from .elastic import keep_global_batch
 from .evaluate import evaluate, layer_table
 from .hardware import resolve_hardware
 from .losses import NPTLoss
@@ -102,9 +103,17 @@ class Trainer:
 
         self.rank, self.world = init_distributed()
         cfg, self.hardware_notes = resolve_hardware(cfg, self.world)  # 'auto' precision / frozen base
-        self.cfg = cfg
         self.run_dir = Path(cfg.logging.run_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
+        self.resume_target = self._resume_target(cfg)
+        self.resharded_from = None
+        if self.resume_target is not None:  # another world size: keep the global batch (before the engine exists)
+            meta = read_meta(self.resume_target)
+            cfg, note = keep_global_batch(cfg, meta, self.world)
+            if int(meta.get("world_size", self.world)) != self.world:
+                self.resharded_from = int(meta["world_size"])
+            self.hardware_notes += [note] if note else []
+        self.cfg = cfg
         self.curriculum = parse_curriculum(cfg.schedule.curriculum or default_curriculum(cfg))
         self.ds_config = build_ds_config(cfg, self.world)
         check_quantization_support(cfg, self.ds_config["zero_optimization"].get("stage", 0))  # before any loading
@@ -146,10 +155,11 @@ class Trainer:
         self.consecutive_bad = 0
         self.tokens_seen = 0
         self.log_buffer: dict[str, tuple[torch.Tensor, int]] = {}
+        self._resharded: dict | None = None
         self.last_eval: dict = {}
         self.first_eval: dict | None = None
         self._poison_left = int(cfg.inject_nan.get("repeat", 1)) if cfg.inject_nan else 0
-        self._window_start, self._window_tokens = time.time(), 0
+        self._window_start, self._window_tokens, self._window_wait = time.time(), 0, 0.0
         for note in self.hardware_notes:
             self.metrics.message(note)
         self.comm = COUNTER.install()
@@ -170,24 +180,31 @@ class Trainer:
                              f"{model.config.vocab_size}; KD needs a shared tokenizer")
         return teacher, LogitProjector(teacher.config.hidden_size, model.config.hidden_size)
 
+    def _resume_target(self, cfg: TrainConfig) -> Path | None:
+        target = resolve_resume(self.ckpt_root, cfg.checkpoint.resume)
+        if target is None and cfg.checkpoint.resume == "none" and list_steps(self.ckpt_root):
+            raise ConfigError(f"logging.run_dir {str(self.run_dir)!r} already holds checkpoints; set "
+                              "checkpoint.resume: auto to continue it, or choose a new logging.run_dir")
+        return target
+
     def _resume(self) -> None:
-        target = resolve_resume(self.ckpt_root, self.cfg.checkpoint.resume)
+        target = self.resume_target
         if target is None:
-            if self.cfg.checkpoint.resume == "none" and list_steps(self.ckpt_root):
-                raise ConfigError(f"logging.run_dir {str(self.run_dir)!r} already holds checkpoints; set "
-                                  "checkpoint.resume: auto to continue it, or choose a new logging.run_dir")
             return
-        saved_world = read_meta(target).get("world_size", self.world)
-        if saved_world != self.world:  # ZeRO's optimizer shards (and the data shards) are per rank
-            raise ConfigError(f"checkpoint.resume: {target} was written by {saved_world} ranks but this run has "
-                              f"{self.world}; resume it on {saved_world} ranks, or start a new logging.run_dir")
-        meta = load_checkpoint(self.engine, target, self.rank)
+        meta = load_checkpoint(self.engine, target, self.rank, self.world)
         self.step, self.skipped = meta["step"], meta["skipped_steps"]
         if self.module.loss_fn.adaptive is not None and "adaptive_norms" in meta:
             self.module.loss_fn.adaptive.load_state_dict(meta["adaptive_norms"], self.engine.device)
         self.tokens_seen = meta.get("tokens_seen", 0)
+        if "cursor" not in meta["data"]:
+            raise ConfigError(f"checkpoint.resume: {target} has no global data cursor (written by an older npt-ds); "
+                              "start a new logging.run_dir")
         self.data.load_state_dict(meta["data"])
         self.metrics.message(f"resumed from {target} at step {self.step}")
+        if self.resharded_from is not None:
+            self._resharded = {"step": self.step, "event": "resharded", "from_world_size": self.resharded_from,
+                               "to_world_size": self.world, "grad_accum": self.cfg.optim.grad_accum,
+                               "path": str(target)}
 
     # ---------------------------------------------------------------- the loop
     def train(self) -> dict:
@@ -202,10 +219,12 @@ class Trainer:
                           # from the module: ZeRO-3 keeps its optimizer's param groups empty between steps
                           "run/trainable_params": sum(getattr(p, "ds_numel", p.numel())
                                                       for p in self.module.parameters() if p.requires_grad)})
+        if self._resharded:
+            self.metrics.log(self._resharded)
         if self.step == 0:
             self.run_eval()
         start_step, t0 = self.step, time.time()
-        self._window_start, self._window_tokens = t0, 0
+        self._window_start, self._window_tokens, self._window_wait = t0, 0, self.data.wait_s
         stop = min(total, cfg.schedule.stop_at) if cfg.schedule.stop_at > 0 else total
         while self.step < stop:
             self.train_step()
@@ -346,19 +365,22 @@ class Trainer:
         cfg = self.cfg
         now = time.time()
         tps = self._window_tokens / max(now - self._window_start, 1e-9)
-        self._window_start, self._window_tokens = now, 0
+        wait = self.data.wait_s - self._window_wait
+        data_wait = wait / max(now - self._window_start, 1e-9)
+        self._window_start, self._window_tokens, self._window_wait = now, 0, self.data.wait_s
         per_step = (now - t0) / max(self.step - start_step, 1)
         comm = self.comm_per_step()
         eta = per_step * (cfg.schedule.total_steps - self.step)
         record = {"step": self.step, "event": "train", "lr": self._lr,
                   "kd/weight": self._controls.kd_weight, "curriculum/stage": self._controls.stage,
                   "curriculum/mixing_ratio": self._controls.mixing_ratio, "tokens_per_s": round(tps, 2),
-                  "eta_s": round(eta, 1), "skipped_steps": self.skipped, "tokens": self.tokens_seen, **comm}
+                  "eta_s": round(eta, 1), "skipped_steps": self.skipped, "tokens": self.tokens_seen,
+                  "time/data_wait_frac": round(data_wait, 5), **comm}
         if self._controls.active_layers is not None:
             record["sequential/layer"] = self._controls.active_layers[0]
         if cfg.loss.difficulty_mask:
             record["difficulty/keep"] = self._controls.difficulty_keep
-        record.update({k: float(v) / n for k, (v, n) in self.log_buffer.items()})  # the host sync of a log step
+        record.update(self.mean_over_ranks(self.log_buffer))  # the host sync of a log step
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is not None:
             record["grad_norm"] = float(grad_norm)
@@ -366,6 +388,14 @@ class Trainer:
         self.metrics.log(record)
         self.metrics.progress(self.step, cfg.schedule.total_steps, record.get("loss/total", math.nan), tps, eta,
                               f"[{self._controls.stage}]")
+
+    @staticmethod
+    def mean_over_ranks(buffer: dict[str, tuple[torch.Tensor, int]]) -> dict[str, float]:
+        """Each logged quantity's mean over all ranks' micro-batches (one all-reduce on log steps), so the stream
+        does not depend on the world size: 2 ranks x 1 micro-batch log what 1 rank x 2 micro-batches does."""
+        names = sorted(buffer)
+        sums = all_reduce_sum([float(buffer[k][0]) for k in names] + [float(buffer[k][1]) for k in names])
+        return {k: sums[i] / max(sums[len(names) + i], 1) for i, k in enumerate(names)}
 
     def reset_comm_window(self) -> None:
         """Start counting collective bytes afresh (after set-up, an eval or a save: not a training step's)."""
@@ -405,5 +435,6 @@ class Trainer:
         return target
 
     def close(self) -> None:
+        self.data.close()
         self.metrics.close()
         barrier()

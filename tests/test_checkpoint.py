@@ -1,4 +1,4 @@
-"""Checkpoints: pruning by write order, atomic re-saves, world-size and RNG state, adaptive-weighting resume."""
+"""Checkpoints: pruning by write order, atomic re-saves, elastic-resume refusals, RNG state, adaptive-weighting resume."""
 from __future__ import annotations
 
 import json
@@ -53,19 +53,25 @@ def test_a_failed_re_save_leaves_the_existing_step_dir_untouched(tmp_path, monke
     assert rows[-1]["event"] == "end" and not list((tmp_path / "checkpoints").glob(".tmp-*"))
 
 
-def test_resume_on_another_world_size_is_refused_in_one_line(tmp_path, capsys):
+def test_resume_on_another_world_size_without_a_portable_state_is_refused_in_one_line(tmp_path, capsys):
+    """(The elastic resume itself runs 2 ranks -> 1 in test_distributed.py.)  A checkpoint without portable.pt,
+    or whose global batch this world size cannot make, is refused before training; nothing is written."""
     run(tmp_path, "schedule.total_steps=2", "checkpoint.every=0")
-    meta = tmp_path / "checkpoints" / "step-00000002" / "meta.json"
+    step = tmp_path / "checkpoints" / "step-00000002"
+    meta = step / "meta.json"
     meta.write_text(json.dumps({**json.loads(meta.read_text()), "world_size": 2}))
-    with pytest.raises(ConfigError, match=r"written by 2 ranks but this run has 1; resume it on 2 ranks"):
+    (step / "portable.pt").unlink()
+    before = sorted(p.name for p in step.iterdir())
+    with pytest.raises(ConfigError, match=r"has no portable.pt .*; resume it on the world size that wrote it"):
         make_trainer(tmp_path, "schedule.total_steps=4", "checkpoint.resume=auto")
     from npt_ds.train import main
 
     args = ["configs/tiny_debug.yaml", f"logging.run_dir={tmp_path}", "logging.console=false",
-            "schedule.total_steps=4", "checkpoint.resume=auto"]
+            "schedule.total_steps=4", "checkpoint.resume=auto", "data.micro_batch_size=3"]
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "written by 2 ranks" in err[0]
+    assert len(err) == 1 and "global batch of 4 windows" in err[0] and "data.micro_batch_size" in err[0]
+    assert sorted(p.name for p in step.iterdir()) == before
 
 
 def test_cuda_rng_state_is_saved_and_restored(monkeypatch):

@@ -23,6 +23,10 @@ class ByteTokenizer:
     bos_token_id = None
     pad_token_id = 257
     vocab_size = 258
+    name_or_path = "bytes"
+
+    def get_vocab(self) -> dict[str, int]:
+        return {**{f"<0x{i:02X}>": i for i in range(256)}, "</s>": 256, "<pad>": 257}
 
     def __call__(self, texts, **_):
         single = isinstance(texts, str)
