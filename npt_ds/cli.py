@@ -1,10 +1,14 @@
-"""`npt-ds` command line: prepare, train, convert, eval, plan.
+"""`npt-ds` command line: prepare, train, convert, eval, plan, generate, export, inject, inject-eval.
 
     npt-ds prepare shakespeare --tokenizer smollm2 --out data/prepared/shakespeare
     npt-ds train configs/smollm2_demo.yaml [key.path=value ...]
     npt-ds convert --layers upper_half --out runs/np-init
     npt-ds eval [--np runs/demo/checkpoints/step-00000200/np] [--layers upper_half]
     npt-ds plan configs/llama3_8b_multinode.yaml --nodes 2 --gpus-per-node 8 --gpu-mem 80
+    npt-ds generate --np NP_DIR --prompt "To be, or not" [--temperature 0.8 --top-p 0.9]
+    npt-ds export --np NP_DIR --out HF_DIR
+    npt-ds inject --np NP_DIR --context TEXT [--layers 26,27] [--positions last] [--alpha 1] --out DIR
+    npt-ds inject-eval data/facts/*.jsonl --np NP_DIR [--alpha 0.25,0.5,1,2] [--out results.json]
 """
 from __future__ import annotations
 
@@ -57,7 +61,8 @@ def run_eval(args) -> int:
     model = load_base_model(mcfg, seed=args.seed)
     if args.np:
         layers = load_np_weights(model, args.np)
-        source = f"NP weights {args.np}"
+        n_inj = len(model.npt_injections.records)
+        source = f"NP weights {args.np}" + (f", {n_inj} injection(s)" if n_inj else "")
     else:
         layers = convert_model(model, _npt_config(args))
         source = "freshly initialised NP components"
@@ -69,6 +74,112 @@ def run_eval(args) -> int:
     print(f"  NPT perplexity   {result['eval/ppl_npt']:10.3f}")
     print(f"  fidelity MSE     {result['eval/fidelity_mse']:10.4g}  (final hidden state, NPT vs base)")
     return 0
+
+
+def run_generate(args) -> int:
+    from .tools.generate import DecodeOptions, generate_text, interactive
+    from .tools.session import load_npt
+
+    opts = DecodeOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                         seed=args.seed, chat=not args.no_chat)
+    if args.prompt is not None and not args.prompt.strip():
+        raise ValueError("--prompt: the prompt is empty; give some text (or --interactive)")
+    model, tokenizer, _ = load_npt(args.np, args.model)
+    if args.interactive:
+        interactive(model, tokenizer, opts)
+    else:
+        generate_text(model, tokenizer, args.prompt, opts, stream=True)
+    return 0
+
+
+def run_export(args) -> int:
+    from .tools.export import export
+    from .tools.session import load_npt
+
+    model, tokenizer, layers = load_npt(args.np, args.model)
+    out = export(model, tokenizer, args.out, base=args.model, np_dir=args.np)
+    print(f"exported NPT layers {layers} ({len(model.npt_injections.records)} injection(s) folded in) -> {out}; "
+          f"load with AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)")
+    return 0
+
+
+def run_inject(args) -> int:
+    from .tools.inject import run_inject as run
+
+    return run(args)
+
+
+def run_inject_eval(args) -> int:
+    import json
+
+    from .tools.inject_eval import load_facts, run_inject_eval as run, table
+    from .tools.session import load_npt
+
+    alphas = _floats(args.alpha, "--alpha")
+    facts = load_facts(args.facts)
+    model, tokenizer, layers = load_npt(args.np, args.model)
+    results = run(model, tokenizer, facts, alphas, layers=args.layers, positions=args.positions,
+                  ppl_batches=args.ppl_batches, ppl_seq_len=args.ppl_seq_len)
+    results["np"] = args.np
+    print(f"{len(facts)} facts, NPT layers {layers}, injected into {args.layers or 'all NPT layers'}, "
+          f"positions {args.positions}; ppl on {results['ppl_tokens']} held-out tokens")
+    print("\n".join(table(results)))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=2)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _floats(text: str, flag: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{flag}: cannot parse {text!r}; give numbers separated by commas, e.g. 0.25,0.5,1,2") from None
+    if not values:
+        raise ValueError(f"{flag}: no values in {text!r}; give e.g. 0.25,0.5,1,2")
+    return values
+
+
+def _np_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--np", required=True, help="NP weights dir (a checkpoint's np/, or an inject --out dir)")
+    parser.add_argument("--model", default="smollm2",
+                        help="the base the NP weights were trained on: 'smollm2' (default), 'tiny', an HF dir, a file")
+
+
+def _add_tool_parsers(sub) -> None:
+    gen = sub.add_parser("generate", help="generate text with the NPT model (streamed)")
+    _np_arguments(gen)
+    what = gen.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt", help="one prompt")
+    what.add_argument("--interactive", action="store_true", help="a prompt loop (EOF or 'exit' ends)")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--no-chat", action="store_true", help="do not wrap the prompt in the tokenizer's chat template")
+    exp = sub.add_parser("export", help="write a self-contained Hugging Face model dir (trust_remote_code)")
+    _np_arguments(exp)
+    exp.add_argument("--out", required=True, help="output directory")
+    inj = sub.add_parser("inject", help="fold a context's modulation into the NPT layers' weights (saved as deltas)")
+    _np_arguments(inj)
+    inj.add_argument("--context", help="the text whose modulation to commit")
+    inj.add_argument("--layers", help="NPT layers to inject into ('26,27', '26-29'); default: every NPT layer")
+    inj.add_argument("--positions", default="last",
+                     help="tokens whose modulation folds: last, all (sum), mean, or i:j (mean over tokens i..j-1)")
+    inj.add_argument("--alpha", type=float, default=1.0, help="strength of the update")
+    inj.add_argument("--baseline", help="differential injection: fold context minus this text's modulation")
+    inj.add_argument("--reset", action="store_true", help="drop the injections saved in --np first")
+    inj.add_argument("--out", required=True, help="NP dir to write (may be --np itself)")
+    ie = sub.add_parser("inject-eval", help="measure knowledge injection on facts (answer rank, locality, damage)")
+    ie.add_argument("facts", nargs="+", help="facts JSONL files (data/facts/*.jsonl)")
+    _np_arguments(ie)
+    ie.add_argument("--alpha", default="0.25,0.5,1,2", help="comma-separated alphas")
+    ie.add_argument("--layers", help="NPT layers to inject into; default: every NPT layer")
+    ie.add_argument("--positions", default="last", help="as for inject")
+    ie.add_argument("--ppl-batches", type=int, default=2, help="held-out windows for the perplexity damage")
+    ie.add_argument("--ppl-seq-len", type=int, default=128)
+    ie.add_argument("--out", help="write the results as JSON here")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batches", type=int, default=4)
     ev.add_argument("--seq-len", type=int, default=256)
     add_plan_subparser(sub)
+    _add_tool_parsers(sub)
     return parser
 
 
@@ -108,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
             from .plan import run_plan
 
             return run_plan(args)
-        return {"convert": run_convert, "eval": run_eval}[args.command](args)
+        return {"convert": run_convert, "eval": run_eval, "generate": run_generate, "export": run_export,
+                "inject": run_inject, "inject-eval": run_inject_eval}[args.command](args)
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         print(f"npt-ds {args.command}: {exc}", file=sys.stderr)
         return 2

@@ -154,9 +154,9 @@ def test_fold_context_changes_teacher_output():
     ids = torch.randint(0, 256, (1, 8))
     set_mode(model, "teacher")
     before = model(input_ids=ids).logits
-    mods = fold_context(model, ids, positions=[-1])
+    deltas = fold_context(model, ids, positions=[-1])
     set_mode(model, "teacher")
-    assert set(mods) == {3}
+    assert set(deltas) == {"model.layers.3.mlp.gate_proj.weight"}
     assert not torch.allclose(model(input_ids=ids).logits, before, atol=1e-6)
 
 

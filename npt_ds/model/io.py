@@ -11,7 +11,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..config import NPTConfig
-from .convert import convert_model, np_named_parameters, npt_layers, set_mode
+from .convert import convert_model, np_named_parameters, npt_layers
+from .inject import Injections, _refuse_quantised, apply_deltas, inject
 from .np_component import Modulation
 from .npt_layer import NPTDecoderLayer
 
@@ -45,11 +46,14 @@ def save_np_weights(model: nn.Module, out_dir: str | Path) -> Path:
             "base": base_signature(model)}
     save_file(state, str(out / WEIGHTS), metadata={"npt_spec": json.dumps(spec)})
     (out / SPEC).write_text(json.dumps(spec, indent=2))
+    injections = getattr(model, "npt_injections", None) or Injections()
+    injections.save(out)  # the folded contexts travel with the NP weights (none: stale files removed)
     return out
 
 
-def load_np_weights(model: nn.Module, src: str | Path) -> list[int]:
-    """Load NP weights onto a base model (converting it per the saved spec if needed)."""
+def load_np_weights(model: nn.Module, src: str | Path, injections: bool = True) -> list[int]:
+    """Load NP weights onto a base model (converting it per the saved spec if needed), and the injection
+    deltas saved beside them (added to W_gate / W_up; ``injections=False`` leaves them out)."""
     src = Path(src)
     path = src / WEIGHTS if src.is_dir() else src
     if not path.is_file():
@@ -75,6 +79,12 @@ def load_np_weights(model: nn.Module, src: str | Path) -> list[int]:
     with gathered(own.values()), torch.no_grad():
         for name, p in own.items():
             p.copy_(state[name].to(p.dtype))
+    saved = Injections.load(path.parent) if injections else Injections()
+    if saved.records:
+        params = dict(model.named_parameters())
+        with gathered([params[n] for n in saved.deltas if n in params]):
+            apply_deltas(model, saved.deltas)
+    model.npt_injections = saved
     return spec["layers"]
 
 
@@ -83,15 +93,13 @@ def fold_modulation(layer: NPTDecoderLayer, mod: Modulation) -> None:
     """Commit one token's modulation into the weights: W_g <- diag(f)·W_g + s Σ_k v_b,k ⊗ v_a,k.
 
     `mod` holds one token's vectors (v_a: (k, d), v_b: (k, d_ffn), optional v_c, factor).
-    Afterwards the plain MLP's gate equals that token's modulated gate for any input x.
+    Afterwards the plain MLP's gate equals that token's modulated gate for any input x.  A low-level
+    helper: the change is not recorded in the model's injections (use :func:`fold_context` /
+    :func:`npt_ds.model.inject.inject`, whose deltas are saved with the NP weights).
     """
     s = layer.modulation_scale
     gate, up = layer.mlp.gate_proj, layer.mlp.up_proj
-    for name, linear in (("gate_proj", gate), ("up_proj", up)):
-        if type(linear).__module__.split(".")[0] == "bitsandbytes":
-            raise ValueError(f"fold: layer {layer.layer_idx} mlp.{name} is bitsandbytes-quantised "
-                             f"({type(linear).__name__}); folding would edit its packed codes; load the base "
-                             "unquantised (model.quantization: none) to fold")
+    _refuse_quantised(layer)
     with gathered([p for p in (gate.weight, gate.bias, up.weight, up.bias) if p is not None]):
         w = gate.weight
         delta = s * torch.einsum("kf,kd->fd", mod.v_b.float(), mod.v_a.float())
@@ -105,38 +113,14 @@ def fold_modulation(layer: NPTDecoderLayer, mod: Modulation) -> None:
             up.weight.add_((s * torch.einsum("kf,kd->fd", mod.v_c.float(), mod.v_a.float())).to(up.weight.dtype))
 
 
-@torch.no_grad()
-def fold_context(model: nn.Module, input_ids: torch.Tensor, positions: list[int] | None = None,
-                 layers: list[int] | None = None) -> dict[int, Modulation]:
+def fold_context(model: nn.Module, input_ids: torch.Tensor, positions: list[int] | str | None = None,
+                 layers: list[int] | None = None, alpha: float = 1.0) -> dict[str, torch.Tensor]:
     """Run the NPT model on a context and fold the modulation of the chosen token(s) into W_gate.
 
-    Several positions fold the mean of their per-token updates (each folded with weight 1/n);
-    a multiplicative factor is not additive, so it allows a single position only.
-    Returns the per-layer modulation of the last chosen position.
+    Several positions fold the mean of their per-token updates; the fold is recorded in the model's
+    injections, so :func:`save_np_weights` keeps it.  -> the weight deltas (parameter name -> tensor).
     """
-    positions = positions or [-1]
-    if len(positions) > 1 and any(layer.np.W_m is not None for layer in npt_layers(model)):
-        raise ValueError("fold_context: a multiplicative NP factor can be folded from one position only")
-    chosen = [layer for layer in npt_layers(model) if layers is None or layer.layer_idx in layers]
-    captured: dict[int, torch.Tensor] = {}
-    hooks = [layer.self_attn.register_forward_hook(
-        lambda mod, args, out, idx=layer.layer_idx: captured.__setitem__(idx, out[0].detach()))
-        for layer in chosen]
-    try:
-        set_mode(model, "student")
-        model(input_ids=input_ids[:1])
-    finally:
-        for h in hooks:
-            h.remove()
-    result = {}
-    for layer in chosen:
-        attn = captured[layer.layer_idx][0]  # (T, d)
-        for pos in positions:
-            mod = Modulation(*layer.np(attn[pos]))
-            if len(positions) > 1:  # average the per-token updates
-                mod = Modulation(mod.v_a, mod.v_b / len(positions),
-                                 None if mod.v_c is None else mod.v_c / len(positions), mod.factor)
-            fold_modulation(layer, mod)
-            result[layer.layer_idx] = mod
-    return result
-
+    positions = positions if positions is not None else "last"
+    record = {"context_ids": input_ids.reshape(-1).tolist(), "layers": layers, "positions": positions,
+              "alpha": alpha}
+    return inject(model, input_ids, record, layers=layers, positions=positions, alpha=alpha)
