@@ -9,7 +9,7 @@ export TOKENIZERS_PARALLELISM := false
 export WANDB_MODE ?= offline
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup test test-fast demo prepare-demo bench monitor monitor-demo clean
+.PHONY: setup system-deps test test-fast demo prepare-demo bench monitor monitor-demo clean
 
 setup: $(STAMP)
 
@@ -21,8 +21,12 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m npt_ds.assets
 	touch $@
 
-test: setup        ## the whole suite, slow and multi-process tests included (what CI runs)
+test: setup system-deps  ## the whole suite, slow and multi-process tests included (what CI runs)
 	$(PY) -m pytest -q -p no:cacheprovider
+
+system-deps:       ## sshd + pdsh for the two-host ssh tests (as root, when missing; without root those tests skip)
+	@if ! { command -v pdsh && test -x /usr/sbin/sshd; } >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server pdsh >/dev/null; fi
 
 test-fast: setup   ## skip the slow/multi-process tests
 	$(PY) -m pytest -q -p no:cacheprovider -m "not slow and not multiproc"

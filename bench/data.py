@@ -102,7 +102,7 @@ def bench_train(root: Path, steps: int) -> dict:
             trainer.save()
             out["save_s"] = round(time.perf_counter() - t0, 3)
             t0 = time.perf_counter()
-            save_portable_state(trainer.engine, root, trainer.rank)
+            save_portable_state(trainer.engine, root, write=True)
             out["portable_state_s"] = round(time.perf_counter() - t0, 3)
             out["portable_state_mb"] = round((root / "portable.pt").stat().st_size / 1e6, 2)
         trainer.close()

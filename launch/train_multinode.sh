@@ -6,7 +6,12 @@
 #
 # Env: HOSTFILE (default launch/hostfile), NUM_NODES (default: all hosts in the file), GPUS_PER_NODE
 #      (default: the slots in the file), MASTER_ADDR (default: the first host), MASTER_PORT (default 29500),
-#      DRY_RUN=1 prints the command. Every host must resolve and accept password-less ssh.
+#      SSH_CONFIG (an ssh config file for ssh and pdsh, e.g. the one launch/netns_hosts.sh writes),
+#      MAX_RESTARTS (default 0: relaunch after a failure this many times, resuming from the last checkpoint),
+#      DRY_RUN=1 prints the command.
+# Before launching: every host must answer password-less ssh and see this repo and this Python at the same
+# paths (one line per failing host, exit 2, nothing started).  The variables the ranks need are written to
+# the npt-ds block of $REPO_ROOT/.deepspeed_env (0600, git-ignored; your own lines there are kept).
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 need_config "$@"
 CONFIG="$1"; shift
@@ -15,7 +20,17 @@ HOSTS="$("$PYTHON" -m npt_ds.hostfile "$HOSTFILE" ${NUM_NODES:+--num-nodes "$NUM
 NUM_NODES="${NUM_NODES:-$(echo "$HOSTS" | wc -l)}"
 MASTER_ADDR="${MASTER_ADDR:-$(echo "$HOSTS" | head -1 | cut -d' ' -f1)}"
 MASTER_PORT="${MASTER_PORT:-29500}"
+PYTHON_EXE="$("$PYTHON" -c 'import sys; print(sys.executable)')"
 cd "$REPO_ROOT"
-run deepspeed --hostfile "$HOSTFILE" --num_nodes "$NUM_NODES" ${GPUS_PER_NODE:+--num_gpus "$GPUS_PER_NODE"} \
-    --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
+if [[ "${DRY_RUN:-0}" != "1" ]]; then
+  # shellcheck disable=SC2046
+  "$PYTHON" -m npt_ds.cluster preflight $(echo "$HOSTS" | head -n "$NUM_NODES" | cut -d' ' -f1) \
+      --repo "$REPO_ROOT" --python "$PYTHON_EXE" ${SSH_CONFIG:+--ssh-config "$SSH_CONFIG"} || exit 2
+fi
+export PATH="$(dirname "$PYTHON_EXE"):$PATH"
+if [[ -n "${SSH_CONFIG:-}" ]]; then export PDSH_SSH_ARGS_APPEND="${PDSH_SSH_ARGS_APPEND:-} -F $SSH_CONFIG"; fi
+write_env() { "$PYTHON" -m npt_ds.cluster env "$REPO_ROOT/.deepspeed_env"; }  # per attempt: NPT_DS_RESTART
+BEFORE_ATTEMPT=write_env
+run_job deepspeed --hostfile "$HOSTFILE" --num_nodes "$NUM_NODES" ${GPUS_PER_NODE:+--num_gpus "$GPUS_PER_NODE"} \
+    --no_ssh_check --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
     --module npt_ds.train --config "$CONFIG" "$@"

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .distributed import barrier
+from .distributed import barrier, local_rank
 from .elastic import load_portable_state, save_portable_state
 from .model.io import save_np_weights
 
@@ -47,31 +47,36 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(engine, root: Path, step: int, meta: dict, rank: int, keep_last: int,
-                    before_publish=None) -> Path:
+                    before_publish=None, node_local: bool = False) -> Path:
     """Write step-{N:08d}/ (collective: every rank calls it) and point `latest` at it.
 
     Everything is written into a temp dir that is renamed into place once complete, so neither a killed
     save nor a re-save of an existing step (re-running a finished run) leaves a half-written step dir.
     Then the step dirs beyond the newest `keep_last` *in write order* are pruned, never the one just
     written (after a resume from an earlier step, the highest step number is not the newest).
+
+    One rank does the bookkeeping (meta, NP weights, portable state, rename, `latest`, pruning): rank 0 on a
+    shared filesystem; with `node_local` each node's local rank 0 on that node's own disk, which also holds
+    the DeepSpeed shards of that node's ranks (DeepSpeed's use_node_local_storage).
     """
     root = Path(root)
+    leader = local_rank() == 0 if node_local else rank == 0
     tag = step_tag(step)
     tmp = root / f"{TMP_PREFIX}{tag}"
-    if rank == 0:  # leftovers of a save that was killed
+    if leader:  # leftovers of a save that was killed
         for stale in root.glob(f"{TMP_PREFIX}*") if root.is_dir() else []:
             shutil.rmtree(stale, ignore_errors=True)
     barrier()
     engine.save_checkpoint(str(root), tag=tmp.name, client_state={"npt_meta": meta}, save_latest=False,
                            exclude_frozen_parameters=True)
     torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
-    save_np_weights(engine.module.model, tmp / "np")  # collective under ZeRO-3 (gathers)
-    save_portable_state(engine, tmp, rank)  # collective
+    save_np_weights(engine.module.model, tmp / "np", write=leader)  # collective under ZeRO-3 (gathers)
+    save_portable_state(engine, tmp, write=leader)  # collective
     if before_publish is not None:  # a test's fault hook: the shards are written, nothing is published yet
         before_publish()
     barrier()
     target = root / tag
-    if rank == 0:
+    if leader:
         (tmp / "meta.json").write_text(json.dumps({**meta, "saved_at_ns": time.time_ns()}, indent=2, default=str))
         replaced = root / f"{TMP_PREFIX}old-{tag}"
         if target.exists():

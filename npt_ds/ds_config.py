@@ -79,6 +79,8 @@ def build_ds_config(cfg: TrainConfig, world_size: int) -> dict:
     if leftovers:
         raise ConfigError(f"deepspeed.config: {path.name} leaves {leftovers[0]!r} as 'auto' with nothing to fill it; "
                           "set a value in the JSON")
+    if cfg.checkpoint.node_local:  # every node writes its own ranks' shards to its own disk
+        ds["checkpoint"] = {**ds.get("checkpoint", {}), "use_node_local_storage": True}
     ds.setdefault("steps_per_print", 10**9)
     ds.setdefault("zero_allow_untested_optimizer", True)
     return ds

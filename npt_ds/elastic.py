@@ -68,12 +68,12 @@ def set_group_steps(engine, steps: list[float]) -> None:
             state["step"] = torch.full_like(old, step) if torch.is_tensor(old) else type(old)(step)
 
 
-def save_portable_state(engine, out_dir: Path, rank: int) -> None:
-    """Gather (collective: every rank calls it) and write out_dir/portable.pt on rank 0."""
+def save_portable_state(engine, out_dir: Path, write: bool) -> None:
+    """Gather (collective: every rank calls it) and write out_dir/portable.pt where `write` (one rank per copy)."""
     state = {}
     for name, p in trainable(engine):
         state[name] = {"fp32": _full(p, None), **{k: _full(p, k) for k in MOMENTS}}
-    if rank == 0:
+    if write:
         torch.save({"params": state, "group_steps": group_steps(engine), "version": 1}, Path(out_dir) / FILE)
 
 

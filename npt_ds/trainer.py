@@ -452,7 +452,7 @@ class Trainer:
             meta["adaptive_norms"] = self.module.loss_fn.adaptive.state_dict()
         hook = None if self.fault is None else (lambda: self.fault.in_save(self.step, self.run_dir))
         target = save_checkpoint(self.engine, self.ckpt_root, self.step, meta, self.rank, self.cfg.checkpoint.keep_last,
-                                 before_publish=hook)
+                                 before_publish=hook, node_local=self.cfg.checkpoint.node_local)
         self.reset_comm_window()
         self.metrics.log({"step": self.step, "event": "checkpoint", "path": str(target)})
         return target

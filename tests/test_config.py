@@ -152,3 +152,20 @@ def test_launch_scripts_dry_run_and_missing_config(tmp_path):
     out = subprocess.run(["bash", "launch/train_local.sh", "configs/nope.yaml"], cwd=REPO, env=env,
                          capture_output=True, text=True)
     assert out.returncode == 2 and "config 'configs/nope.yaml' not found" in out.stderr
+
+
+def test_deepspeed_env_keeps_the_users_lines_and_is_private(tmp_path):
+    from npt_ds.cluster import BEGIN, END, run_environment, write_deepspeed_env
+
+    path = tmp_path / ".deepspeed_env"
+    path.write_text("MY_TOKEN=abc\nOMP_NUM_THREADS=8\n")
+    env = run_environment({"OMP_NUM_THREADS": "1", "WANDB_API_KEY": "k", "HF_HUB_OFFLINE": "1", "HOME": "/root",
+                           "NPT_DS_RESTART": "2"})
+    assert env == {"HF_HUB_OFFLINE": "1", "NPT_DS_RESTART": "2", "OMP_NUM_THREADS": "1", "WANDB_API_KEY": "k"}
+    write_deepspeed_env(path, env)
+    write_deepspeed_env(path, {**env, "NPT_DS_RESTART": "3"})  # a second attempt replaces the block only
+    lines = path.read_text().splitlines()
+    assert lines == ["MY_TOKEN=abc", "OMP_NUM_THREADS=8", BEGIN, "HF_HUB_OFFLINE=1", "NPT_DS_RESTART=3",
+                     "WANDB_API_KEY=k", END]  # the user's OMP_NUM_THREADS wins
+    assert all("=" in line for line in lines)  # DeepSpeed's launcher splits every line at '='
+    assert path.stat().st_mode & 0o777 == 0o600

@@ -256,3 +256,167 @@ def test_sigkill_during_a_save_keeps_the_previous_checkpoint(runs, free_port):
     full, resumed = train_losses(base / "full"), last_losses(run_dir)
     for step in range(6, 21):
         assert resumed[step] == pytest.approx(full[step], abs=1e-6), step
+
+
+# ---------------------------------------------------------------- two real hosts: network namespaces + sshd + pdsh
+def netns_available() -> str | None:
+    """None when this machine can create network namespaces and has sshd and pdsh, else the reason."""
+    import shutil as sh
+
+    if os.geteuid() != 0:
+        return "network namespaces need root (CAP_NET_ADMIN)"
+    for tool in ("ip", "pdsh", "ssh"):
+        if not sh.which(tool):
+            return f"{tool} is not installed (make test installs openssh-server and pdsh)"
+    if not Path("/usr/sbin/sshd").exists():
+        return "sshd is not installed (make test installs openssh-server)"
+    probe = subprocess.run(["ip", "netns", "add", f"npt-probe-{os.getpid()}"], capture_output=True, text=True)
+    if probe.returncode:
+        return f"cannot create a network namespace: {probe.stderr.strip()}"
+    subprocess.run(["ip", "netns", "del", f"npt-probe-{os.getpid()}"], check=False)
+    return None
+
+
+@pytest.fixture(scope="module")
+def hosts(tmp_path_factory):
+    reason = netns_available()
+    if reason:
+        pytest.skip(reason)
+    root = tmp_path_factory.mktemp("netns") / "hosts"
+    up = subprocess.run(["bash", str(REPO / "launch" / "netns_hosts.sh"), "up", str(root)], capture_output=True,
+                        text=True, timeout=60)
+    assert up.returncode == 0, up.stderr
+    env = dict(item.split("=", 1) for item in up.stdout.split())
+    try:
+        yield root, env
+    finally:
+        subprocess.run(["bash", str(REPO / "launch" / "netns_hosts.sh"), "down", str(root)], check=False)
+        assert not any(env["NETNS_A"] in line for line in subprocess.run(["ip", "netns", "list"], capture_output=True,
+                                                                          text=True).stdout.splitlines())
+
+
+def last_logged_step(run_dir: Path) -> int:
+    """The newest train step of a live run's stream (a half-written last line is skipped)."""
+    try:
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return 0
+    steps = [0]
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if row.get("event") == "train":
+            steps.append(row["step"])
+    return max(steps)
+
+
+def launch_on_hosts(hosts_env: dict, run_dir: Path, *overrides: str, port: int, check: bool = True,
+                    hostfile: Path | None = None, background: bool = False, **extra: str):
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "PYTHON": sys.executable,
+           "OMP_NUM_THREADS": "1", "HOSTFILE": str(hostfile or hosts_env["HOSTFILE"]),
+           "SSH_CONFIG": hosts_env["SSH_CONFIG"], "GLOO_SOCKET_IFNAME": "npt0", "MASTER_ADDR": hosts_env["MASTER_ADDR"],
+           "MASTER_PORT": str(port), "NPT_DS_RECORD_WINDOWS": str(run_dir), **extra}
+    env.pop("NPT_DS_RESTART", None)
+    cmd = ["ip", "netns", "exec", hosts_env["NETNS_A"], "bash", str(REPO / "launch" / "train_multinode.sh"),
+           "configs/tiny_debug.yaml", f"logging.run_dir={run_dir}", *COMMON, *PREPARED, *overrides]
+    if background:
+        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_two_ssh_hosts_train_like_one_node(runs, hosts, free_port):
+    """launch/train_multinode.sh -> deepspeed --hostfile -> pdsh -> ssh -> one launcher per namespace, gloo
+    over the veth link: the same per-step losses as the 2-rank single-node run."""
+    base, *_ = runs
+    root, env = hosts
+    run_dir = base / "netns"
+    proc = launch_on_hosts(env, run_dir, port=free_port)
+    assert f"{env['MASTER_ADDR'].rsplit('.', 1)[0]}.2:" in proc.stdout + proc.stderr  # pdsh's prefix: rank 1 ran there
+    full, netns = train_losses(base / "full"), train_losses(run_dir)
+    assert sorted(netns) == sorted(full)
+    for step in full:
+        assert netns[step] == pytest.approx(full[step], abs=1e-6), step
+    ds_env = REPO / ".deepspeed_env"
+    assert ds_env.stat().st_mode & 0o777 == 0o600 and "GLOO_SOCKET_IFNAME=npt0" in ds_env.read_text()
+
+
+def test_an_unreachable_host_is_named_before_anything_starts(runs, hosts, free_port, tmp_path):
+    base, *_ = runs
+    root, env = hosts
+    subnet = env["MASTER_ADDR"].rsplit(".", 1)[0]
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text(f"{subnet}.1 slots=1\n{subnet}.9 slots=1\n")
+    t0 = time.time()
+    proc = launch_on_hosts(env, tmp_path / "run", port=free_port, check=False, hostfile=hostfile)
+    assert proc.returncode == 2 and time.time() - t0 < 15
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"host {subnet}.9: not reachable over ssh" in errors[0], proc.stderr
+    assert not (tmp_path / "run").exists()  # nothing started
+    lacks = subprocess.run(["ip", "netns", "exec", env["NETNS_A"], sys.executable, "-m", "npt_ds.cluster", "preflight",
+                            f"{subnet}.2", "--repo", "/no/such/repo", "--python", sys.executable, "--ssh-config",
+                            env["SSH_CONFIG"]], cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert lacks.returncode == 2 and lacks.stderr.strip() == \
+        f"error: host {subnet}.2: has no /no/such/repo; check out the repo at the same path on every node (or share it)"
+
+
+def test_a_lost_node_stops_the_job_and_max_restarts_resumes_it(runs, hosts, free_port):
+    """SIGKILL every training process of host b at step ~7: host a's rank names rank 1 in an `abort` line
+    within timeout + 10 s; MAX_RESTARTS=1 relaunches over ssh and the job ends with the uninterrupted losses."""
+    base, *_ = runs
+    root, env = hosts
+    run_dir = base / "netns-lost-node"
+    timeout = 20
+    job = launch_on_hosts(env, run_dir, "checkpoint.every=5", f"distributed.timeout_s={timeout}", port=free_port,
+                          background=True, MAX_RESTARTS="1")
+    deadline = time.time() + 300
+    while time.time() < deadline and last_logged_step(run_dir) < 7:
+        time.sleep(0.2)
+    victims = [pid for pid in subprocess.run(["ip", "netns", "pids", env["NETNS_B"]], capture_output=True,
+                                             text=True).stdout.split()
+               if "python" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")]
+    assert victims
+    killed_at = time.time()
+    for pid in victims:
+        os.kill(int(pid), 9)
+    out, err = job.communicate(timeout=600)
+    assert job.returncode == 0, out[-2000:] + err[-2000:]
+    rows = metric_rows(run_dir)
+    abort = [r for r in rows if r.get("event") == "abort"]
+    assert len(abort) == 1 and abort[0]["missing_ranks"] == [1] and abort[0]["time"] - killed_at < timeout + 10
+    assert [r["restart"] for r in rows if r.get("event") == "restart"] == [1]
+    full, resumed = train_losses(base / "full"), last_losses(run_dir)
+    assert sorted(resumed) == list(range(1, 21))
+    for step in range(11, 21):
+        assert resumed[step] == pytest.approx(full[step], abs=1e-6), step
+
+
+def test_node_local_checkpoints_live_on_each_node_and_resume(runs, hosts, free_port):
+    """checkpoint.node_local: each host writes its own ranks' shards, meta, `latest` and prunes on its own disk
+    (NODE_LOCAL is a different directory on each host); stopping at 10 and resuming gives the same losses."""
+    base, *_ = runs
+    root, env = hosts
+    run_dir = Path(env["NODE_LOCAL"]) / "run"
+    common = ("checkpoint.node_local=true", "checkpoint.every=5")
+    launch_on_hosts(env, run_dir, *common, "schedule.stop_at=10", port=free_port, NPT_DS_RECORD_WINDOWS="")
+    launch_on_hosts(env, run_dir, *common, port=free_port, NPT_DS_RECORD_WINDOWS="")
+    disks = {side: root / f"local_{side}" / "run" / "checkpoints" for side in "ab"}
+    for side, rank in (("a", 0), ("b", 1)):
+        ckpt = disks[side]
+        assert (ckpt / "latest").read_text() == "step-00000020", side
+        assert step_dirs(ckpt) == ["step-00000010", "step-00000015", "step-00000020"], side  # keep_last 3
+        files = {f.name for f in (ckpt / "step-00000020").iterdir()}
+        assert f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt" in files and "meta.json" in files, (side, files)
+        assert f"zero_pp_rank_{1 - rank}_mp_rank_00_optim_states.pt" not in files, (side, files)
+    assert not (Path(env["NODE_LOCAL"]) / "run").exists()  # the launching shell's own view: nothing there
+    full, resumed = train_losses(base / "full"), train_losses(root / "local_a" / "run")
+    for step in range(11, 21):
+        assert resumed[step] == pytest.approx(full[step], abs=1e-6), step
+
+
+def step_dirs(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir() if p.name.startswith("step-"))

@@ -35,13 +35,17 @@ def base_signature(model: nn.Module) -> dict:
             "num_hidden_layers": c.num_hidden_layers, "vocab_size": c.vocab_size}
 
 
-def save_np_weights(model: nn.Module, out_dir: str | Path) -> Path:
-    """Write np_weights.safetensors and npt_spec.json (conversion spec + base shape) to out_dir."""
+def save_np_weights(model: nn.Module, out_dir: str | Path, write: bool = True) -> Path:
+    """Write np_weights.safetensors and npt_spec.json (conversion spec + base shape) to out_dir.
+
+    Under ZeRO-3 every rank must call it (the gather is collective); `write` says which one writes."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     named = list(np_named_parameters(model))
     with gathered([p for _, p in named]):
         state = {name: p.detach().to("cpu").clone().contiguous() for name, p in named}
+    if not write:
+        return out
+    out.mkdir(parents=True, exist_ok=True)
     spec = {"npt_config": dataclasses.asdict(model.npt_config), "layers": model.npt_layer_indices,
             "base": base_signature(model)}
     save_file(state, str(out / WEIGHTS), metadata={"npt_spec": json.dumps(spec)})
