@@ -41,15 +41,6 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
-def any_rank_true(flag: bool | torch.Tensor) -> bool:
-    """True on every rank if `flag` is true on any rank: one 1-element all-reduce, one host read."""
-    t = flag.detach().reshape(1).float() if torch.is_tensor(flag) else \
-        torch.tensor([1.0 if flag else 0.0], device=_device())
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
-
-
 def any_rank_flags(flags: torch.Tensor) -> list[bool]:
     """Element-wise: is the flag set on any rank?  One small MAX all-reduce and one host read for all flags."""
     t = flags.detach().reshape(-1).float()

@@ -12,7 +12,7 @@ import torch
 from device_audit import DeviceAudit
 from npt_ds import evaluate as evaluate_module
 from npt_ds.config import LossConfig, NPTConfig
-from npt_ds.distributed import any_rank_true
+from npt_ds.distributed import any_rank_flags
 from npt_ds.evaluate import evaluate
 from npt_ds.losses import NPTLoss
 from npt_ds.model import convert_model, tiny_llama
@@ -86,7 +86,9 @@ def test_training_forward_and_backward_with_every_loss_term(ratio):
 
     def step():
         loss, comps = module(torch.randint(0, 256, (2, 12)).to(META), controls)
-        finite = not any_rank_true(~torch.isfinite(loss.detach()))
+        nonfinite = (~torch.isfinite(loss.detach())).any().float()  # as Trainer.train_step: + the preemption flag
+        bad, _preempted = any_rank_flags(torch.stack([nonfinite, nonfinite.new_full((), 0.0)]))
+        finite = not bad
         module.loss_fn.finish_micro_batch(finite)
         loss.backward()
         return comps
