@@ -219,7 +219,10 @@ def _progress(enabled: bool):
 
 
 class _pool:
-    """A fork pool of `workers` tokeniser processes, or None for one worker (tokenise in this process)."""
+    """A pool of `workers` tokeniser processes, or None for one worker (tokenise in this process).
+
+    Workers come from a forkserver (a small process that imported this module once), not a fork of the caller,
+    which may be large (a notebook, a test session) and whose fork can fail for memory."""
 
     def __init__(self, workers: int, model: str):
         self.workers, self.model, self.pool = workers, model, None
@@ -228,7 +231,9 @@ class _pool:
         if self.workers == 1:
             _init_worker(self.model)
             return None
-        self.pool = mp.get_context("fork").Pool(self.workers, initializer=_init_worker, initargs=(self.model,))
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(["npt_ds.prepare"])
+        self.pool = ctx.Pool(self.workers, initializer=_init_worker, initargs=(self.model,))
         return self.pool
 
     def __exit__(self, *exc):
