@@ -232,7 +232,7 @@ class _pool:
             _init_worker(self.model)
             return None
         ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(["npt_ds.prepare"])
+        ctx.set_forkserver_preload(["npt_ds.prepare", "npt_ds.model.loading"])  # imported once, not per worker
         self.pool = ctx.Pool(self.workers, initializer=_init_worker, initargs=(self.model,))
         return self.pool
 
