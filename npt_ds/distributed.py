@@ -7,6 +7,8 @@ import socket
 import torch
 import torch.distributed as dist
 
+from .rank_stats import WAIT
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -39,7 +41,7 @@ def any_rank_true(flag: bool | torch.Tensor) -> bool:
     t = flag.detach().reshape(1).float() if torch.is_tensor(flag) else \
         torch.tensor([1.0 if flag else 0.0], device=_device())
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        WAIT.timed(dist.all_reduce, t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)
 
 
