@@ -51,7 +51,7 @@ class WaitClock:
 WAIT = WaitClock()
 
 
-def test_sleep_seconds(rank: int, env: str | None = None) -> float:
+def sleep_for_rank(rank: int, env: str | None = None) -> float:
     """The test hook's sleep for `rank` (0 when unset or aimed at another rank)."""
     raw = os.environ.get(SLEEP_ENV, "") if env is None else env
     if not raw:
@@ -132,7 +132,7 @@ class RankStats:
 
         self.flops_per_step = step_flops_of(cfg, world)
         self.peak_tflops, self.peak_source = peak_tflops(cfg.perf.peak_tflops)
-        self.sleep = test_sleep_seconds(rank)
+        self.sleep = sleep_for_rank(rank)
         self.mark()
 
     def mark(self) -> None:

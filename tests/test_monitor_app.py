@@ -101,7 +101,8 @@ def test_appending_lines_updates_the_step(tmp_path):
         view = app.query_one(RunView)
         assert view.run.state.series["loss/total"].count == 150
         plot = view.query_one(".loss-plot", MetricPlot)
-        assert plot.version == view.run.state.version  # plot follows the new data
+        # plot follows the new data (within a few refresh ticks: plots redraw at most every plot_interval)
+        await wait_for(pilot, lambda: plot.version == view.run.state.version, timeout=3, what="plot redrawn")
 
     run_app(app, body)
 

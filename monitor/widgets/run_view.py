@@ -25,6 +25,7 @@ from .plot import MetricPlot
 
 DEFAULT_JUMP_SPAN = 200
 LOADING_PLOT_INTERVAL = 1.0
+PLOT_EVERY_REFRESHES = 4  # while tailing, plots redraw every 4th refresh tick at most (1 s by default)
 
 
 def default_components(keys: list[str]) -> tuple[str, ...]:
@@ -45,6 +46,7 @@ class RunView(Vertical):
         self.run = Run(path, config)
         self.poll_interval = poll_interval
         self.refresh_interval = refresh_interval
+        self.plot_interval = PLOT_EVERY_REFRESHES * refresh_interval
         self.tailer: TailerThread | None = None
         self.components: tuple[str, ...] | None = None  # None: default_components
         self._shown_version = -1
@@ -100,6 +102,7 @@ class RunView(Vertical):
             if batch.reset:
                 self.notify(f"{self.run.path.name} was {batch.reason}: reloaded", severity="warning", timeout=4)
             if finished or self.n_batches == 1:
+                self._last_full = 0.0  # not throttled: the plots show it too
                 self.refresh_view()  # the first data / the whole backlog: show it now, not at the next tick
         finally:
             if self.tailer is not None:
@@ -145,13 +148,17 @@ class RunView(Vertical):
         view = (self.x_range(), jump, self.current_components(), getattr(app, "log_y", False))
         if state.version == self._shown_version and view == self._shown_view:
             return
+        same_view = view == self._shown_view
         self._shown_version = state.version
         self._shown_lines = state.n_lines
         self._shown_view = view
         header.info = state.header(waiting=not self.run.exists)
         header.n_alerts = len(self.run.alerts)
         now = time.monotonic()
-        if self.backlog and not force and now - self._last_full < LOADING_PLOT_INTERVAL:
+        # plots and table redraw at most once per plot_interval while new lines arrive (the monitor's CPU
+        # cost while tailing), at once when the view changed (a key press)
+        wait = LOADING_PLOT_INTERVAL if self.backlog else (self.plot_interval if same_view else 0.0)
+        if not force and now - self._last_full < wait:
             self._shown_version = -1  # header is current; plots/table catch up later
             return
         self._last_full = now
