@@ -43,7 +43,20 @@ class MonitorApp(App[int]):
         Binding("z", "zoom", "Zoom"),
         Binding("l", "toggle_log", "Log y"),
         Binding("m", "pick_metrics", "Metrics"),
+        Binding("s", "screenshot_svg", "SVG"),
     ]
+    # (action, title, help) of the command palette's entries (ctrl+p)
+    PALETTE = (
+        ("toggle_pause", "Pause / resume", "freeze the display; files are still read"),
+        ("follow", "Follow newest steps", "leave a jump, resume"),
+        ("jump", "Jump to selected alert", "plots around the alert's step"),
+        ("next_alert(1)", "Next alert", "select and jump to the next alert"),
+        ("zoom", "Cycle zoom", "plotted step span"),
+        ("toggle_log", "Toggle log y", "log-scale y axes"),
+        ("pick_metrics", "Pick component metrics", "choose what the lower plot shows"),
+        ("screenshot_svg", "Save SVG screenshot", "next to the (first) metrics file"),
+        ("help", "Help", "keys and alert rules"),
+    )
 
     paused: reactive[bool] = reactive(False)
     jump_step: reactive[int | None] = reactive(None)
@@ -57,8 +70,10 @@ class MonitorApp(App[int]):
         poll_interval: float = 0.2,
         refresh_interval: float = 0.25,
         zooms: tuple[int | None, ...] = ZOOMS,
+        bell: bool = True,
     ) -> None:
         super().__init__()
+        self.bell_on_error = bell  # new error alerts ring the terminal bell (--no-bell: off)
         if not paths:
             raise ValueError("npt-monitor needs at least one metrics file or run directory")
         self.paths = [metrics_path(p) for p in paths]
@@ -113,7 +128,22 @@ class MonitorApp(App[int]):
     def watch_log_y(self, log_y: bool) -> None:
         self.refresh_runs()
 
+    def get_system_commands(self, screen):
+        yield from super().get_system_commands(screen)
+        from textual.app import SystemCommand
+
+        for action, title, help_text in self.PALETTE:
+            yield SystemCommand(title, help_text, lambda a=action: self.run_action(a))
+
     # -- actions ---------------------------------------------------------------------
+    def action_screenshot_svg(self) -> None:
+        """Save the screen as SVG next to the first metrics file (``npt-monitor-<step>.svg``)."""
+        target = self.paths[0].parent
+        step = self.run_views[0].run.state.step if self.run_views else None
+        name = f"npt-monitor-step{step if step is not None else 0}.svg"
+        saved = self.save_screenshot(filename=name, path=str(target))
+        self.notify(f"saved {saved}", timeout=4)
+
     def action_help(self) -> None:
         if isinstance(self.screen, HelpScreen):
             self.screen.dismiss(None)

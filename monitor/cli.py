@@ -2,6 +2,7 @@
 
     npt-monitor RUN_DIR_OR_METRICS.jsonl [MORE ...]     live dashboard (side by side)
     npt-monitor --check METRICS.jsonl [MORE ...]        headless: print alerts
+    npt-monitor --once RUN_DIR [MORE ...]               the dashboard as text (sparklines, ranks, alerts)
 
 ``--check`` prints one alert per line (``step N: SEVERITY kind: message``,
 prefixed with the file when several are given) on stdout, corrupt lines as
@@ -30,7 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Live terminal dashboard (or headless check) for npt-ds metric streams.",
     )
     ap.add_argument("paths", nargs="+", metavar="RUN_DIR_OR_METRICS.jsonl", help="RUN_DIR means RUN_DIR/metrics.jsonl")
-    ap.add_argument("--check", action="store_true", help="headless: print alerts, exit 1 if any fired")
+    ap.add_argument("--check", action="store_true", help="headless: print alerts, exit 1 if a warning/error fired")
+    ap.add_argument("--once", action="store_true",
+                    help="print the dashboard as text (header, ranks, sparklines, alerts) and exit as --check does")
+    ap.add_argument("--no-bell", action="store_true", help="dashboard: no terminal bell on new error alerts")
     g = ap.add_argument_group("alert thresholds (every number of monitor.alerts.AlertConfig; see its docstring)")
     for name, kind in threshold_fields():
         g.add_argument("--" + name.replace("_", "-"), type=kind, default=getattr(d, name), metavar="N",
@@ -92,15 +96,38 @@ def run_check(paths: Sequence[Path], config: AlertConfig, out=None, err=None) ->
     return status
 
 
+def run_once(paths: Sequence[Path], config: AlertConfig, out=None, err=None) -> int:
+    """``--once``: each run's text dashboard; the exit status of ``--check``."""
+    from .once import render_once
+    from .run import check_file
+
+    out = out or sys.stdout
+    err = err or sys.stderr
+    status = 0
+    for path in paths:
+        try:
+            run, _ = check_file(path, config)
+        except FileNotFoundError:
+            print(f"npt-monitor: error: {path}: no such file", file=err)
+            status = max(status, 2)
+            continue
+        print(render_once(run), file=out)
+        if run.dropped_alerts or any(a.severity in FAILING for a in run.alerts):
+            status = max(status, 1)
+    return status
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     config = config_from_args(args)
     paths = [metrics_path(p) for p in args.paths]
     if args.check:
         return run_check(paths, config)
+    if args.once:
+        return run_once(paths, config)
     from .app import make_app
 
-    app = make_app(paths, config, poll_interval=args.poll_interval)
+    app = make_app(paths, config, poll_interval=args.poll_interval, bell=not args.no_bell)
     app.run()
     return app.return_code or 0
 

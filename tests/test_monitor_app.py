@@ -340,3 +340,59 @@ def test_backlog_is_shown_when_loaded_without_a_spinner_or_waiting_for_the_timer
         assert panel(app).border_title == "Alerts (0)" and header(app).info.lines == 1601
 
     run_app(app, body)
+
+
+def test_new_error_alerts_notify_and_ring_the_bell_unless_silenced(tmp_path):
+    """Errors already in the file at start are not news; one appended later is (bell off with --no-bell)."""
+    for bell in (True, False):
+        path = write_run(tmp_path / f"bell{bell}.jsonl", 50, nan_at={10})
+        app = make_app([path], bell=bell, **FAST)
+        rings = []
+        app.bell = lambda: rings.append(1)
+
+        async def body(pilot):
+            await wait_for(pilot, lambda: shown_step(app) == 50, what="step 50")
+            assert [n for n in app._notifications if n.severity == "error"] == []
+            append(path, json.dumps({"step": 51, "event": "nan_step", "skipped_steps": 2, "loss/total": math.nan}) + "\n")
+            await wait_for(pilot, lambda: any(n.severity == "error" for n in app._notifications), what="notification")
+            msg = next(n.message for n in app._notifications if n.severity == "error")
+            assert "step 51: ERROR nonfinite" in msg
+
+        run_app(app, body)
+        assert rings == ([1] if bell else [])
+
+
+def test_svg_screenshot_key_and_palette_entries(tmp_path):
+    path = write_run(tmp_path / "run" / "metrics.jsonl", 40)
+    app = make_app([path], **FAST)
+
+    async def body(pilot):
+        await wait_for(pilot, lambda: shown_step(app) == 40, what="step 40")
+        await pilot.press("s")
+        await wait_for(pilot, lambda: (path.parent / "npt-monitor-step40.svg").is_file(), what="svg saved")
+        assert (path.parent / "npt-monitor-step40.svg").read_text().lstrip().startswith("<svg")
+        titles = [c.title for c in app.get_system_commands(app.screen)]
+        assert {"Pause / resume", "Save SVG screenshot", "Cycle zoom", "Toggle log y", "Jump to selected alert"} <= set(titles)
+
+    run_app(app, body)
+
+
+def test_once_prints_ranks_sparklines_and_alerts(tmp_path, capsys):
+    from monitor.cli import main
+
+    recs = [{"step": 0, "event": "start", "run/name": "r", "run/total_steps": 20}]
+    for s in range(1, 21):
+        slow = s > 8
+        recs.append({"step": s, "event": "train", "loss/total": 5.0 - 0.1 * s, "tokens_per_s": 100.0,
+                     "time/step_max_s": 0.3 if slow else 0.1, "time/step_median_s": 0.2 if slow else 0.1,
+                     "time/slowest_rank": 1, "rank/0/step_s": 0.1, "rank/1/step_s": 0.3 if slow else 0.1,
+                     "rank/0/mem_gb": 1.0, "rank/1/mem_gb": 1.5})
+    path = tmp_path / "m.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert main(["--once", str(path)]) == 1  # a straggler warning
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("== r  step 20/20")
+    assert "ranks: r0 0.1s 1GB  *r1 0.3s 1.5GB   (* slowest)" in out[2]
+    spark = next(line for line in out if "loss/total" in line)
+    assert "█" in spark and "▁" in spark and spark.strip().endswith("last 3")
+    assert out[-1] == "   step 13: WARNING straggler: rank 1 is a straggler: its step 0.3 s = 1.50x the median rank's 0.2 s for 5 log steps"

@@ -22,6 +22,7 @@ from .alerts_panel import AlertsPanel
 from .header import RunHeader
 from .layers import LayerTable
 from .plot import MetricPlot
+from .ranks_panel import RanksPanel
 
 DEFAULT_JUMP_SPAN = 200
 LOADING_PLOT_INTERVAL = 1.0
@@ -53,6 +54,7 @@ class RunView(Vertical):
         self._shown_lines = 0
         self._shown_view: tuple | None = None
         self.n_batches = 0
+        self.loaded_once = False  # the file as found at start is read: later error alerts are news
         # a big backlog is being read: plots refresh at most every LOADING_PLOT_INTERVAL
         # (not ``loading``: that is Textual's reactive that covers the widget with a spinner)
         self.backlog = False
@@ -66,12 +68,15 @@ class RunView(Vertical):
         yield MetricPlot(state, (), classes="components-plot")
         with Horizontal(classes="bottom"):
             yield LayerTable()
+            yield RanksPanel()
             yield AlertsPanel()
 
     def on_mount(self) -> None:
         self.query_one(".loss-plot", MetricPlot).border_title = "total loss"
         self.query_one(".components-plot", MetricPlot).border_title = "components (m: pick)"
         self.query_one(LayerTable).border_title = "layers"
+        self.query_one(RanksPanel).border_title = "ranks (* slowest)"
+        self.query_one(RanksPanel).display = False
         self.query_one(AlertsPanel).border_title = "Alerts (0)"
         self.query_one(RunHeader).info = self.run.state.header(waiting=True)
         self.tailer = TailerThread(self.run.path, self._from_thread, interval=self.poll_interval)
@@ -95,10 +100,13 @@ class RunView(Vertical):
         message.stop()
         try:
             batch = message.batch
-            self.run.apply(batch)
+            new = self.run.apply(batch)
             self.n_batches += 1
+            if self.loaded_once:
+                self.announce([a for a in new if a.severity == "error"])
             finished = self.backlog and not batch.more
             self.backlog = batch.more
+            self.loaded_once = self.loaded_once or not batch.more
             if batch.reset:
                 self.notify(f"{self.run.path.name} was {batch.reason}: reloaded", severity="warning", timeout=4)
             if finished or self.n_batches == 1:
@@ -107,6 +115,16 @@ class RunView(Vertical):
         finally:
             if self.tailer is not None:
                 self.tailer.done()
+
+    def announce(self, errors: list) -> None:
+        """New error alerts (not the ones already in the file at start): a notification and the bell."""
+        if not errors:
+            return
+        first = errors[0]
+        more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
+        self.notify(f"{self.run.state.display_name}: {first.format()}{more}", severity="error", timeout=8)
+        if getattr(self.app, "bell_on_error", False):
+            self.app.bell()
 
     # -- view ----------------------------------------------------------------------
     @property
@@ -171,6 +189,7 @@ class RunView(Vertical):
             plot.log_y = log_y
             plot.version = state.version
         self.query_one(LayerTable).show_layers(state.layers())
+        self.query_one(RanksPanel).show(state.latest)
         self.query_one(AlertsPanel).sync(self.run.alerts, self.run.dropped_alerts)
 
     def selected_alert(self) -> Alert | None:
