@@ -172,6 +172,7 @@ class RunView(Vertical):
         self._shown_view = view
         header.info = state.header(waiting=not self.run.exists)
         header.n_alerts = len(self.run.alerts)
+        self.query_one(AlertsPanel).sync(self.run.alerts, self.run.dropped_alerts)  # not throttled: alerts are news
         now = time.monotonic()
         # plots and table redraw at most once per plot_interval while new lines arrive (the monitor's CPU
         # cost while tailing), at once when the view changed (a key press)
@@ -190,7 +191,6 @@ class RunView(Vertical):
             plot.version = state.version
         self.query_one(LayerTable).show_layers(state.layers())
         self.query_one(RanksPanel).show(state.latest)
-        self.query_one(AlertsPanel).sync(self.run.alerts, self.run.dropped_alerts)
 
     def selected_alert(self) -> Alert | None:
         return self.query_one(AlertsPanel).selected_alert
