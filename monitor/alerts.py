@@ -24,7 +24,9 @@ most one :class:`Alert` per record.  All thresholds live in
     or ``grad_clip``) and whether the loss followed (the median of those losses
     above the median of the 20 before the spike by more than
     ``grad_spike_loss_tolerance``, 10 %).  Clipped and back on trend: ``info``
-    (a note, not a failure of ``--check``).  At the end of a file an undecided spike
+    (a note, not a failure of ``--check``); so is a clipped spike within
+    ``grad_spike_followup`` lines before or after a ``stage_keys`` change (the loss moves by
+    design there).  At the end of a file an undecided spike
     is a warning (:meth:`AlertEngine.finish`).
 ``oscillation`` (warning)
     Periodicity against the run's own noise, not a fixed fraction of the level.
@@ -38,7 +40,7 @@ most one :class:`Alert` per record.  All thresholds live in
     drift leaves a low-frequency line but no repeating shape; and the line must
     be narrow: ``osc_line_contrast`` (8) x the lines two bins beside it.  One alert per
     episode; re-arms after a whole window without the condition.  The window
-    restarts at a change of ``osc_restart_keys`` (curriculum stage, sequential
+    restarts at a change of ``stage_keys`` (curriculum stage, sequential
     layer) and when the step goes back.  Measured: the real ``make demo`` stream
     peaks at 15x, 5000 steps of 3 % noise at ~21x, +-10 % swings of period 8 or 30
     on 2 % noise reach 100-600x within ~20 steps.
@@ -63,7 +65,7 @@ most one :class:`Alert` per record.  All thresholds live in
     eval or checkpoint line comes) rose by more than ``memory_growth_min_rel`` (2 %)
     at each of ``memory_growth_marks`` (3) such marks in a row.
 ``throughput_drop`` (warning)
-    The median of the last ``throughput_recent`` (5) ``tokens_per_s`` values <
+    The median of the last ``throughput_recent`` (10) ``tokens_per_s`` values <
     ``throughput_factor`` (0.7) x the median of its last ``throughput_window`` (50) values (after ``throughput_min_history``, 10).  The
     ``throughput_settle`` (2) train lines after an eval/checkpoint/start line are
     skipped: their window holds the eval or the save.
@@ -110,7 +112,8 @@ class AlertConfig:
     osc_min_amplitude: float = 0.01
     osc_min_autocorr: float = 0.3
     osc_line_contrast: float = 8.0  # the line over the lines two bins beside it (narrow, not a 1/k² hump)
-    osc_restart_keys: tuple[str, ...] = ("curriculum/stage", "sequential/layer")
+    # a change of these starts a new regime: the oscillation window restarts, a grad spike right at one is a note
+    stage_keys: tuple[str, ...] = ("curriculum/stage", "sequential/layer")
     straggler_factor: float = 1.3
     straggler_consecutive: int = 5
     memory_growth_marks: int = 3
@@ -119,7 +122,7 @@ class AlertConfig:
     throughput_factor: float = 0.7
     throughput_window: int = 50
     throughput_min_history: int = 10
-    throughput_recent: int = 5  # the median of the last this many rates is what is compared
+    throughput_recent: int = 10  # the median of the last this many rates is what is compared
     throughput_settle: int = 2  # train lines after an eval/checkpoint/start line the rate ignores
     throughput_key: str = "tokens_per_s"
     plateau_window: int = 500
@@ -245,11 +248,15 @@ class GradSpikeDetector(_Detector):
         self.active = False
         self.clip = cfg.grad_clip
         self.losses: deque[float] = deque(maxlen=20)  # the loss trend before a spike: their median
-        self.pending: list = []  # [step, line_no, text, clipped, trend, losses after]
+        self.pending: list = []  # [step, line_no, text, clipped, trend, losses after, at a stage change]
+        self.stages = _Restarts(cfg.stage_keys)
+        self.since_stage = 10**9  # train lines since the last stage change
 
     def _judge(self, spike: list, complete: bool) -> tuple[str, str, int, int]:
-        step, line_no, text, clipped, trend, after = spike
+        step, line_no, text, clipped, trend, after, staged = spike
         clip = "clipped" if clipped else ("not clipped" if clipped is not None else "clip norm unknown")
+        if staged and clipped:  # the loss moves by design there: nothing to compare with
+            return INFO, f"{text}; {clip}; at a curriculum/sequential stage change", step, line_no
         if not after or trend is None:
             return WARNING, f"{text}; {clip}; loss follow-up unknown", step, line_no
         later = statistics.median(after)
@@ -267,10 +274,17 @@ class GradSpikeDetector(_Detector):
         grads, losses = batch.column(cfg.grad_key), batch.column(cfg.loss_key)
         clips, events = batch.column("run/grad_clip"), batch.events
         steps, line_nos = batch.steps, batch.line_nos
+        train = [i for i, e in enumerate(events) if e == "train"]
+        changed = dict(zip(train, self.stages.flags(batch, train)))
         for i, g in enumerate(grads):
             if _num(clips[i]):
                 self.clip = float(clips[i])
             loss = losses[i]
+            if i in changed:
+                self.since_stage = 0 if changed[i] else self.since_stage + 1
+                if changed[i]:  # a stage starts while a spike waits for its verdict: the loss moves by design
+                    for spike in self.pending:
+                        spike[6] = True
             if events[i] == "train" and _num(loss):
                 for spike in self.pending:
                     spike[5].append(loss)
@@ -291,7 +305,7 @@ class GradSpikeDetector(_Detector):
                         trend = statistics.median(self.losses) if self.losses else None
                         self.pending.append([steps[i], line_nos[i],
                                              f"grad_norm {_fmt(g)} = {g / median:.1f}x median {_fmt(median)}",
-                                             clipped, trend, []])
+                                             clipped, trend, [], self.since_stage < cfg.grad_spike_followup])
                 else:
                     self.active = False
             if events[i] == "train" and _num(loss):
@@ -499,7 +513,7 @@ class OscillationDetector(_Detector):
         self.seen = 0  # losses in the current segment
         self.active = False
         self.quiet = 0
-        self.restarts = _Restarts(cfg.osc_restart_keys)
+        self.restarts = _Restarts(cfg.stage_keys)
 
     def scan(self, batch: Batch) -> Hits:
         cfg = self.cfg

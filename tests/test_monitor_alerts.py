@@ -330,7 +330,7 @@ def test_throughput_drop_against_its_running_median_ignoring_the_lines_after_an_
     assert alerts_for(recs) == []
     slow = recs + [{"step": 31 + s, "loss/total": 5.0, "tokens_per_s": 600.0} for s in range(10)]
     alerts = alerts_for(slow)
-    assert summary(alerts) == [(33, "throughput_drop")]  # step 33: three of the last five at 600 (0.6x)
+    assert summary(alerts) == [(36, "throughput_drop")]  # step 36: six of the last ten at 600 (0.6x)
     assert alerts_for(slow, throughput_factor=0.5) == []
 
 
@@ -347,3 +347,15 @@ def test_check_exits_1_on_warnings_and_errors_only(tmp_path):
     warn = tmp_path / "warn.jsonl"
     warn.write_text("".join(json.dumps(r) + "\n" for r in spike_run([16.0] * 6)))
     assert run_check([warn], AlertConfig(), out=__import__("io").StringIO(), err=__import__("io").StringIO()) == 1
+
+
+def test_clipped_spike_at_a_stage_change_is_a_note_even_though_the_loss_moves():
+    """multi_layer demo: the last teacher step spikes, then the mixed stage runs at a higher loss by design."""
+    recs = spike_run([16.0, 17.0, 16.5, 16.8, 16.2])
+    for r in recs:
+        if "loss/total" in r:
+            r["curriculum/stage"] = "teacher" if r["step"] <= 31 else "mixed"
+    alerts = alerts_for(recs)
+    assert [(a.step, a.severity) for a in alerts] == [(31, "info")]
+    assert alerts[0].message.endswith("clipped; at a curriculum/sequential stage change")
+    assert alerts_for(recs, stage_keys=())[0].severity == "warning"  # without the stage: the loss followed
