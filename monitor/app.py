@@ -25,6 +25,7 @@ from .stream import metrics_path
 from .widgets import AlertsPanel, HelpScreen, MetricPickerScreen, RunView
 
 ZOOMS: tuple[int | None, ...] = (None, 5000, 1000, 200)
+SMOOTHING: tuple[float, ...] = (0.0, 0.3, 0.1, 0.03)  # EMA factors the 'e' key cycles through
 
 
 class MonitorApp(App[int]):
@@ -43,6 +44,7 @@ class MonitorApp(App[int]):
         Binding("z", "zoom", "Zoom"),
         Binding("l", "toggle_log", "Log y"),
         Binding("m", "pick_metrics", "Metrics"),
+        Binding("e", "smoothing", "Smooth"),
         Binding("s", "screenshot_svg", "SVG"),
     ]
     # (action, title, help) of the command palette's entries (ctrl+p)
@@ -53,6 +55,7 @@ class MonitorApp(App[int]):
         ("next_alert(1)", "Next alert", "select and jump to the next alert"),
         ("zoom", "Cycle zoom", "plotted step span"),
         ("toggle_log", "Toggle log y", "log-scale y axes"),
+        ("smoothing", "Cycle smoothing", "EMA of the plotted lines: off, 0.3, 0.1, 0.03 (raw line stays faint)"),
         ("pick_metrics", "Pick component metrics", "choose what the lower plot shows"),
         ("screenshot_svg", "Save SVG screenshot", "next to the (first) metrics file"),
         ("help", "Help", "keys and alert rules"),
@@ -62,6 +65,7 @@ class MonitorApp(App[int]):
     jump_step: reactive[int | None] = reactive(None)
     zoom: reactive[int | None] = reactive(None)
     log_y: reactive[bool] = reactive(False)
+    smooth: reactive[float] = reactive(0.0)  # EMA factor of the plotted lines, 0 = raw
 
     def __init__(
         self,
@@ -128,6 +132,9 @@ class MonitorApp(App[int]):
     def watch_log_y(self, log_y: bool) -> None:
         self.refresh_runs()
 
+    def watch_smooth(self, smooth: float) -> None:
+        self.refresh_runs()
+
     def get_system_commands(self, screen):
         yield from super().get_system_commands(screen)
         from textual.app import SystemCommand
@@ -136,6 +143,12 @@ class MonitorApp(App[int]):
             yield SystemCommand(title, help_text, lambda a=action: self.run_action(a))
 
     # -- actions ---------------------------------------------------------------------
+    def action_smoothing(self) -> None:
+        """Cycle the plots' EMA strength through SMOOTHING."""
+        i = SMOOTHING.index(self.smooth) if self.smooth in SMOOTHING else 0
+        self.smooth = SMOOTHING[(i + 1) % len(SMOOTHING)]
+        self.notify("smoothing off" if not self.smooth else f"smoothing: EMA {self.smooth:g}", timeout=2)
+
     def action_screenshot_svg(self) -> None:
         """Save the screen as SVG next to the first metrics file (``npt-monitor-<step>.svg``)."""
         target = self.paths[0].parent

@@ -396,3 +396,27 @@ def test_once_prints_ranks_sparklines_and_alerts(tmp_path, capsys):
     spark = next(line for line in out if "loss/total" in line)
     assert "█" in spark and "▁" in spark and spark.strip().endswith("last 3")
     assert out[-1] == "   step 13: WARNING straggler: rank 1 is a straggler: its step 0.3 s = 1.50x the median rank's 0.2 s for 5 log steps"
+
+
+def test_smoothing_key_draws_the_ema_over_a_faint_raw_line(tmp_path):
+    from monitor.widgets.plot import FAINT, ema, render_plot
+
+    assert ema([1.0, 3.0, 3.0], 0.5) == [1.0, 2.0, 2.5]
+    path = write_run(tmp_path / "m.jsonl", 200)
+    app = make_app([path], **FAST)
+
+    async def body(pilot):
+        await wait_for(pilot, lambda: shown_step(app) == 200, what="step 200")
+        plot = app.query_one(RunView).query_one(".loss-plot", MetricPlot)
+        assert plot.smooth == 0.0
+        raw, _ = render_plot(plot.state, ("loss/total",), 80, 12)
+        assert f"38;5;{FAINT}m" not in raw
+        await pilot.press("e")
+        await wait_for(pilot, lambda: plot.smooth == 0.3, what="smoothing 0.3")
+        smoothed, _ = render_plot(plot.state, ("loss/total",), 80, 12, smooth=0.3)
+        assert f"38;5;{FAINT}m" in smoothed and "38;5;12m" in smoothed  # faint raw + the series' colour
+        for expected in (0.1, 0.03, 0.0):
+            await pilot.press("e")
+            await wait_for(pilot, lambda: plot.smooth == expected, what=f"smoothing {expected}")
+
+    run_app(app, body)

@@ -102,3 +102,9 @@ def test_ranks_panel_with_a_straggler(snap_compare, tmp_path):
     path.write_text("\n".join(with_ranks(synth_lines(300, run_name="four-ranks", total_steps=600), 2, 250)) + "\n")
     app = make_app([path.parent], **FAST)
     assert snap_compare(app, terminal_size=(140, 44), run_before=loaded([300]))
+
+
+def test_smoothed_plots(snap_compare, tmp_path):
+    path = write_run(tmp_path / "run" / "metrics.jsonl", 400, run_name="smoothed", total_steps=400, noise=0.08)
+    app = make_app([path.parent], **FAST)
+    assert snap_compare(app, terminal_size=(120, 40), run_before=loaded([400]), press=["e", "e", "_"])

@@ -4,7 +4,8 @@ The series are downsampled to about two points per column (min/max per bucket)
 before plotting, so a 100k-step run costs the same as a short one.  ``x_range``
 selects the visible steps (``None``: everything); ``marker`` draws a vertical
 line at a step (the selected alert); ``log_y`` uses a log y axis when all the
-plotted values are positive.
+plotted values are positive; ``smooth`` (an EMA factor, 0 = off) draws the EMA of each
+series over its raw line, which stays faint underneath.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import math
 
 import plotext as plt
+from plotext._primitives.marker import marker as marker_class
 from rich.color import Color
 from rich.style import Style
 from rich.text import Text
@@ -22,6 +24,16 @@ from ..stream import RunState, fmt_num
 
 # plotext's "simple" theme colors signals in this order (256-colour codes)
 PALETTE = (12, 10, 9, 14, 13, 11, 1, 2, 3, 4, 5, 6)
+FAINT = 240  # the raw line under a smoothed one
+
+
+def ema(ys: list[float], alpha: float) -> list[float]:
+    """Exponential moving average ``s_t = a·y_t + (1-a)·s_{t-1}``, starting at the first value."""
+    out, s = [], None
+    for y in ys:
+        s = y if s is None else alpha * y + (1.0 - alpha) * s
+        out.append(s)
+    return out
 plt.terminal.limit(False, False)  # size comes from the widget, not the terminal
 
 
@@ -72,6 +84,7 @@ def render_plot(
     x_range: tuple[float, float] | None = None,
     marker: float | None = None,
     log_y: bool = False,
+    smooth: float = 0.0,
 ) -> tuple[str | None, list[tuple[str, int, float | None]]]:
     """Build the plot as an ANSI string; also return the legend (name, colour, latest)."""
     fig = plt.figure
@@ -94,7 +107,12 @@ def render_plot(
             drawn += 1
             fig.draw(fig.signal([math.nan], [math.nan], marker="braille"))
             continue
-        fig.draw(fig.signal(xs, ys, marker="braille").lines(True))
+        if smooth > 0:  # raw line in FAINT (its own marker: the theme's colour cycle is not advanced)
+            faint = marker_class("braille")._set_pixel(plt.pixel(foreground=FAINT))
+            fig.draw(fig.signal(xs, ys, marker=faint).lines(True))
+            fig.draw(fig.signal(xs, ema(list(ys), smooth), marker="braille").lines(True))
+        else:
+            fig.draw(fig.signal(xs, ys, marker="braille").lines(True))
         lo, hi = min(lo, xs[0]), max(hi, xs[-1])
         y_lo, y_hi = min(y_lo, min(ys)), max(y_hi, max(ys))
         drawn += 1
@@ -122,6 +140,7 @@ class MetricPlot(Widget):
     marker: reactive[int | None] = reactive(None)
     version: reactive[int] = reactive(0)
     log_y: reactive[bool] = reactive(False)
+    smooth: reactive[float] = reactive(0.0)
 
     def __init__(self, state: RunState, metrics: tuple[str, ...] = (), **kwargs) -> None:
         super().__init__(**kwargs)
@@ -132,7 +151,7 @@ class MetricPlot(Widget):
 
     def render(self) -> Text:
         width, height = self.content_size
-        key = (self.version, self.metrics, self.x_range, self.marker, self.log_y, width, height)
+        key = (self.version, self.metrics, self.x_range, self.marker, self.log_y, self.smooth, width, height)
         if key == self._cache_key and self._cache is not None:
             return self._cache
         text = self._build(width, height)
@@ -145,7 +164,7 @@ class MetricPlot(Widget):
         if width < 12 or height < 5:
             return Text("")
         plot, legend = render_plot(
-            self.state, self.metrics, width, height - 1, self.x_range, self.marker, self.log_y
+            self.state, self.metrics, width, height - 1, self.x_range, self.marker, self.log_y, self.smooth
         )
         if plot is None:
             return Text(f"waiting for {', '.join(self.metrics)}…", style="dim italic")

@@ -163,7 +163,8 @@ class RunView(Vertical):
             header.pending = max(0, state.n_lines - self._shown_lines)
             return
         header.pending = 0
-        view = (self.x_range(), jump, self.current_components(), getattr(app, "log_y", False))
+        view = (self.x_range(), jump, self.current_components(), getattr(app, "log_y", False),
+                getattr(app, "smooth", 0.0))
         if state.version == self._shown_version and view == self._shown_view:
             return
         same_view = view == self._shown_view
@@ -181,13 +182,14 @@ class RunView(Vertical):
             self._shown_version = -1  # header is current; plots/table catch up later
             return
         self._last_full = now
-        x_range, marker, components, log_y = view
+        x_range, marker, components, log_y, smooth = view
         for plot in self.query(MetricPlot):
             if plot.has_class("components-plot"):
                 plot.metrics = components
             plot.x_range = x_range
             plot.marker = marker
             plot.log_y = log_y
+            plot.smooth = smooth
             plot.version = state.version
         self.query_one(LayerTable).show_layers(state.layers())
         self.query_one(RanksPanel).show(state.latest)
