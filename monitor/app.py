@@ -45,6 +45,7 @@ class MonitorApp(App[int]):
         Binding("l", "toggle_log", "Log y"),
         Binding("m", "pick_metrics", "Metrics"),
         Binding("e", "smoothing", "Smooth"),
+        Binding("x", "x_axis", "X axis"),
         Binding("s", "screenshot_svg", "SVG"),
     ]
     # (action, title, help) of the command palette's entries (ctrl+p)
@@ -55,6 +56,7 @@ class MonitorApp(App[int]):
         ("next_alert(1)", "Next alert", "select and jump to the next alert"),
         ("zoom", "Cycle zoom", "plotted step span"),
         ("toggle_log", "Toggle log y", "log-scale y axes"),
+        ("x_axis", "Cycle x axis", "step / wall time / tokens"),
         ("smoothing", "Cycle smoothing", "EMA of the plotted lines: off, 0.3, 0.1, 0.03 (raw line stays faint)"),
         ("pick_metrics", "Pick component metrics", "choose what the lower plot shows"),
         ("screenshot_svg", "Save SVG screenshot", "next to the (first) metrics file"),
@@ -66,6 +68,7 @@ class MonitorApp(App[int]):
     zoom: reactive[int | None] = reactive(None)
     log_y: reactive[bool] = reactive(False)
     smooth: reactive[float] = reactive(0.0)  # EMA factor of the plotted lines, 0 = raw
+    x_axis: reactive[str] = reactive("step")  # step | time | tokens
 
     def __init__(
         self,
@@ -135,6 +138,9 @@ class MonitorApp(App[int]):
     def watch_smooth(self, smooth: float) -> None:
         self.refresh_runs()
 
+    def watch_x_axis(self, x_axis: str) -> None:
+        self.refresh_runs()
+
     def get_system_commands(self, screen):
         yield from super().get_system_commands(screen)
         from textual.app import SystemCommand
@@ -148,6 +154,12 @@ class MonitorApp(App[int]):
         i = SMOOTHING.index(self.smooth) if self.smooth in SMOOTHING else 0
         self.smooth = SMOOTHING[(i + 1) % len(SMOOTHING)]
         self.notify("smoothing off" if not self.smooth else f"smoothing: EMA {self.smooth:g}", timeout=2)
+
+    def action_x_axis(self) -> None:
+        from .widgets.plot import X_AXES
+
+        self.x_axis = X_AXES[(X_AXES.index(self.x_axis) + 1) % len(X_AXES)]
+        self.notify(f"x axis: {self.x_axis}", timeout=2)
 
     def action_screenshot_svg(self) -> None:
         """Save the screen as SVG next to the first metrics file (``npt-monitor-<step>.svg``)."""

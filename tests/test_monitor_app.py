@@ -420,3 +420,23 @@ def test_smoothing_key_draws_the_ema_over_a_faint_raw_line(tmp_path):
             await wait_for(pilot, lambda: plot.smooth == expected, what=f"smoothing {expected}")
 
     run_app(app, body)
+
+
+def test_x_axis_key_plots_against_wall_time_and_tokens(tmp_path):
+    from monitor.widgets.plot import x_mapper
+
+    path = write_run(tmp_path / "m.jsonl", 100)  # synth: 0.8 s and 16384 tokens per step
+    app = make_app([path], **FAST)
+
+    async def body(pilot):
+        await wait_for(pilot, lambda: shown_step(app) == 100, what="step 100")
+        state = app.query_one(RunView).run.state
+        assert x_mapper(state, "step") is None
+        assert x_mapper(state, "time")([1, 51, 100]) == pytest.approx([0.8, 40.8, 80.0], abs=1e-3)  # since step 0
+        assert x_mapper(state, "tokens")([10, 100]) == [163840.0, 1638400.0]
+        plot = app.query_one(RunView).query_one(".loss-plot", MetricPlot)
+        for expected in ("time", "tokens", "step"):
+            await pilot.press("x")
+            await wait_for(pilot, lambda: plot.x_axis == expected, what=f"x axis {expected}")
+
+    run_app(app, body)

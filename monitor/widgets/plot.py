@@ -5,7 +5,9 @@ before plotting, so a 100k-step run costs the same as a short one.  ``x_range``
 selects the visible steps (``None``: everything); ``marker`` draws a vertical
 line at a step (the selected alert); ``log_y`` uses a log y axis when all the
 plotted values are positive; ``smooth`` (an EMA factor, 0 = off) draws the EMA of each
-series over its raw line, which stays faint underneath.
+series over its raw line, which stays faint underneath; ``x_axis`` plots against ``step``, wall
+``time`` (seconds since the first timed line, from each line's ``time``) or ``tokens`` (the ``tokens``
+counter), mapped from steps by linear interpolation.
 """
 
 from __future__ import annotations
@@ -76,6 +78,28 @@ def log_ticks(lo: float, hi: float) -> tuple[list[float], list[str]]:
     return pos, [f"1e{round(math.log10(p))}" for p in pos]
 
 
+X_AXES = ("step", "time", "tokens")
+
+
+def x_mapper(state: RunState, x_axis: str):
+    """steps -> x values of `x_axis` (None: plot against steps, or the run lacks that axis's data)."""
+    if x_axis == "step":
+        return None
+    src = state.clock if x_axis == "time" else state.series.get("tokens")
+    if src is None or len(src) < 2:
+        return None
+    import numpy as np
+
+    sx, sy = np.frombuffer(src.xs, dtype=float), np.frombuffer(src.ys, dtype=float)
+    base = sy[0] if x_axis == "time" else 0.0
+    return lambda xs: (np.interp(np.asarray(xs, dtype=float), sx, sy) - base).tolist()
+
+
+def _time_label(v: float) -> str:
+    v = int(round(v))
+    return f"{v // 3600}h{(v % 3600) // 60:02d}" if v >= 3600 else (f"{v // 60}m{v % 60:02d}" if v >= 60 else f"{v}s")
+
+
 def render_plot(
     state: RunState,
     metrics: tuple[str, ...],
@@ -85,6 +109,7 @@ def render_plot(
     marker: float | None = None,
     log_y: bool = False,
     smooth: float = 0.0,
+    x_axis: str = "step",
 ) -> tuple[str | None, list[tuple[str, int, float | None]]]:
     """Build the plot as an ANSI string; also return the legend (name, colour, latest)."""
     fig = plt.figure
@@ -92,6 +117,7 @@ def render_plot(
     fig.theme("simple")
     fig.plot_size(max(10, width), max(4, height))
     x0, x1 = x_range if x_range else (None, None)
+    to_x = x_mapper(state, x_axis)
     legend: list[tuple[str, int, float | None]] = []
     drawn = 0
     lo, hi = math.inf, -math.inf
@@ -101,6 +127,8 @@ def render_plot(
         if series is None:
             continue
         xs, ys = series.window(x0, x1, max_points=max(8, 2 * width))
+        if to_x is not None and xs:
+            xs = to_x(xs)
         colour = PALETTE[drawn % len(PALETTE)]
         legend.append((name, colour, series.last_y))
         if not xs:
@@ -120,14 +148,18 @@ def render_plot(
         return None, legend
     fig.legend(False)
     if x_range:
-        lo, hi = x_range
+        lo, hi = to_x(list(x_range)) if to_x is not None else x_range
         fig.ruler("x").lim(lo, hi)
     if lo <= hi:
-        fig.ruler("x").ticks(*step_ticks(lo, hi, width))
+        pos, labels = step_ticks(lo, hi, width)
+        if to_x is not None and x_axis == "time":
+            labels = [_time_label(p) for p in pos]
+        fig.ruler("x").ticks(pos, labels)
     if log_y and 0 < y_lo <= y_hi:  # log scale only makes sense for positive data
         fig.ruler("y").scale("log")
         fig.ruler("y").ticks(*log_ticks(y_lo, y_hi))
     if marker is not None:
+        marker = to_x([marker])[0] if to_x is not None else marker
         fig.line(marker, orientation=1, pixel=plt.pixel(foreground=13))
     return fig.build().string(), legend
 
@@ -141,6 +173,7 @@ class MetricPlot(Widget):
     version: reactive[int] = reactive(0)
     log_y: reactive[bool] = reactive(False)
     smooth: reactive[float] = reactive(0.0)
+    x_axis: reactive[str] = reactive("step")
 
     def __init__(self, state: RunState, metrics: tuple[str, ...] = (), **kwargs) -> None:
         super().__init__(**kwargs)
@@ -151,7 +184,7 @@ class MetricPlot(Widget):
 
     def render(self) -> Text:
         width, height = self.content_size
-        key = (self.version, self.metrics, self.x_range, self.marker, self.log_y, self.smooth, width, height)
+        key = (self.version, self.metrics, self.x_range, self.marker, self.log_y, self.smooth, self.x_axis, width, height)
         if key == self._cache_key and self._cache is not None:
             return self._cache
         text = self._build(width, height)
@@ -164,7 +197,7 @@ class MetricPlot(Widget):
         if width < 12 or height < 5:
             return Text("")
         plot, legend = render_plot(
-            self.state, self.metrics, width, height - 1, self.x_range, self.marker, self.log_y, self.smooth
+            self.state, self.metrics, width, height - 1, self.x_range, self.marker, self.log_y, self.smooth, self.x_axis
         )
         if plot is None:
             return Text(f"waiting for {', '.join(self.metrics)}…", style="dim italic")

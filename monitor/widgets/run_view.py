@@ -164,7 +164,7 @@ class RunView(Vertical):
             return
         header.pending = 0
         view = (self.x_range(), jump, self.current_components(), getattr(app, "log_y", False),
-                getattr(app, "smooth", 0.0))
+                getattr(app, "smooth", 0.0), getattr(app, "x_axis", "step"))
         if state.version == self._shown_version and view == self._shown_view:
             return
         same_view = view == self._shown_view
@@ -182,7 +182,7 @@ class RunView(Vertical):
             self._shown_version = -1  # header is current; plots/table catch up later
             return
         self._last_full = now
-        x_range, marker, components, log_y, smooth = view
+        x_range, marker, components, log_y, smooth, x_axis = view
         for plot in self.query(MetricPlot):
             if plot.has_class("components-plot"):
                 plot.metrics = components
@@ -190,6 +190,7 @@ class RunView(Vertical):
             plot.marker = marker
             plot.log_y = log_y
             plot.smooth = smooth
+            plot.x_axis = x_axis
             plot.version = state.version
         self.query_one(LayerTable).show_layers(state.layers())
         self.query_one(RanksPanel).show(state.latest)
