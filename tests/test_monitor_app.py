@@ -440,3 +440,24 @@ def test_x_axis_key_plots_against_wall_time_and_tokens(tmp_path):
             await wait_for(pilot, lambda: plot.x_axis == expected, what=f"x axis {expected}")
 
     run_app(app, body)
+
+
+def test_overlay_key_draws_every_run_in_its_fixed_colour(tmp_path):
+    from monitor.widgets.plot import PALETTE, OverlayPlot, render_plot
+
+    paths = [write_run(tmp_path / f"r{i}.jsonl", 60, seed=i) for i in range(3)]
+    app = make_app(paths, **FAST)
+
+    async def body(pilot):
+        await wait_for(pilot, lambda: all(shown_step(app, i) == 60 for i in range(3)), what="three runs")
+        overlay = app.query_one(OverlayPlot)
+        assert not overlay.display
+        await pilot.press("o")
+        await wait_for(pilot, lambda: overlay.display and not app.query_one("#runs").display, what="overlay shown")
+        text, legend = render_plot(overlay.runs[0][1], ("loss/total",), 80, 12, overlay=overlay.runs)
+        assert [c for _, c, _ in legend] == list(PALETTE[:3])
+        assert all(f"38;5;{c}m" in text for c in PALETTE[:3])
+        await pilot.press("o")
+        await wait_for(pilot, lambda: not overlay.display, what="side by side again")
+
+    run_app(app, body, size=(160, 44))

@@ -108,3 +108,10 @@ def test_smoothed_plots(snap_compare, tmp_path):
     path = write_run(tmp_path / "run" / "metrics.jsonl", 400, run_name="smoothed", total_steps=400, noise=0.08)
     app = make_app([path.parent], **FAST)
     assert snap_compare(app, terminal_size=(120, 40), run_before=loaded([400]), press=["e", "e", "_"])
+
+
+def test_three_runs_overlaid(snap_compare, tmp_path):
+    paths = [write_run(tmp_path / name / "metrics.jsonl", 300, run_name=name, total_steps=300, seed=i)
+             for i, name in enumerate(("lr-1e-3", "lr-3e-3", "lr-1e-2"))]
+    app = make_app(paths, **FAST)
+    assert snap_compare(app, terminal_size=(140, 40), run_before=loaded([300, 300, 300]), press=["o", "_"])

@@ -110,25 +110,37 @@ def render_plot(
     log_y: bool = False,
     smooth: float = 0.0,
     x_axis: str = "step",
+    overlay: list[tuple[str, RunState]] | None = None,
 ) -> tuple[str | None, list[tuple[str, int, float | None]]]:
-    """Build the plot as an ANSI string; also return the legend (name, colour, latest)."""
+    """Build the plot as an ANSI string; also return the legend (name, colour, latest).
+
+    ``overlay``: [(label, state)] of several runs, each drawing ``metrics[0]`` in its run's fixed colour
+    (PALETTE in run order; a run without the metric still takes its colour slot).
+    """
     fig = plt.figure
     fig.clear()
     fig.theme("simple")
     fig.plot_size(max(10, width), max(4, height))
     x0, x1 = x_range if x_range else (None, None)
     to_x = x_mapper(state, x_axis)
+    if overlay:
+        lines = [(label, st.series.get(metrics[0]), x_mapper(st, x_axis)) for label, st in overlay]
+    else:
+        lines = [(name, state.series.get(name), to_x) for name in metrics]
     legend: list[tuple[str, int, float | None]] = []
     drawn = 0
     lo, hi = math.inf, -math.inf
     y_lo, y_hi = math.inf, -math.inf
-    for name in metrics:
-        series = state.series.get(name)
+    for name, series, line_x in lines:
         if series is None:
+            if overlay:  # keep the run's colour slot
+                legend.append((name, PALETTE[drawn % len(PALETTE)], None))
+                fig.draw(fig.signal([math.nan], [math.nan], marker="braille"))
+                drawn += 1
             continue
         xs, ys = series.window(x0, x1, max_points=max(8, 2 * width))
-        if to_x is not None and xs:
-            xs = to_x(xs)
+        if line_x is not None and xs:
+            xs = line_x(xs)
         colour = PALETTE[drawn % len(PALETTE)]
         legend.append((name, colour, series.last_y))
         if not xs:
@@ -162,6 +174,40 @@ def render_plot(
         marker = to_x([marker])[0] if to_x is not None else marker
         fig.line(marker, orientation=1, pixel=plt.pixel(foreground=13))
     return fig.build().string(), legend
+
+
+class OverlayPlot(Widget):
+    """``metric`` of every run in one plot, one fixed colour per run (the app's ``o`` key)."""
+
+    metric: reactive[str] = reactive("loss/total")
+    version: reactive[int] = reactive(0)
+    smooth: reactive[float] = reactive(0.0)
+    x_axis: reactive[str] = reactive("step")
+    log_y: reactive[bool] = reactive(False)
+
+    def __init__(self, runs: list[tuple[str, RunState]], **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.runs = runs
+
+    def render(self) -> Text:
+        width, height = self.content_size
+        if width < 12 or height < 5:
+            return Text("")
+        plot, legend = render_plot(self.runs[0][1], (self.metric,), width, height - 1, log_y=self.log_y,
+                                   smooth=self.smooth, x_axis=self.x_axis, overlay=self.runs)
+        if plot is None:
+            return Text(f"waiting for {self.metric}…", style="dim italic")
+        return Text("\n", no_wrap=True).join([legend_text(legend, width), Text.from_ansi(plot, no_wrap=True)])
+
+
+def legend_text(legend: list[tuple[str, int, float | None]], width: int) -> Text:
+    head = Text(no_wrap=True, overflow="ellipsis")
+    for name, colour, last in legend:
+        head.append("━ ", style=Style(color=Color.from_ansi(colour)))
+        head.append(name)
+        head.append(f" {fmt_num(last)}  ", style="dim")
+    head.truncate(width, overflow="ellipsis")
+    return head
 
 
 class MetricPlot(Widget):
@@ -201,12 +247,7 @@ class MetricPlot(Widget):
         )
         if plot is None:
             return Text(f"waiting for {', '.join(self.metrics)}…", style="dim italic")
-        head = Text(no_wrap=True, overflow="ellipsis")
-        for name, colour, last in legend:
-            head.append("━ ", style=Style(color=Color.from_ansi(colour)))
-            head.append(name)
-            head.append(f" {fmt_num(last)}  ", style="dim")
-        head.truncate(width, overflow="ellipsis")
+        head = legend_text(legend, width)
         body = Text.from_ansi(plot, no_wrap=True)
         body.rstrip()
         return Text("\n", no_wrap=True).join([head, body])
