@@ -39,7 +39,8 @@ most one :class:`Alert` per record.  All thresholds live in
     autocorrelation at that period at least ``osc_min_autocorr`` (0.3): a step or a
     drift leaves a low-frequency line but no repeating shape; and the line must
     be narrow: ``osc_line_contrast`` (8) x the lines two bins beside it.  One alert per
-    episode; re-arms after a whole window without the condition.  The window
+    episode; re-arms after a whole window without the condition.  Judged at
+    every ``osc_stride``-th (4) loss of the window's segment.  The window
     restarts at a change of ``stage_keys`` (curriculum stage, sequential
     layer) and when the step goes back.  Measured: the real ``make demo`` stream
     peaks at 15x, 5000 steps of 3 % noise at ~21x, +-10 % swings of period 8 or 30
@@ -73,6 +74,7 @@ most one :class:`Alert` per record.  All thresholds live in
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 from bisect import bisect_left, insort
@@ -111,6 +113,7 @@ class AlertConfig:
     osc_power_ratio: float = 40.0
     osc_min_amplitude: float = 0.01
     osc_min_autocorr: float = 0.3
+    osc_stride: int = 4  # judge every 4th loss (a window costs a 64x64 detrend and an FFT)
     osc_line_contrast: float = 8.0  # the line over the lines two bins beside it (narrow, not a 1/k² hump)
     # a change of these starts a new regime: the oscillation window restarts, a grad spike right at one is a note
     stage_keys: tuple[str, ...] = ("curriculum/stage", "sequential/layer")
@@ -275,24 +278,34 @@ class GradSpikeDetector(_Detector):
         clips, events = batch.column("run/grad_clip"), batch.events
         steps, line_nos = batch.steps, batch.line_nos
         train = [i for i, e in enumerate(events) if e == "train"]
-        changed = dict(zip(train, self.stages.flags(batch, train)))
+        is_train = [False] * len(events)
+        for i in train:
+            is_train[i] = True
+        changed = [False] * len(events)
+        for i, flag in zip(train, self.stages.flags(batch, train)):
+            changed[i] = flag
+        loss_idx, _ = batch.train_finite_columns(cfg.loss_key)
+        good_loss = [False] * len(events)
+        for i in loss_idx:
+            good_loss[i] = True
+        clip_at = {i: c for i, c in enumerate(clips) if c is not None}
         for i, g in enumerate(grads):
-            if _num(clips[i]):
-                self.clip = float(clips[i])
+            if clip_at and i in clip_at and _num(clip_at[i]):
+                self.clip = float(clip_at[i])
             loss = losses[i]
-            if i in changed:
+            if is_train[i]:
                 self.since_stage = 0 if changed[i] else self.since_stage + 1
                 if changed[i]:  # a stage starts while a spike waits for its verdict: the loss moves by design
                     for spike in self.pending:
                         spike[6] = True
-            if events[i] == "train" and _num(loss):
+            if good_loss[i] and self.pending:
                 for spike in self.pending:
                     spike[5].append(loss)
                 while self.pending and len(self.pending[0][5]) >= cfg.grad_spike_followup:
                     sev, msg, step, line_no = self._judge(self.pending.pop(0), True)
                     hits.append((i, msg, sev, step, line_no))
-            if not _num(g):
-                if events[i] == "train" and _num(loss):
+            if g is None or not ((type(g) is float or type(g) is int) and _isfinite(g)):
+                if good_loss[i]:
                     self.losses.append(loss)
                 continue
             n = len(ordered)
@@ -308,7 +321,7 @@ class GradSpikeDetector(_Detector):
                                              clipped, trend, [], self.since_stage < cfg.grad_spike_followup])
                 else:
                     self.active = False
-            if events[i] == "train" and _num(loss):
+            if good_loss[i]:
                 self.losses.append(loss)
             recent.append(g)
             insort(ordered, g)
@@ -423,8 +436,10 @@ class ThroughputDropDetector(_Detector):
             self.last.append(v)
             if n >= cfg.throughput_min_history and len(self.last) == self.last.maxlen:
                 median = ordered[n // 2] if n % 2 else 0.5 * (ordered[n // 2 - 1] + ordered[n // 2])
-                now = statistics.median(self.last)
-                if now < cfg.throughput_factor * median:
+                limit = cfg.throughput_factor * median
+                # the recent median is only looked at on a slow line (it fires on the next one at the latest)
+                now = statistics.median(self.last) if v < limit else math.inf
+                if now < limit:
                     if not self.active:
                         self.active = True
                         hits.append((i, f"tokens/s {_fmt(now)} (median of the last {len(self.last)}) = "
@@ -438,11 +453,20 @@ class ThroughputDropDetector(_Detector):
         return hits
 
 
-def _quadratic_residual_matrix(n: int) -> np.ndarray:
-    """R with ``R @ w`` = w minus its least-squares quadratic trend (n points)."""
+@functools.lru_cache(maxsize=64)
+def _quadratic_basis(n: int) -> np.ndarray:
+    """An orthonormal basis (n, 3) of the quadratics over n points."""
     t = np.linspace(-1.0, 1.0, n)
-    x = np.stack([np.ones(n), t, t * t], axis=1)
-    return np.eye(n) - x @ np.linalg.pinv(x)
+    q, _ = np.linalg.qr(np.stack([np.ones(n), t, t * t], axis=1))
+    return q
+
+
+def _detrend(windows: np.ndarray) -> np.ndarray:
+    """Each row minus its least-squares quadratic, by elementwise products (no BLAS call: a threaded
+    BLAS would spin cores of the machine the monitor shares with the run it watches)."""
+    q = _quadratic_basis(windows.shape[1])
+    coef = (windows[:, :, None] * q[None]).sum(axis=1)
+    return windows - (coef[:, None, :] * q[None]).sum(axis=2)
 
 
 def periodicity(windows: np.ndarray, contrast: float = 8.0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -456,7 +480,7 @@ def periodicity(windows: np.ndarray, contrast: float = 8.0) -> tuple[np.ndarray,
     swing's narrow line): its ratio is 0.
     """
     m, n = windows.shape
-    res = windows @ _quadratic_residual_matrix(n).T
+    res = _detrend(windows)
     power = np.abs(np.fft.rfft(res, axis=1)) ** 2 / n
     lo, hi = 2, max(2, n // 4)
     k = lo + np.argmax(power[:, lo : hi + 1], axis=1)
@@ -492,15 +516,17 @@ class _Restarts:
         self.last_step: int | None = None
 
     def flags(self, batch: Batch, idx: Sequence[int]) -> list[bool]:
-        cols = [batch.column(k) for k in self.keys]
+        """Per index in `idx` (train lines, in order): whether the regime changes there."""
         steps = batch.steps
-        out = []
-        for i in idx:
-            schedule = tuple(col[i] for col in cols)
-            step = steps[i] if steps is not None else None
-            rewound = step is not None and self.last_step is not None and step < self.last_step
-            out.append(rewound or (self.schedule is not None and schedule != self.schedule))
-            self.schedule, self.last_step = schedule, step
+        cols = [batch.column(k) for k in self.keys]
+        sched = list(zip(*[[col[i] for i in idx] for col in cols])) if cols else [()] * len(idx)
+        st = [steps[i] for i in idx] if steps is not None else [None] * len(idx)
+        prev_s = [self.schedule] + sched[:-1]
+        prev_t = [self.last_step] + st[:-1]
+        out = [(t is not None and p is not None and t < p) or (q is not None and sc != q)
+               for sc, q, t, p in zip(sched, prev_s, st, prev_t)]
+        if idx:
+            self.schedule, self.last_step = sched[-1], st[-1]
         return out
 
 
@@ -542,18 +568,19 @@ class OscillationDetector(_Detector):
         period = np.zeros(len(vals))
         ac = np.zeros(len(vals))
         counts = self.seen + 1 + np.arange(len(vals))
-        full = np.nonzero(counts >= w)[0]
+        judged = counts % max(1, cfg.osc_stride) == 0  # every osc_stride-th loss of the segment (cost)
+        full = np.nonzero((counts >= w) & judged)[0]
         if len(full):  # every full window at once
             wins = np.lib.stride_tricks.sliding_window_view(series, w)[first + full - w + 1]
             ratio[full], amp[full], period[full], ac[full] = periodicity(wins, cfg.osc_line_contrast)
-        for j in np.nonzero((counts >= need) & (counts < w))[0]:  # the segment's first, shorter windows
+        for j in np.nonzero((counts >= need) & (counts < w) & judged)[0]:  # the segment's first, shorter windows
             win = series[first + j - counts[j] + 1 : first + j + 1][None, :]
             r, a, p, c = periodicity(win, cfg.osc_line_contrast)
             ratio[j], amp[j], period[j], ac[j] = r[0], a[0], p[0], c[0]
         fire = (ratio >= cfg.osc_power_ratio) & (amp >= cfg.osc_min_amplitude) & (ac >= cfg.osc_min_autocorr)
         hits: Hits = []
         active, quiet = self.active, self.quiet
-        for j in range(len(vals)):
+        for j in np.nonzero(judged)[0]:
             if fire[j]:
                 quiet = 0
                 if not active:
@@ -562,7 +589,7 @@ class OscillationDetector(_Detector):
                                          f"{amp[j]:.0%} of the loss, {ratio[j]:.0f}x the run's noise floor "
                                          f"(last {min(int(counts[j]), w)} steps)"))
             elif active:
-                quiet += 1
+                quiet += max(1, cfg.osc_stride)
                 if quiet >= w:
                     active = False  # a whole quiet window: the episode is over
         self.active, self.quiet = active, quiet
