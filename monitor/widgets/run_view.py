@@ -26,7 +26,7 @@ from .ranks_panel import RanksPanel
 
 DEFAULT_JUMP_SPAN = 200
 LOADING_PLOT_INTERVAL = 1.0
-PLOT_EVERY_REFRESHES = 4  # while tailing, plots redraw every 4th refresh tick at most (1 s by default)
+PLOT_EVERY_REFRESHES = 8  # while tailing, plots redraw every 8th refresh tick at most (2 s by default)
 
 
 def default_components(keys: list[str]) -> tuple[str, ...]:
