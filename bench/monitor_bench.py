@@ -18,6 +18,18 @@
       again (includes re-rendering both plots at the new zoom),
     - ``loop_lag_ms``: event-loop lag seen by a 10 ms ticker (UI stalls);
       ``load_loop_lag_ms`` is the same while the 100k lines are loading.
+(c) ``cost``: the monitor's own CPU use, the app running headless in a
+    subprocess (``App.run(headless=True)``) on a metrics file, CPU time read from
+    ``/proc/PID/stat``:
+    - ``idle_cpu_pct``: % of one core over ``--cost-seconds`` with no new lines,
+    - ``tail_cpu_pct``: the same while ``--tail-rate`` lines/s are appended
+      (a real run's log_every=1 writes a few lines/s),
+    - ``train``: the tiny recipe (``configs/tiny_debug.yaml``, 2 ranks,
+      ``--train-steps``, 400) trained twice, alone and watched by the monitor
+      (started 8 s before the run: its start-up is not the cost of watching);
+      ``tokens_per_s_without`` / ``_with`` are the medians of the train lines'
+      ``tokens_per_s`` after the first 5 steps, ``ratio`` = with / without
+      (target >= 0.97).  ``--no-train`` skips it.
 Prints one JSON object.  Wall-clock numbers depend on machine load, so the
 load average and the process CPU time are reported too.
 """
@@ -215,6 +227,98 @@ async def bench_app(path: Path, n_steps: int, rest: list[str], rate: float, seco
     return out
 
 
+HEADLESS_APP = (
+    "import sys; from monitor.app import make_app; "
+    "make_app([sys.argv[1]], poll_interval=0.2).run(headless=True, size=(160, 48))"
+)
+
+
+def proc_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process `pid` (and its reaped children)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def start_monitor(path: Path):
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    return subprocess.Popen([sys.executable, "-c", HEADLESS_APP, str(path)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def cpu_pct(pid: int, seconds: float) -> float:
+    c0, t0 = proc_cpu_s(pid), time.perf_counter()
+    time.sleep(seconds)
+    return round(100 * (proc_cpu_s(pid) - c0) / (time.perf_counter() - t0), 2)
+
+
+def monitor_cpu(path: Path, rest: list[str], seconds: float, rate: float) -> dict:
+    """Idle and tailing CPU % of the headless monitor on `path` (already written)."""
+    proc = start_monitor(path)
+    try:
+        time.sleep(max(3.0, seconds / 2))  # start-up and the first full load are not idle time
+        idle = cpu_pct(proc.pid, seconds)
+        stop = threading.Event()
+
+        def writer() -> None:
+            with path.open("a") as f:
+                for line in rest:
+                    if stop.is_set():
+                        return
+                    f.write(line + "\n")
+                    f.flush()
+                    time.sleep(1.0 / rate)
+
+        thread = threading.Thread(target=writer, daemon=True)
+        thread.start()
+        tail = cpu_pct(proc.pid, seconds)
+        stop.set()
+        thread.join()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    return {"idle_cpu_pct": idle, "tail_cpu_pct": tail, "tail_rate_lines_per_s": rate, "seconds": seconds}
+
+
+def train_tokens_per_s(run_dir: Path, steps: int, watch: bool) -> float:
+    """Median tokens/s of a tiny 2-rank run (after its first 5 steps), optionally watched by the monitor."""
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "NUM_RANKS": "2",
+           "OMP_NUM_THREADS": "1", "PYTHON": sys.executable, "PYTHONPATH": str(repo)}
+    cmd = ["bash", str(repo / "launch" / "train_local.sh"), "configs/tiny_debug.yaml", f"logging.run_dir={run_dir}",
+           f"schedule.total_steps={steps}", "checkpoint.every=0", "checkpoint.save_final=false", "logging.log_every=1"]
+    monitor = None
+    if watch:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "metrics.jsonl").touch()
+        monitor = start_monitor(run_dir / "metrics.jsonl")
+        time.sleep(8.0)  # its start-up (imports, first render) is not what watching a run costs
+    try:
+        subprocess.run(cmd, cwd=repo, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    finally:
+        if monitor is not None:
+            monitor.terminate()
+            monitor.wait(timeout=30)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rates = [r["tokens_per_s"] for r in rows if r.get("event") == "train" and r["step"] > 5]
+    return statistics.median(rates)
+
+
+def cost(path: Path, rest: list[str], args) -> dict:
+    out = monitor_cpu(path, rest, args.cost_seconds, args.tail_rate)
+    if not args.no_train:
+        with tempfile.TemporaryDirectory() as tmp:
+            without = train_tokens_per_s(Path(tmp) / "alone", args.train_steps, watch=False)
+            with_ = train_tokens_per_s(Path(tmp) / "watched", args.train_steps, watch=True)
+        out["train"] = {"recipe": "configs/tiny_debug.yaml", "ranks": 2, "steps": args.train_steps,
+                        "tokens_per_s_without": round(without, 1), "tokens_per_s_with": round(with_, 1),
+                        "ratio": round(with_ / without, 3)}
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lines", type=int, default=100_000)
@@ -222,6 +326,11 @@ def main(argv=None) -> int:
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--size", default="160x48", help="terminal WxH for run_test")
     ap.add_argument("--out", default=None, help="also write the JSON summary to this file")
+    ap.add_argument("--cost-seconds", type=float, default=10.0, help="CPU sampling time, idle and tailing")
+    ap.add_argument("--tail-rate", type=float, default=5.0, help="lines/s appended while measuring tailing CPU")
+    ap.add_argument("--train-steps", type=int, default=400, help="steps of each tiny training run")
+    ap.add_argument("--no-train", action="store_true", help="skip the tokens/s with/without the monitor")
+    ap.add_argument("--cost-only", action="store_true", help="only (c): the monitor's CPU cost")
     args = ap.parse_args(argv)
     size = tuple(int(x) for x in args.size.split("x"))
     with tempfile.TemporaryDirectory() as tmp:
@@ -235,11 +344,13 @@ def main(argv=None) -> int:
             "cpu_count": os.cpu_count(),
         }
         result["load_avg_before"] = [round(x, 2) for x in os.getloadavg()]
-        load_s, load_cpu, n_rec = model_load(path)
-        result["model_load_s"] = round(load_s, 3)
-        result["model_load_cpu_s"] = round(load_cpu, 3)
-        result["model_records"] = n_rec
-        result["app"] = asyncio.run(bench_app(path, args.lines, rest, args.rate, args.seconds, size))
+        if not args.cost_only:
+            load_s, load_cpu, n_rec = model_load(path)
+            result["model_load_s"] = round(load_s, 3)
+            result["model_load_cpu_s"] = round(load_cpu, 3)
+            result["model_records"] = n_rec
+            result["app"] = asyncio.run(bench_app(path, args.lines, rest, args.rate, args.seconds, size))
+        result["cost"] = cost(path, rest, args)
         result["load_avg_after"] = [round(x, 2) for x in os.getloadavg()]
         result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     text = json.dumps(result, indent=2)

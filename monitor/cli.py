@@ -2,21 +2,23 @@
 
     npt-monitor RUN_DIR_OR_METRICS.jsonl [MORE ...]     live dashboard (side by side)
     npt-monitor --check METRICS.jsonl [MORE ...]        headless: print alerts
+    npt-monitor --once RUN_DIR [MORE ...]               the dashboard as text (sparklines, ranks, alerts)
 
 ``--check`` prints one alert per line (``step N: SEVERITY kind: message``,
 prefixed with the file when several are given) on stdout, corrupt lines as
-warnings with their line number on stderr, and exits 1 if any alert fired,
-2 if a file is missing, 0 otherwise.
+warnings with their line number on stderr, and exits 1 if a warning or error
+alert fired (``info`` notes do not count), 2 if a file is missing, 0 otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import fields
 from pathlib import Path
 from typing import Sequence
 
-from .alerts import AlertConfig
+from .alerts import FAILING, AlertConfig
 from .stream import metrics_path
 
 MAX_CORRUPT_SHOWN = 20
@@ -29,43 +31,31 @@ def build_parser() -> argparse.ArgumentParser:
         description="Live terminal dashboard (or headless check) for npt-ds metric streams.",
     )
     ap.add_argument("paths", nargs="+", metavar="RUN_DIR_OR_METRICS.jsonl", help="RUN_DIR means RUN_DIR/metrics.jsonl")
-    ap.add_argument("--check", action="store_true", help="headless: print alerts, exit 1 if any fired")
-    g = ap.add_argument_group("alert thresholds")
-    g.add_argument("--kl-threshold", type=float, default=d.kl_threshold, help="kd/kl above this alerts (%(default)s)")
-    g.add_argument("--grad-spike-factor", type=float, default=d.grad_spike_factor, help="x rolling median (%(default)s)")
-    g.add_argument("--grad-spike-window", type=int, default=d.grad_spike_window, help="median window (%(default)s)")
-    g.add_argument("--osc-window", type=int, default=d.osc_window, help="oscillation window, steps (%(default)s)")
-    g.add_argument(
-        "--osc-min-reversals", type=int, default=d.osc_min_reversals, help="reversals in window to alert (%(default)s)"
-    )
-    g.add_argument(
-        "--osc-rel-amplitude", type=float, default=d.osc_rel_amplitude, help="min reversal, fraction of loss (%(default)s)"
-    )
-    g.add_argument("--osc-ema-alpha", type=float, default=d.osc_ema_alpha, help="loss EMA factor (%(default)s)")
-    g.add_argument("--plateau-window", type=int, default=d.plateau_window, help="not-decreasing window (%(default)s)")
-    g.add_argument(
-        "--plateau-min-rel-decrease",
-        type=float,
-        default=d.plateau_min_rel_decrease,
-        help="required relative decrease between the window halves (%(default)s)",
-    )
+    ap.add_argument("--check", action="store_true", help="headless: print alerts, exit 1 if a warning/error fired")
+    ap.add_argument("--once", action="store_true",
+                    help="print the dashboard as text (header, ranks, sparklines, alerts) and exit as --check does")
+    ap.add_argument("--no-bell", action="store_true", help="dashboard: no terminal bell on new error alerts")
+    g = ap.add_argument_group("alert thresholds (every number of monitor.alerts.AlertConfig; see its docstring)")
+    for name, kind in threshold_fields():
+        g.add_argument("--" + name.replace("_", "-"), type=kind, default=getattr(d, name), metavar="N",
+                       help="(%(default)s)")
     ui = ap.add_argument_group("dashboard")
     ui.add_argument("--poll-interval", type=float, default=0.2, help="seconds between file polls (%(default)s)")
     return ap
 
 
+def threshold_fields() -> list[tuple[str, type]]:
+    """(name, float | int) of every numeric AlertConfig field: each one is a flag."""
+    out = []
+    for f in fields(AlertConfig):
+        kind = {"float": float, "int": int, "float | None": float}.get(str(f.type))
+        if kind is not None:
+            out.append((f.name, kind))
+    return out
+
+
 def config_from_args(args: argparse.Namespace) -> AlertConfig:
-    return AlertConfig(
-        kl_threshold=args.kl_threshold,
-        grad_spike_factor=args.grad_spike_factor,
-        grad_spike_window=args.grad_spike_window,
-        osc_window=args.osc_window,
-        osc_min_reversals=args.osc_min_reversals,
-        osc_rel_amplitude=args.osc_rel_amplitude,
-        osc_ema_alpha=args.osc_ema_alpha,
-        plateau_window=args.plateau_window,
-        plateau_min_rel_decrease=args.plateau_min_rel_decrease,
-    )
+    return AlertConfig(**{name: getattr(args, name) for name, _ in threshold_fields()})
 
 
 def run_check(paths: Sequence[Path], config: AlertConfig, out=None, err=None) -> int:
@@ -94,12 +84,35 @@ def run_check(paths: Sequence[Path], config: AlertConfig, out=None, err=None) ->
         if run.dropped_alerts:
             print(f"{prefix}... {run.dropped_alerts} more alerts not shown", file=out)
         n_alerts = len(run.alerts) + run.dropped_alerts
+        failing = sum(a.severity in FAILING for a in run.alerts) + run.dropped_alerts
         print(
             f"{path}: {run.state.n_records} records, last step {run.state.step}, "
-            f"{n_alerts} alert{'s' if n_alerts != 1 else ''}, {total_bad} corrupt line{'s' if total_bad != 1 else ''}",
+            f"{n_alerts} alert{'s' if n_alerts != 1 else ''} ({failing} warning/error), "
+            f"{total_bad} corrupt line{'s' if total_bad != 1 else ''}",
             file=err,
         )
-        if n_alerts:
+        if failing:
+            status = max(status, 1)
+    return status
+
+
+def run_once(paths: Sequence[Path], config: AlertConfig, out=None, err=None) -> int:
+    """``--once``: each run's text dashboard; the exit status of ``--check``."""
+    from .once import render_once
+    from .run import check_file
+
+    out = out or sys.stdout
+    err = err or sys.stderr
+    status = 0
+    for path in paths:
+        try:
+            run, _ = check_file(path, config)
+        except FileNotFoundError:
+            print(f"npt-monitor: error: {path}: no such file", file=err)
+            status = max(status, 2)
+            continue
+        print(render_once(run), file=out)
+        if run.dropped_alerts or any(a.severity in FAILING for a in run.alerts):
             status = max(status, 1)
     return status
 
@@ -110,9 +123,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     paths = [metrics_path(p) for p in args.paths]
     if args.check:
         return run_check(paths, config)
+    if args.once:
+        return run_once(paths, config)
     from .app import make_app
 
-    app = make_app(paths, config, poll_interval=args.poll_interval)
+    app = make_app(paths, config, poll_interval=args.poll_interval, bell=not args.no_bell)
     app.run()
     return app.return_code or 0
 

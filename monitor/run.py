@@ -93,6 +93,7 @@ def check_file(
             if not chunk.more:
                 break
         run.exists = True
+        run.alerts.extend(run.engine.finish())  # the file is complete: delayed verdicts are final
         if tailer.partial.strip():
             bad = CorruptLine(tailer.line_no + 1, "incomplete last line (no newline)")
             run.state.note_corrupt(bad)

@@ -697,6 +697,7 @@ class RunState:
         self.latest: dict[str, float] = {}
         self.strings: dict[str, str] = {}
         self.series: dict[str, Series] = {}
+        self.clock = Series(self.max_points)  # the `time` of train lines by step: the plots' wall-time axis
         self.events: dict[str, int] = {}
         self.n_lines = 0  # highest line number seen (incl. blank/corrupt)
         self.n_records = 0
@@ -733,6 +734,12 @@ class RunState:
                 if _as_int(v) is not None:
                     self.total_steps = _as_int(v)
                     break
+        if "time" in keys and batch.monotonic:
+            xs, xs_d, vals = batch.present("time")
+            try:
+                self.clock.extend(xs, array("d", vals), xs_d, _isfinite(sum(vals)))
+            except TypeError:  # a null or non-numeric time somewhere: leave the axis to steps
+                pass
         keys.difference_update(NON_METRIC_KEYS)
         keys.discard("event")
         meta = [k for k in keys if k.startswith("run/")]  # start-line metadata: latest value only

@@ -6,12 +6,19 @@ DeepSpeed's comms logger counts it: the full gathered tensor of an all-gather, t
 reduce-scatter, the tensor of an all-reduce or broadcast.  On the wire a ring moves (n-1)/n of that per
 rank.  Kinds: ``gather`` (parameter all-gathers), ``reduce`` (gradient reduce-scatter / all-reduce),
 ``other`` (broadcasts and the rest).
+
+The same wrapper clocks the time this rank is blocked in them (the call itself and, for an async call,
+the returned handle's ``wait``) into :data:`npt_ds.rank_stats.WAIT`: a rank's own step time is its wall
+time less that.
 """
 from __future__ import annotations
 
 import functools
+import time
 
 import torch
+
+from .rank_stats import WAIT
 
 KINDS = {
     "all_gather_into_tensor": "gather", "all_gather_base": "gather", "all_gather": "gather",
@@ -36,6 +43,19 @@ def _nbytes(obj) -> int:
     if isinstance(obj, (list, tuple)):
         return sum(_nbytes(o) for o in obj)
     return 0
+
+
+class _TimedHandle:
+    """An async collective's handle whose `wait` is clocked into WAIT; everything else is the handle's."""
+
+    def __init__(self, handle) -> None:
+        self._handle = handle
+
+    def wait(self, *args, **kwargs):
+        return WAIT.timed(self._handle.wait, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._handle, name)
 
 
 class CommCounter:
@@ -73,7 +93,10 @@ class CommCounter:
             else:
                 payload = next(iter(kwargs.values()), None)
             counter.bytes[kind] += _nbytes(payload)
-            return method(*args, **kwargs)
+            t = time.perf_counter()
+            result = method(*args, **kwargs)
+            WAIT.seconds += time.perf_counter() - t
+            return _TimedHandle(result) if hasattr(result, "wait") else result
 
         counted._npt_counted = True
         return counted

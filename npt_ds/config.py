@@ -219,6 +219,15 @@ class LoggingConfig:
 
 
 @dataclass
+class PerfConfig:
+    peak_tflops: float = 0.0  # the device's peak TFLOP/s for perf/mfu; 0 = from npt_ds.hardware's bf16 table
+
+    def __post_init__(self):
+        if self.peak_tflops < 0:
+            raise ConfigError(f"perf.peak_tflops must be >= 0 (0 = look the device up), got {self.peak_tflops}")
+
+
+@dataclass
 class TrainConfig:
     run_name: str = "npt"
     seed: int = 0
@@ -232,6 +241,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    perf: PerfConfig = field(default_factory=PerfConfig)
     inject_nan: dict = field(default_factory=dict)  # testing aid: {step: N, rank: R, repeat: 1} NaN micro-batches
 
     def __post_init__(self):

@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from .rank_stats import WAIT
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -45,7 +47,7 @@ def any_rank_flags(flags: torch.Tensor) -> list[bool]:
     """Element-wise: is the flag set on any rank?  One small MAX all-reduce and one host read for all flags."""
     t = flags.detach().reshape(-1).float()
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        WAIT.timed(dist.all_reduce, t, op=dist.ReduceOp.MAX)
     return [v > 0 for v in t.tolist()]
 
 

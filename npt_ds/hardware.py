@@ -28,6 +28,9 @@ import torch
 
 from .config import ConfigError, TrainConfig
 
+# dense bf16 tensor-core peak, TFLOP/s, by a name fragment of torch.cuda.get_device_name() (first match wins)
+BF16_PEAK_TFLOPS = (("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("H800", 989.0), ("A100", 312.0),
+                    ("A800", 312.0), ("L40S", 362.0), ("L4", 121.0), ("A10", 125.0))
 PERSIST_ALL = 10**15  # elements: above any model, so every parameter is persistent
 
 
@@ -48,6 +51,21 @@ def resolve_precision(requested: str) -> tuple[str, str]:
 
 def _cpu_has(probe: str) -> bool:
     return bool(getattr(torch.cpu, probe, lambda: False)())
+
+
+def peak_tflops(configured: float = 0.0, device_name: str | None = None) -> tuple[float | None, str]:
+    """-> (peak TFLOP/s per device or None, where it comes from): ``perf.peak_tflops`` when > 0, else the
+    CUDA device's dense bf16 peak from :data:`BF16_PEAK_TFLOPS`; None on CPU or an unknown GPU."""
+    if configured > 0:
+        return configured, "perf.peak_tflops"
+    if device_name is None:
+        if not torch.cuda.is_available():
+            return None, "no peak known for a CPU; set perf.peak_tflops for an MFU"
+        device_name = torch.cuda.get_device_name()
+    for fragment, peak in BF16_PEAK_TFLOPS:
+        if fragment in device_name:
+            return peak, f"{device_name} bf16 dense"
+    return None, f"no peak known for {device_name}; set perf.peak_tflops for an MFU"
 
 
 def device_memory_gib(ranks_per_node: int) -> float:

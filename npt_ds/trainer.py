@@ -34,6 +34,7 @@ from .model import NPTDecoderLayer, convert_model, decoder_layers, load_base_mod
 from .optim import build_param_groups, reset_optimizer_state, set_lr
 from .projector import LogitProjector
 from .quant import check_quantization_support
+from .rank_stats import RankStats
 from .resident_base import keep_frozen_resident
 from .schedules import difficulty_keep_at, kd_weight_at, lr_at, parse_curriculum
 from .train_module import NPTTrainModule, StepControls
@@ -168,6 +169,7 @@ class Trainer:
         for note in self.hardware_notes:
             self.metrics.message(note)
         self.comm = COUNTER.install()
+        self.rank_stats = RankStats(cfg, self.rank, self.world)
         self.reset_comm_window()
         self._resume()
 
@@ -220,7 +222,7 @@ class Trainer:
             cfg.save(self.run_dir / "config.json")
         self.metrics.log({"step": self.step, "event": "start", "run/name": cfg.run_name, "run/total_steps": total,
                           "run/world_size": self.world, "run/npt_layers": ",".join(map(str, self.layer_indices)),
-                          "run/precision": cfg.deepspeed.precision, "run/frozen_base": cfg.deepspeed.frozen_base,
+                          "run/precision": cfg.deepspeed.precision, "run/grad_clip": cfg.optim.grad_clip, "run/frozen_base": cfg.deepspeed.frozen_base,
                           # from the module: ZeRO-3 keeps its optimizer's param groups empty between steps
                           "run/trainable_params": sum(getattr(p, "ds_numel", p.numel())
                                                       for p in self.module.parameters() if p.requires_grad)})
@@ -236,6 +238,7 @@ class Trainer:
         stop = min(total, cfg.schedule.stop_at) if cfg.schedule.stop_at > 0 else total
         while self.step < stop:
             self.train_step()
+            self.rank_stats.step_done()
             self.step += 1
             self._steps_since_mark += 1
             if self.logs_after(self.step):
@@ -402,13 +405,15 @@ class Trainer:
         if cfg.loss.difficulty_mask:
             record["difficulty/keep"] = self._controls.difficulty_keep
         record.update(self.mean_over_ranks(self.log_buffer))  # the host sync of a log step
+        record.update(self.rank_stats.record(tps))  # per-rank timing and memory: one all-gather
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is not None:
             record["grad_norm"] = float(grad_norm)
         self.log_buffer = {}
         self.metrics.log(record)
+        mfu = f"MFU {record['perf/mfu']:.1%} " if "perf/mfu" in record else ""
         self.metrics.progress(self.step, cfg.schedule.total_steps, record.get("loss/total", math.nan), tps, eta,
-                              f"[{self._controls.stage}]")
+                              f"{mfu}[{self._controls.stage}]")
 
     @staticmethod
     def mean_over_ranks(buffer: dict[str, tuple[torch.Tensor, int]]) -> dict[str, float]:
@@ -421,6 +426,7 @@ class Trainer:
     def reset_comm_window(self) -> None:
         """Start counting collective bytes afresh (after set-up, an eval or a save: not a training step's)."""
         self._comm_mark, self._steps_since_mark = self.comm.totals(), 0
+        self.rank_stats.mark()
 
     def comm_per_step(self) -> dict[str, float]:
         """This rank's collective bytes (GB) per optimizer step since the window started; starts a new one.
@@ -429,7 +435,7 @@ class Trainer:
         now, steps = self.comm.totals(), max(self._steps_since_mark, 1)
         per_step = {f"comm/{kind}_gb_per_step": round((now[kind] - self._comm_mark[kind]) / steps / 1e9, 9)
                     for kind in ("gather", "reduce")}
-        self.reset_comm_window()
+        self._comm_mark, self._steps_since_mark = now, 0  # (the rank-stats window ends in log_train)
         return per_step
 
     def run_eval(self) -> dict:

@@ -420,3 +420,27 @@ def test_node_local_checkpoints_live_on_each_node_and_resume(runs, hosts, free_p
 
 def step_dirs(root: Path) -> list[str]:
     return sorted(p.name for p in root.iterdir() if p.name.startswith("step-"))
+
+
+def check_output(path: Path) -> str:
+    proc = subprocess.run([sys.executable, "-m", "monitor", "--check", str(path)], cwd=REPO, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    return proc.stdout
+
+
+def test_a_slowed_rank_is_named_a_straggler_and_healthy_ranks_are_not(runs, free_port):
+    """Rank 1 sleeps 0.2 s per step (test hook): the stream's time/slowest_rank is 1 and --check names it;
+    the same run without the hook (`full`) has per-rank stats and raises no straggler."""
+    base, *_ = runs
+    launch("train_local.sh", base / "straggler", "schedule.total_steps=12", "checkpoint.every=0",
+           "checkpoint.save_final=false", port=free_port, NPT_DS_TEST_SLEEP_RANK="1:0.2")
+    train = [r for r in metric_rows(base / "straggler") if r["event"] == "train"]
+    assert len(train) == 12 and all(r["time/slowest_rank"] == 1 for r in train[1:])
+    for r in train[1:]:  # rank 1's own step holds the 0.2 s sleep; rank 0 waits for it instead
+        assert r["rank/1/step_s"] > 0.2 > r["rank/0/step_s"] and r["time/step_s"] > 0.2
+        assert r["mem/peak_alloc_gb"] > 0.1 and r["perf/tflops_per_device"] > 0
+    out = check_output(base / "straggler" / "metrics.jsonl")
+    assert "WARNING straggler: rank 1 is a straggler" in out, out
+    healthy = [r for r in metric_rows(base / "full") if r["event"] == "train"]
+    assert all("time/step_max_s" in r and "rank/1/mem_gb" in r for r in healthy)
+    assert "straggler" not in check_output(base / "full" / "metrics.jsonl")

@@ -101,7 +101,8 @@ def test_appending_lines_updates_the_step(tmp_path):
         view = app.query_one(RunView)
         assert view.run.state.series["loss/total"].count == 150
         plot = view.query_one(".loss-plot", MetricPlot)
-        assert plot.version == view.run.state.version  # plot follows the new data
+        # plot follows the new data (within a few refresh ticks: plots redraw at most every plot_interval)
+        await wait_for(pilot, lambda: plot.version == view.run.state.version, timeout=3, what="plot redrawn")
 
     run_app(app, body)
 
@@ -339,3 +340,124 @@ def test_backlog_is_shown_when_loaded_without_a_spinner_or_waiting_for_the_timer
         assert panel(app).border_title == "Alerts (0)" and header(app).info.lines == 1601
 
     run_app(app, body)
+
+
+def test_new_error_alerts_notify_and_ring_the_bell_unless_silenced(tmp_path):
+    """Errors already in the file at start are not news; one appended later is (bell off with --no-bell)."""
+    for bell in (True, False):
+        path = write_run(tmp_path / f"bell{bell}.jsonl", 50, nan_at={10})
+        app = make_app([path], bell=bell, **FAST)
+        rings = []
+        app.bell = lambda: rings.append(1)
+
+        async def body(pilot):
+            await wait_for(pilot, lambda: shown_step(app) == 50, what="step 50")
+            assert [n for n in app._notifications if n.severity == "error"] == []
+            append(path, json.dumps({"step": 51, "event": "nan_step", "skipped_steps": 2, "loss/total": math.nan}) + "\n")
+            await wait_for(pilot, lambda: any(n.severity == "error" for n in app._notifications), what="notification")
+            msg = next(n.message for n in app._notifications if n.severity == "error")
+            assert "step 51: ERROR nonfinite" in msg
+
+        run_app(app, body)
+        assert rings == ([1] if bell else [])
+
+
+def test_svg_screenshot_key_and_palette_entries(tmp_path):
+    path = write_run(tmp_path / "run" / "metrics.jsonl", 40)
+    app = make_app([path], **FAST)
+
+    async def body(pilot):
+        await wait_for(pilot, lambda: shown_step(app) == 40, what="step 40")
+        await pilot.press("s")
+        await wait_for(pilot, lambda: (path.parent / "npt-monitor-step40.svg").is_file(), what="svg saved")
+        assert (path.parent / "npt-monitor-step40.svg").read_text().lstrip().startswith("<svg")
+        titles = [c.title for c in app.get_system_commands(app.screen)]
+        assert {"Pause / resume", "Save SVG screenshot", "Cycle zoom", "Toggle log y", "Jump to selected alert"} <= set(titles)
+
+    run_app(app, body)
+
+
+def test_once_prints_ranks_sparklines_and_alerts(tmp_path, capsys):
+    from monitor.cli import main
+
+    recs = [{"step": 0, "event": "start", "run/name": "r", "run/total_steps": 20}]
+    for s in range(1, 21):
+        slow = s > 8
+        recs.append({"step": s, "event": "train", "loss/total": 5.0 - 0.1 * s, "tokens_per_s": 100.0,
+                     "time/step_max_s": 0.3 if slow else 0.1, "time/step_median_s": 0.2 if slow else 0.1,
+                     "time/slowest_rank": 1, "rank/0/step_s": 0.1, "rank/1/step_s": 0.3 if slow else 0.1,
+                     "rank/0/mem_gb": 1.0, "rank/1/mem_gb": 1.5})
+    path = tmp_path / "m.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert main(["--once", str(path)]) == 1  # a straggler warning
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("== r  step 20/20")
+    assert "ranks: r0 0.1s 1GB  *r1 0.3s 1.5GB   (* slowest)" in out[2]
+    spark = next(line for line in out if "loss/total" in line)
+    assert "█" in spark and "▁" in spark and spark.strip().endswith("last 3")
+    assert out[-1] == "   step 13: WARNING straggler: rank 1 is a straggler: its step 0.3 s = 1.50x the median rank's 0.2 s for 5 log steps"
+
+
+def test_smoothing_key_draws_the_ema_over_a_faint_raw_line(tmp_path):
+    from monitor.widgets.plot import FAINT, ema, render_plot
+
+    assert ema([1.0, 3.0, 3.0], 0.5) == [1.0, 2.0, 2.5]
+    path = write_run(tmp_path / "m.jsonl", 200)
+    app = make_app([path], **FAST)
+
+    async def body(pilot):
+        await wait_for(pilot, lambda: shown_step(app) == 200, what="step 200")
+        plot = app.query_one(RunView).query_one(".loss-plot", MetricPlot)
+        assert plot.smooth == 0.0
+        raw, _ = render_plot(plot.state, ("loss/total",), 80, 12)
+        assert f"38;5;{FAINT}m" not in raw
+        await pilot.press("e")
+        await wait_for(pilot, lambda: plot.smooth == 0.3, what="smoothing 0.3")
+        smoothed, _ = render_plot(plot.state, ("loss/total",), 80, 12, smooth=0.3)
+        assert f"38;5;{FAINT}m" in smoothed and "38;5;12m" in smoothed  # faint raw + the series' colour
+        for expected in (0.1, 0.03, 0.0):
+            await pilot.press("e")
+            await wait_for(pilot, lambda: plot.smooth == expected, what=f"smoothing {expected}")
+
+    run_app(app, body)
+
+
+def test_x_axis_key_plots_against_wall_time_and_tokens(tmp_path):
+    from monitor.widgets.plot import x_mapper
+
+    path = write_run(tmp_path / "m.jsonl", 100)  # synth: 0.8 s and 16384 tokens per step
+    app = make_app([path], **FAST)
+
+    async def body(pilot):
+        await wait_for(pilot, lambda: shown_step(app) == 100, what="step 100")
+        state = app.query_one(RunView).run.state
+        assert x_mapper(state, "step") is None
+        assert x_mapper(state, "time")([1, 51, 100]) == pytest.approx([0.8, 40.8, 80.0], abs=1e-3)  # since step 0
+        assert x_mapper(state, "tokens")([10, 100]) == [163840.0, 1638400.0]
+        plot = app.query_one(RunView).query_one(".loss-plot", MetricPlot)
+        for expected in ("time", "tokens", "step"):
+            await pilot.press("x")
+            await wait_for(pilot, lambda: plot.x_axis == expected, what=f"x axis {expected}")
+
+    run_app(app, body)
+
+
+def test_overlay_key_draws_every_run_in_its_fixed_colour(tmp_path):
+    from monitor.widgets.plot import PALETTE, OverlayPlot, render_plot
+
+    paths = [write_run(tmp_path / f"r{i}.jsonl", 60, seed=i) for i in range(3)]
+    app = make_app(paths, **FAST)
+
+    async def body(pilot):
+        await wait_for(pilot, lambda: all(shown_step(app, i) == 60 for i in range(3)), what="three runs")
+        overlay = app.query_one(OverlayPlot)
+        assert not overlay.display
+        await pilot.press("o")
+        await wait_for(pilot, lambda: overlay.display and not app.query_one("#runs").display, what="overlay shown")
+        text, legend = render_plot(overlay.runs[0][1], ("loss/total",), 80, 12, overlay=overlay.runs)
+        assert [c for _, c, _ in legend] == list(PALETTE[:3])
+        assert all(f"38;5;{c}m" in text for c in PALETTE[:3])
+        await pilot.press("o")
+        await wait_for(pilot, lambda: not overlay.display, what="side by side again")
+
+    run_app(app, body, size=(160, 44))

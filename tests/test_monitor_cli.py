@@ -25,7 +25,7 @@ def test_check_clean_run_exits_zero(tmp_path, capsys):
     assert main(["--check", str(tmp_path / "run")]) == 0  # RUN_DIR form; start + 800 steps + 8 evals
     out, err = capsys.readouterr()
     assert out == ""
-    assert f"{path}: 809 records, last step 800, 0 alerts, 0 corrupt lines" in err
+    assert f"{path}: 809 records, last step 800, 0 alerts (0 warning/error), 0 corrupt lines" in err
 
 
 def test_check_prints_alerts_with_steps_and_exits_one(tmp_path, capsys):
@@ -75,9 +75,11 @@ def test_check_several_files_prefixes_alerts(tmp_path, capsys):
 
 
 def test_parser_maps_flags_to_config():
-    args = build_parser().parse_args(["--osc-window", "30", "--osc-min-reversals", "6", "--plateau-window", "80", "x"])
+    args = build_parser().parse_args(["--osc-window", "30", "--osc-power-ratio", "60", "--plateau-window", "80",
+                                      "--straggler-factor", "1.5", "--grad-clip", "1", "x"])
     cfg = config_from_args(args)
-    assert (cfg.osc_window, cfg.osc_min_reversals, cfg.plateau_window, cfg.kl_threshold) == (30, 6, 80, 8.0)
+    assert (cfg.osc_window, cfg.osc_power_ratio, cfg.plateau_window, cfg.kl_threshold) == (30, 60.0, 80, 8.0)
+    assert (cfg.straggler_factor, cfg.grad_clip, cfg.throughput_factor) == (1.5, 1.0, 0.7)
 
 
 @pytest.mark.timeout(60)

@@ -71,3 +71,47 @@ def test_two_runs_jumped_to_alert(snap_compare, tmp_path):
     )
     app = make_app([a, b], **FAST)
     assert snap_compare(app, terminal_size=(160, 44), run_before=loaded([500, 500]), press=["j", "_"])
+
+
+def with_ranks(lines: list[str], slow_rank: int, from_step: int) -> list[str]:
+    """Add the trainer's per-rank keys (npt_ds.rank_stats) to the train lines: 4 ranks, one slowed."""
+    import json
+
+    out = []
+    for line in lines:
+        rec = json.loads(line)
+        if rec.get("event") == "train":
+            own = [0.50, 0.52, 0.51, 0.49]
+            if rec["step"] >= from_step:
+                own[slow_rank] = 0.95
+            mem = [2.10, 2.12, 2.11, 2.30]
+            slowest = own.index(max(own))
+            rec.update({"time/step_s": max(own) + 0.01, "time/step_max_s": max(own), "time/step_min_s": min(own),
+                        "time/step_median_s": sorted(own)[1:3][0] / 2 + sorted(own)[1:3][1] / 2,
+                        "time/slowest_rank": slowest, "mem/peak_alloc_gb": max(mem), "mem/peak_rank": 3,
+                        "perf/tflops_per_device": 412.0, "perf/mfu": 0.4166})
+            rec.update({f"rank/{r}/step_s": own[r] for r in range(4)})
+            rec.update({f"rank/{r}/mem_gb": mem[r] for r in range(4)})
+        out.append(json.dumps(rec))
+    return out
+
+
+def test_ranks_panel_with_a_straggler(snap_compare, tmp_path):
+    path = tmp_path / "run" / "metrics.jsonl"
+    path.parent.mkdir(parents=True)
+    path.write_text("\n".join(with_ranks(synth_lines(300, run_name="four-ranks", total_steps=600), 2, 250)) + "\n")
+    app = make_app([path.parent], **FAST)
+    assert snap_compare(app, terminal_size=(140, 44), run_before=loaded([300]))
+
+
+def test_smoothed_plots(snap_compare, tmp_path):
+    path = write_run(tmp_path / "run" / "metrics.jsonl", 400, run_name="smoothed", total_steps=400, noise=0.08)
+    app = make_app([path.parent], **FAST)
+    assert snap_compare(app, terminal_size=(120, 40), run_before=loaded([400]), press=["e", "e", "_"])
+
+
+def test_three_runs_overlaid(snap_compare, tmp_path):
+    paths = [write_run(tmp_path / name / "metrics.jsonl", 300, run_name=name, total_steps=300, seed=i)
+             for i, name in enumerate(("lr-1e-3", "lr-3e-3", "lr-1e-2"))]
+    app = make_app(paths, **FAST)
+    assert snap_compare(app, terminal_size=(140, 40), run_before=loaded([300, 300, 300]), press=["o", "_"])

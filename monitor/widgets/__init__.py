@@ -6,6 +6,7 @@ from .help import HelpScreen
 from .layers import LayerTable
 from .picker import MetricPickerScreen
 from .plot import MetricPlot
+from .ranks_panel import RanksPanel
 from .run_view import RunView
 
-__all__ = ["AlertsPanel", "HelpScreen", "LayerTable", "MetricPickerScreen", "MetricPlot", "RunHeader", "RunView"]
+__all__ = ["AlertsPanel", "HelpScreen", "LayerTable", "MetricPickerScreen", "MetricPlot", "RanksPanel", "RunHeader", "RunView"]

@@ -40,10 +40,15 @@ def help_renderable(cfg: AlertConfig) -> Table:
     grid.add_row("grad_spike", f"grad_norm > {cfg.grad_spike_factor:g}x median of last {cfg.grad_spike_window}")
     grid.add_row(
         "oscillation",
-        f">= {cfg.osc_min_reversals} reversals of the EMA({cfg.osc_ema_alpha:g}) loss, each >= "
-        f"{cfg.osc_rel_amplitude:.0%} of its level, within {cfg.osc_window} steps",
+        f"a periodic swing of the loss (period 4..{cfg.osc_window // 2}) >= {cfg.osc_power_ratio:g}x the run's "
+        f"noise floor, >= {cfg.osc_min_amplitude:.0%} of its level, in the last {cfg.osc_window} steps",
     )
     grid.add_row("plateau", f"mean loss of the last {cfg.plateau_window // 2} steps >= the {cfg.plateau_window // 2} before")
+    grid.add_row("straggler", f"slowest rank's step > {cfg.straggler_factor:g}x the median rank's, "
+                              f"{cfg.straggler_consecutive} log steps in a row")
+    grid.add_row("memory_growth", f"peak memory up >= {cfg.memory_growth_min_rel:.0%} at {cfg.memory_growth_marks} "
+                                  "evals/checkpoints in a row")
+    grid.add_row("throughput_drop", f"tokens/s < {cfg.throughput_factor:g}x its running median")
     return grid
 
 

@@ -22,9 +22,11 @@ from .alerts_panel import AlertsPanel
 from .header import RunHeader
 from .layers import LayerTable
 from .plot import MetricPlot
+from .ranks_panel import RanksPanel
 
 DEFAULT_JUMP_SPAN = 200
 LOADING_PLOT_INTERVAL = 1.0
+PLOT_EVERY_REFRESHES = 8  # while tailing, plots redraw every 8th refresh tick at most (2 s by default)
 
 
 def default_components(keys: list[str]) -> tuple[str, ...]:
@@ -45,12 +47,14 @@ class RunView(Vertical):
         self.run = Run(path, config)
         self.poll_interval = poll_interval
         self.refresh_interval = refresh_interval
+        self.plot_interval = PLOT_EVERY_REFRESHES * refresh_interval
         self.tailer: TailerThread | None = None
         self.components: tuple[str, ...] | None = None  # None: default_components
         self._shown_version = -1
         self._shown_lines = 0
         self._shown_view: tuple | None = None
         self.n_batches = 0
+        self.loaded_once = False  # the file as found at start is read: later error alerts are news
         # a big backlog is being read: plots refresh at most every LOADING_PLOT_INTERVAL
         # (not ``loading``: that is Textual's reactive that covers the widget with a spinner)
         self.backlog = False
@@ -64,12 +68,15 @@ class RunView(Vertical):
         yield MetricPlot(state, (), classes="components-plot")
         with Horizontal(classes="bottom"):
             yield LayerTable()
+            yield RanksPanel()
             yield AlertsPanel()
 
     def on_mount(self) -> None:
         self.query_one(".loss-plot", MetricPlot).border_title = "total loss"
         self.query_one(".components-plot", MetricPlot).border_title = "components (m: pick)"
         self.query_one(LayerTable).border_title = "layers"
+        self.query_one(RanksPanel).border_title = "ranks (* slowest)"
+        self.query_one(RanksPanel).display = False
         self.query_one(AlertsPanel).border_title = "Alerts (0)"
         self.query_one(RunHeader).info = self.run.state.header(waiting=True)
         self.tailer = TailerThread(self.run.path, self._from_thread, interval=self.poll_interval)
@@ -93,17 +100,31 @@ class RunView(Vertical):
         message.stop()
         try:
             batch = message.batch
-            self.run.apply(batch)
+            new = self.run.apply(batch)
             self.n_batches += 1
+            if self.loaded_once:
+                self.announce([a for a in new if a.severity == "error"])
             finished = self.backlog and not batch.more
             self.backlog = batch.more
+            self.loaded_once = self.loaded_once or not batch.more
             if batch.reset:
                 self.notify(f"{self.run.path.name} was {batch.reason}: reloaded", severity="warning", timeout=4)
             if finished or self.n_batches == 1:
+                self._last_full = 0.0  # not throttled: the plots show it too
                 self.refresh_view()  # the first data / the whole backlog: show it now, not at the next tick
         finally:
             if self.tailer is not None:
                 self.tailer.done()
+
+    def announce(self, errors: list) -> None:
+        """New error alerts (not the ones already in the file at start): a notification and the bell."""
+        if not errors:
+            return
+        first = errors[0]
+        more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
+        self.notify(f"{self.run.state.display_name}: {first.format()}{more}", severity="error", timeout=8)
+        if getattr(self.app, "bell_on_error", False):
+            self.app.bell()
 
     # -- view ----------------------------------------------------------------------
     @property
@@ -142,29 +163,37 @@ class RunView(Vertical):
             header.pending = max(0, state.n_lines - self._shown_lines)
             return
         header.pending = 0
-        view = (self.x_range(), jump, self.current_components(), getattr(app, "log_y", False))
+        view = (self.x_range(), jump, self.current_components(), getattr(app, "log_y", False),
+                getattr(app, "smooth", 0.0), getattr(app, "x_axis", "step"))
         if state.version == self._shown_version and view == self._shown_view:
             return
+        same_view = view == self._shown_view
         self._shown_version = state.version
         self._shown_lines = state.n_lines
         self._shown_view = view
         header.info = state.header(waiting=not self.run.exists)
         header.n_alerts = len(self.run.alerts)
+        self.query_one(AlertsPanel).sync(self.run.alerts, self.run.dropped_alerts)  # not throttled: alerts are news
         now = time.monotonic()
-        if self.backlog and not force and now - self._last_full < LOADING_PLOT_INTERVAL:
+        # plots and table redraw at most once per plot_interval while new lines arrive (the monitor's CPU
+        # cost while tailing), at once when the view changed (a key press)
+        wait = LOADING_PLOT_INTERVAL if self.backlog else (self.plot_interval if same_view else 0.0)
+        if not force and now - self._last_full < wait:
             self._shown_version = -1  # header is current; plots/table catch up later
             return
         self._last_full = now
-        x_range, marker, components, log_y = view
+        x_range, marker, components, log_y, smooth, x_axis = view
         for plot in self.query(MetricPlot):
             if plot.has_class("components-plot"):
                 plot.metrics = components
             plot.x_range = x_range
             plot.marker = marker
             plot.log_y = log_y
+            plot.smooth = smooth
+            plot.x_axis = x_axis
             plot.version = state.version
         self.query_one(LayerTable).show_layers(state.layers())
-        self.query_one(AlertsPanel).sync(self.run.alerts, self.run.dropped_alerts)
+        self.query_one(RanksPanel).show(state.latest)
 
     def selected_alert(self) -> Alert | None:
         return self.query_one(AlertsPanel).selected_alert
