@@ -97,6 +97,7 @@ def swept(tmp_path_factory):
     return sweep, before, out.stdout
 
 
+@pytest.mark.slow
 def test_finished_run_is_not_rerun(swept):
     sweep, before, stdout = swept
     done = sweep.variants[0]
@@ -105,6 +106,7 @@ def test_finished_run_is_not_rerun(swept):
     assert not (sweep.run_dir(done, 0) / "sweep_status.json").exists()  # the sweep never launched it
 
 
+@pytest.mark.slow
 def test_half_done_run_resumes_from_its_checkpoint(swept):
     sweep, _, stdout = swept
     rows = metric_rows(sweep.run_dir(sweep.variants[1], 0))
@@ -114,6 +116,7 @@ def test_half_done_run_resumes_from_its_checkpoint(swept):
     assert "[2/3] half seed 0: done" in stdout
 
 
+@pytest.mark.slow
 def test_failing_run_is_a_row_with_its_error(swept):
     sweep, _, stdout = swept
     results = json.loads((sweep.sweep_dir / "results.json").read_text())
@@ -136,3 +139,33 @@ def test_failing_run_is_a_row_with_its_error(swept):
     assert by_name["half"]["wall_s"] > 0 and by_name["done"]["wall_s"] is None  # run outside the sweep
     plot = (sweep.sweep_dir / "results_plot.txt").read_text()
     assert f"  1  {by_name['done']['ppl_ratio']:.4f}  done" in plot and "broken" not in plot
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
+def test_committed_sweep_files_validate(path):
+    sweep = load_sweep(path)  # every variant's config goes through load_config
+    assert len(sweep.seeds) >= 2 and sweep.variants
+
+
+def test_mean_and_spread_over_seeds(tmp_path):
+    from npt_ds.tools.sweep_report import collect, markdown
+
+    path = tmp_path / "s.yaml"
+    path.write_text(f"base: {REPO}/configs/tiny_debug.yaml\nsweep_dir: {tmp_path}/out\nseeds: [0, 1, 2]\n"
+                    "set: [schedule.total_steps=4]\nvariants: [{name: a}]\n")
+    sweep = load_sweep(path)
+    for seed, (base, npt, mse) in enumerate([(10.0, 11.0, 0.5), (10.0, 13.0, 0.7)]):  # seed 2 never ran
+        run = sweep.run_dir(sweep.variants[0], seed)
+        run.mkdir(parents=True)
+        rows = [{"step": 0, "event": "eval", "eval/ppl_base": 1.0, "eval/ppl_npt": 9.0, "eval/fidelity_mse": 9.0},
+                {"step": 4, "event": "train", "tokens_per_s": 100.0 * (seed + 1)},
+                {"step": 4, "event": "eval", "eval/ppl_base": base, "eval/ppl_npt": npt, "eval/fidelity_mse": mse,
+                 "eval/layer/3/direct_mse_student_in": mse * 2, "eval/layer/3/v_a_attn_sim": 0.1 * (seed + 1)}]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (row,) = collect(sweep)["variants"]
+    assert row["ppl_ratio"] == pytest.approx(1.2) and row["ppl_ratio_spread"] == pytest.approx(0.1414213562, rel=1e-9)
+    assert row["fidelity_mse"] == pytest.approx(0.6) and row["tokens_per_s"] == pytest.approx(150.0)
+    assert row["direct_mse_student_in"] == {"3": pytest.approx(1.2)} and row["v_a_attn_sim"] == {"3": pytest.approx(0.15)}
+    assert row["seeds_done"] == 2 and row["failed_seeds"] == [2] and row["error"] == "not run yet"
+    assert "| a | 2/3 | 1.2 ± 0.14 | 0.6 ± 0.14 | 3:1.2 | 3:0.15 | 150 ± 71 | - | not run yet |" in markdown(
+        collect(sweep))
