@@ -9,7 +9,11 @@ export TOKENIZERS_PARALLELISM := false
 export WANDB_MODE ?= offline
 export HF_HUB_OFFLINE := 1
 
+<<<<<<< HEAD
 .PHONY: setup system-deps test test-fast demo prepare-demo bench monitor monitor-demo clean
+=======
+.PHONY: setup test test-fast demo sweep prepare-demo bench monitor monitor-demo clean
+>>>>>>> issue17
 
 setup: $(STAMP)
 
@@ -38,6 +42,9 @@ DEMO_multi_layer := loss.projection_consistency=0.5 loss.kd_weight=1.0
 demo: setup        ## train NPT on SmolLM2-135M + Shakespeare, 2 CPU ranks, ZeRO-3 (MODE=multi_layer switches mode)
 	PATH=$(abspath $(VENV))/bin:$$PATH PYTHON=$(abspath $(PY)) bash launch/train_local.sh configs/smollm2_demo.yaml \
 	    $(if $(MODE),schedule.mode=$(MODE) logging.run_dir=runs/demo-$(MODE) $(DEMO_$(MODE))) $(ARGS)
+
+sweep: setup       ## run an ablation sweep (SWEEP=sweeps/demo_ablation.yaml; resumable; see docs/ablations.md)
+	PATH=$(abspath $(VENV))/bin:$$PATH $(VENV)/bin/npt-ds sweep $(or $(SWEEP),sweeps/demo_ablation.yaml) $(ARGS)
 
 prepare-demo: setup  ## tokenise the demo's plays once into data/prepared/ (then: make demo ARGS="data.source=prepared ...")
 	$(VENV)/bin/npt-ds prepare shakespeare --tokenizer smollm2 --out data/prepared/shakespeare

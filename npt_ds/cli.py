@@ -1,9 +1,11 @@
-"""`npt-ds` command line: prepare, train, convert, eval, plan, generate, export, inject, inject-eval.
+"""`npt-ds` command line: prepare, train, sweep, convert, eval, plan, generate, export, inject, inject-eval.
 
     npt-ds prepare shakespeare --tokenizer smollm2 --out data/prepared/shakespeare
     npt-ds train configs/smollm2_demo.yaml [key.path=value ...]
     npt-ds convert --layers upper_half --out runs/np-init
     npt-ds eval [--np runs/demo/checkpoints/step-00000200/np] [--layers upper_half]
+    npt-ds eval --np NP_DIR --data data/prepared/shakespeare-eval --batches 64 [--bootstrap 2000]
+    npt-ds sweep sweeps/demo_ablation.yaml [--dry-run]
     npt-ds plan configs/llama3_8b_multinode.yaml --nodes 2 --gpus-per-node 8 --gpu-mem 80
     npt-ds generate --np NP_DIR --prompt "To be, or not" [--temperature 0.8 --top-p 0.9]
     npt-ds export --np NP_DIR --out HF_DIR
@@ -15,7 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config import ConfigError, DataConfig, ModelConfig, NPTConfig
+from .config import ConfigError, ModelConfig, NPTConfig
 
 
 def _model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,6 +56,11 @@ def run_eval(args) -> int:
     from .distributed import init_distributed
     from .evaluate import evaluate
     from .model import convert_model, load_base_model, load_np_weights, load_tokenizer
+    from .tools.bootstrap import bootstrap_ratio
+    from .tools.eval_data import describe, eval_data_config
+
+    data = eval_data_config(args.data, args.batches, args.seq_len, split=args.split,
+                            holdout=[h for h in (args.holdout or "").split(",") if h])
 
     init_distributed()
     torch.manual_seed(args.seed)
@@ -66,13 +73,28 @@ def run_eval(args) -> int:
     else:
         layers = convert_model(model, _npt_config(args))
         source = "freshly initialised NP components"
-    data = DataConfig(eval_batches=args.batches, eval_seq_len=args.seq_len)
-    result = evaluate(model, eval_batches(data, load_tokenizer(mcfg)))
-    print(f"held-out Shakespeare ({', '.join(data.eval_holdout)}), {result['eval/tokens']} tokens; "
+    result = evaluate(model, eval_batches(data, load_tokenizer(mcfg)), per_window=True)
+    win = result.pop("windows")
+    print(f"{describe(data)}, {len(win['tokens'])} windows, {result['eval/tokens']} tokens; "
           f"NPT layers {layers} ({source})")
     print(f"  base perplexity  {result['eval/ppl_base']:10.3f}")
     print(f"  NPT perplexity   {result['eval/ppl_npt']:10.3f}")
+    if len(win["tokens"]) >= 2:
+        ci = bootstrap_ratio(win["nll_base"], win["nll_npt"], win["tokens"], resamples=args.bootstrap,
+                             seed=args.seed)
+        result.update({"eval/ppl_ratio": ci.ratio, "eval/ppl_ratio_low": ci.low, "eval/ppl_ratio_high": ci.high})
+        print(f"  NPT/base ratio   {ci.ratio:10.4f}  95% CI [{ci.low:.4f}, {ci.high:.4f}] "
+              f"(bootstrap over {ci.windows} windows, {ci.resamples} resamples, seed {args.seed})")
+    else:
+        result["eval/ppl_ratio"] = result["eval/ppl_npt"] / result["eval/ppl_base"]
+        print(f"  NPT/base ratio   {result['eval/ppl_ratio']:10.4f}  (an interval needs >= 2 windows: raise --batches)")
     print(f"  fidelity MSE     {result['eval/fidelity_mse']:10.4g}  (final hidden state, NPT vs base)")
+    if args.out:
+        import json
+
+        with open(args.out, "w") as f:
+            json.dump({**result, "windows": win}, f, indent=2)
+        print(f"wrote {args.out}")
     return 0
 
 
@@ -198,8 +220,17 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="base vs NPT perplexity on held-out Shakespeare plays")
     _model_arguments(ev)
     ev.add_argument("--np", help="NP weights dir (from convert or a checkpoint's np/); default: fresh init")
-    ev.add_argument("--batches", type=int, default=4)
+    ev.add_argument("--data", help="held-out text: a prepared dir, local files (a,b), 'shakespeare' (default: "
+                    "the held-out plays) or a hub dataset")
+    ev.add_argument("--split", default="validation", help="hub dataset split (with --data NAME)")
+    ev.add_argument("--holdout", help="Shakespeare plays held out, e.g. hamlet,tempest (default: the recipe's)")
+    ev.add_argument("--batches", type=int, default=4, help="held-out windows (one per batch)")
     ev.add_argument("--seq-len", type=int, default=256)
+    ev.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the ratio's 95%% interval")
+    ev.add_argument("--out", help="write the numbers (and per-window NLL sums) as JSON here")
+    sweep = sub.add_parser("sweep", help="run a base recipe under a list/grid of overrides and seeds; tabulate")
+    sweep.add_argument("sweep_file", help="sweep YAML (sweeps/*.yaml)")
+    sweep.add_argument("--dry-run", action="store_true", help="list the runs and their commands, run nothing")
     add_plan_subparser(sub)
     _add_tool_parsers(sub)
     return parser
@@ -220,6 +251,10 @@ def main(argv: list[str] | None = None) -> int:
             from .plan import run_plan
 
             return run_plan(args)
+        if args.command == "sweep":
+            from .tools.sweep import run_sweep
+
+            return run_sweep(args)
         return {"convert": run_convert, "eval": run_eval, "generate": run_generate, "export": run_export,
                 "inject": run_inject, "inject-eval": run_inject_eval}[args.command](args)
     except (ConfigError, FileNotFoundError, ValueError) as exc:

@@ -75,7 +75,7 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return values
     t = torch.tensor(values, dtype=torch.float64, device=_device())
-    dist.all_reduce(t)
+    WAIT.timed(dist.all_reduce, t)  # a peer still computing is its time, not ours (rank_stats)
     return t.tolist()
 
 

@@ -8,6 +8,9 @@ stage (a training step's ``layer/{i}/direct_mse`` depends on the stage's mixing 
 * ``eval/layer/{i}/direct_mse_student_in`` -- inside the full NPT model (ρ = 1, every NPT layer
   active): what inference sees, upstream NPT error included;
 * ``eval/layer/{i}/v_a_attn_sim`` -- :func:`npt_ds.model.diagnostics.attn_alignment` on the teacher input.
+
+With ``per_window=True`` the result also holds ``windows``: this rank's per-window NLL sums of base and NPT
+and token counts, in batch order (what :mod:`npt_ds.tools.bootstrap` resamples for a confidence interval).
 """
 from __future__ import annotations
 
@@ -24,7 +27,8 @@ from .model.np_component import NPExtras
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: list[torch.Tensor], device: torch.device | str | None = None) -> dict[str, float]:
+def evaluate(model: nn.Module, batches: list[torch.Tensor], device: torch.device | str | None = None,
+             per_window: bool = False) -> dict:
     """Perplexity of the teacher (base) and the NPT student (all NPT layers active) on `batches`.
 
     `batches` may live on the host: each is moved to `device` (default: where the model's embedding
@@ -35,15 +39,23 @@ def evaluate(model: nn.Module, batches: list[torch.Tensor], device: torch.device
     sums: dict[str, torch.Tensor] = {}
     counts = {"tokens": 0, "count": 0, "batches": 0}  # host integers: known without a device read
 
+    rows: dict[str, list[torch.Tensor]] = {"nll_base": [], "nll_npt": []}  # (B,) per batch, when per_window
+
     def add(key: str, value: torch.Tensor) -> None:
         sums[key] = sums[key] + value.double() if key in sums else value.double()
+
+    def add_nll(key: str, logits: torch.Tensor, ids: torch.Tensor) -> None:
+        per_token = next_token_ce(logits, ids, reduction="none").view(ids.shape[0], -1).double()
+        add(key, per_token.sum())
+        if per_window:
+            rows[key].append(per_token.sum(dim=1))
 
     for ids in batches:
         ids = ids.to(device, non_blocking=True)
         out = fused_forward(model, ids, mixing_ratio=1.0, student_stream=True, want_logits=True)
         labels = ids[:, 1:]
-        add("nll_base", next_token_ce(out.teacher_logits, ids, reduction="sum"))
-        add("nll_npt", next_token_ce(out.student_logits, ids, reduction="sum"))
+        add_nll("nll_base", out.teacher_logits, ids)
+        add_nll("nll_npt", out.student_logits, ids)
         add("fid", F.mse_loss(out.student_hidden.float(), out.teacher_hidden.float(), reduction="sum"))
         counts["tokens"] += labels.numel()
         counts["count"] += out.student_hidden.numel()
@@ -60,6 +72,10 @@ def evaluate(model: nn.Module, batches: list[torch.Tensor], device: torch.device
               "eval/ppl_npt": _ppl(total["nll_npt"] / total["tokens"]),
               "eval/fidelity_mse": total["fid"] / total["count"], "eval/tokens": int(total["tokens"])}
     result.update({f"eval/{k}": v / total["batches"] for k, v in total.items() if k.startswith("layer/")})
+    if per_window:
+        windows = {k: torch.cat(v).tolist() if v else [] for k, v in rows.items()}
+        windows["tokens"] = [b.shape[1] - 1 for b in batches for _ in range(b.shape[0])]
+        result["windows"] = windows
     return result
 
 
