@@ -9,11 +9,7 @@ export TOKENIZERS_PARALLELISM := false
 export WANDB_MODE ?= offline
 export HF_HUB_OFFLINE := 1
 
-<<<<<<< HEAD
-.PHONY: setup system-deps test test-fast demo prepare-demo bench monitor monitor-demo clean
-=======
-.PHONY: setup test test-fast demo sweep prepare-demo bench monitor monitor-demo clean
->>>>>>> issue17
+.PHONY: setup system-deps test test-fast demo sweep prepare-demo bench monitor monitor-demo clean
 
 setup: $(STAMP)
 
