@@ -414,18 +414,31 @@ class ThroughputDropDetector(_Detector):
         self.ordered: list[float] = []
         self.settle = 0
         self.active = False
+        self.schedule: tuple | None = None  # schedule_keys values of the last train line
         self.last: deque[float] = deque(maxlen=max(1, cfg.throughput_recent))
+
+    def restart(self) -> None:
+        """A new curriculum stage / mixing ratio / sequential layer costs another amount per step by design."""
+        self.recent.clear()
+        self.ordered.clear()
+        self.last.clear()
+        self.active = False
 
     def scan(self, batch: Batch) -> Hits:
         hits: Hits = []
         cfg = self.cfg
         rates, events = batch.column(cfg.throughput_key), batch.events
+        schedule_cols = [batch.column(k) for k in cfg.schedule_keys]
         recent, ordered = self.recent, self.ordered
         for i, ev in enumerate(events):
             if ev != "train":
                 if ev in ("eval", "checkpoint", "start"):
                     self.settle = cfg.throughput_settle  # their time is inside the next line's window
                 continue
+            schedule = tuple(col[i] for col in schedule_cols)
+            if self.schedule is not None and schedule != self.schedule:
+                self.restart()
+            self.schedule = schedule
             v = rates[i]
             if not _num(v):
                 continue
