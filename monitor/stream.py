@@ -1,19 +1,18 @@
 """Metric-stream model: parse JSONL lines into records and fold them into a RunState.
 
-Pure Python, no Textual.  One line of ``metrics.jsonl`` is one flat JSON object
-written by the trainer (rank 0).  Any key may be missing; unknown numeric keys are
-kept as series (and offered in the metric picker).  ``NaN``/``Infinity`` tokens
-(Python's json writes them) parse to non-finite floats and are flagged on the
-record so the alert engine can fire.
+Pure Python + numpy, no Textual.  One line of ``metrics.jsonl`` is one flat JSON
+object written by the trainer (rank 0).  Any key may be missing; unknown numeric
+keys are kept as series (and offered in the metric picker).  ``NaN``/``Infinity``
+tokens (Python's json writes them) parse to non-finite floats and are flagged on
+the record so the alert engine can fire.
 
 Memory stays bounded for huge files: every numeric key gets a :class:`Series`
 that stores at most ``max_points`` points; when full it drops every other point
 and doubles its stride (the newest value is always kept exactly).
 
-Speed (a 100k-line file, ~93 MB, loads in about a second): lines are decoded
-thousands per ``json`` call (:func:`parse_lines`, with the same result as one call
-per line), and a :class:`Batch` is folded key by key, with C-level loops
-(``map``/``itemgetter``, ``array``) instead of Python loops over the records.
+Speed (100k lines, ~93 MB): lines are decoded thousands per ``json`` call
+(:func:`parse_lines`, same result as one call per line), and a :class:`Batch`
+is folded key by key as numpy columns (:meth:`Batch.numeric`).
 """
 
 from __future__ import annotations
@@ -22,26 +21,17 @@ import json
 import math
 import re
 from array import array
-from bisect import bisect_left, bisect_right
 from collections import Counter
 from dataclasses import dataclass
-from itertools import accumulate, compress, islice, repeat
-from operator import eq as _eq, itemgetter, le as _le, ne as _ne
+from itertools import compress, repeat
+from operator import eq, itemgetter
 from pathlib import Path
 from typing import Iterable, Sequence
 
-__all__ = [
-    "CorruptLine",
-    "HeaderInfo",
-    "Batch",
-    "RunState",
-    "Series",
-    "format_eta",
-    "format_rate",
-    "metrics_path",
-    "parse_line",
-    "parse_lines",
-]
+import numpy as np
+
+__all__ = ["CorruptLine", "HeaderInfo", "Batch", "RunState", "Series", "format_eta", "format_rate", "metrics_path",
+           "parse_line", "parse_lines"]
 
 #: keys that are not metrics (never plotted); ``run/*`` keys are metadata too
 NON_METRIC_KEYS = frozenset({"step", "time"})
@@ -78,8 +68,16 @@ def _as_int(v: object) -> int | None:
     return None
 
 
+def _last(col: list, ok=None) -> object:
+    """The last ``v`` of ``col`` that is not ``None`` and passes ``ok`` (``None`` if there is none)."""
+    for v in reversed(col):
+        if v is not None and (ok is None or ok(v)):
+            return v
+    return None
+
+
 class Batch:
-    """Consecutive parsed lines in columnar-friendly form.
+    """Consecutive parsed lines, read as columns.
 
     ``records[i]`` is the JSON object of line ``line_nos[i]``; ``maybe_nonfinite``
     lists the indices whose raw text contains ``NaN``/``Infinity`` (a cheap
@@ -88,30 +86,20 @@ class Batch:
     last step seen) and ``events`` (default ``"train"``).
     """
 
-    __slots__ = (
-        "records", "line_nos", "maybe_nonfinite", "steps", "events", "last_step", "monotonic",
-        "_cols", "_keys", "_runs", "_xs",
-    )
-
-    def __init__(
-        self,
-        records: list[dict] | None = None,
-        line_nos: list[int] | None = None,
-        maybe_nonfinite: list[int] | None = None,
-    ) -> None:
+    def __init__(self, records: list[dict] | None = None, line_nos: list[int] | None = None,
+                 maybe_nonfinite: list[int] | None = None) -> None:
         self.records = records if records is not None else []
-        self.line_nos = line_nos if line_nos is not None else list(range(1, len(self.records) + 1))
-        if maybe_nonfinite is None:  # built from dicts: check every record
-            maybe_nonfinite = list(range(len(self.records)))
-        self.maybe_nonfinite = maybe_nonfinite
+        n = len(self.records)
+        self.line_nos = line_nos if line_nos is not None else list(range(1, n + 1))
+        self.maybe_nonfinite = maybe_nonfinite if maybe_nonfinite is not None else list(range(n))
         self.steps: list[int] | None = None
+        self.x = np.empty(0)  # steps as floats (a Series' x)
         self.events: list[str] = []
         self.last_step: int | None = None
-        self.monotonic = True
+        self._grp: list | None = None
         self._cols: dict[str, list] = {}
-        self._keys: set[str] | None = None
-        self._runs: list[tuple[int, int, dict[str, list]]] | None = None  # see _runs_of
-        self._xs: dict[tuple[int, ...] | None, tuple[list[int], array]] = {}
+        self._num: dict[str, tuple] = {}
+        self._train: np.ndarray | None = None
 
     @classmethod
     def from_dicts(cls, records: Iterable[dict], first_line_no: int = 1) -> "Batch":
@@ -127,161 +115,127 @@ class Batch:
             return self
         col = self.column("step")
         if col and set(map(type, col)) == {int}:  # every line has an int step
-            steps = list(col)
-            have = steps[-1]
+            steps, have = list(col), col[-1]
         else:
-            steps = []
-            append = steps.append
-            have = last_step
+            steps, have = [], last_step
             cur = 0 if last_step is None else last_step
-            for s in col:
-                if type(s) is not int:
-                    s = _as_int(s)
+            for s in map(_as_int, col):
                 if s is not None:
                     cur = have = s
-                append(cur)
-        self.steps = steps
-        self.last_step = have
+                steps.append(cur)
+        self.steps, self.last_step = steps, have
+        self.x = np.array(steps, dtype=float)
         self.events = [e if type(e) is str and e else TRAIN_EVENT for e in self.column("event")]
-        self.monotonic = all(map(_le, steps, islice(steps, 1, None)))
         return self
 
     def keys(self) -> set[str]:
         """Every key that occurs in the batch (a fresh set)."""
-        if self._keys is None:
-            self._build_columns()
-        return set(self._keys)  # type: ignore[arg-type]
+        return set().union(*(g[2] for g in self._groups()))
 
     def precompute(self) -> "Batch":
-        """Do the per-key work now (the tailer thread does this, off the UI thread)."""
-        if self._keys is None:
-            self._build_columns()
+        """Build every column now (the tailer thread does this, off the UI thread)."""
+        for key in self.keys():
+            self.numeric(key)
         return self
-
-    def _build_columns(self) -> None:
-        """Gather the values of every key (see :func:`_runs_of`).
-
-        The full columns (``None`` where a record lacks the key) are made from
-        the runs when :meth:`column` asks for them.
-        """
-        recs = self.records
-        runs = _runs_of(recs)
-        if runs is None:  # keys vary from line to line: one key at a time
-            keys = set().union(*recs)
-            cols = self._cols
-            for key in keys:
-                if key not in cols:
-                    cols[key] = [o.get(key) for o in recs]
-            self._keys = keys
-            return
-        keys: set[str] = set()
-        for run in runs:
-            keys.update(run[2])
-        self._keys = keys
-        self._runs = runs
 
     def column(self, key: str) -> list:
         """Values of ``key`` per record (``None`` where missing); cached."""
         col = self._cols.get(key)
-        if col is not None:
-            return col
-        if self._keys is None:
-            self._build_columns()
-            col = self._cols.get(key)
-            if col is not None:
-                return col
-        runs = self._runs
-        if runs is None or key not in self._keys:  # type: ignore[operator]
-            col = [None] * len(self.records)
-        elif len(runs) == 1:
-            col = runs[0][2][key]
-        else:
-            col = []
-            for a, b, values in runs:
-                got = values.get(key)
-                if got is None:
-                    col += repeat(None, b - a)
-                else:
-                    col += got
-        self._cols[key] = col
+        if col is None:
+            col = self._cols[key] = list(map(dict.get, self.records, repeat(key)))
         return col
 
-    def present(self, key: str) -> tuple[list[int], array, list]:
-        """``(steps, the same as array('d'), values)`` of the records that have
+    def _groups(self) -> list[tuple[np.ndarray, list[dict], set[str], dict[str, list] | None]]:
+        """The records by number of keys: ``(indices, records, their keys, the
+        values of each key)``; cached.  The values are gathered with C loops
+        (``map(itemgetter(key), ...)``) over the keys of the group's first record;
+        a ``KeyError`` proves that the group's records differ in keys, and then
+        the values are ``None`` (gathered key by key instead)."""
+        if self._grp is None:
+            recs = self.records
+            lens = np.fromiter(map(len, recs), np.int64, len(recs))
+            self._grp = []
+            for n_keys in np.unique(lens).tolist():
+                idx = (lens == n_keys).nonzero()[0]
+                grp = list(map(recs.__getitem__, idx.tolist()))
+                try:
+                    vals = {k: list(map(itemgetter(k), grp)) for k in grp[0]}
+                    self._grp.append((idx, grp, set(vals), vals))
+                except KeyError:
+                    self._grp.append((idx, grp, set().union(*grp), None))
+        return self._grp
+
+    def numeric(self, key: str) -> tuple[np.ndarray | None, np.ndarray, object, str | None]:
+        """``(idx, ys, last, text)``: the indices of the records whose ``key`` is a
+        number (``None``: every record), those numbers as floats, the last one as
+        read, and the last text value of ``key`` (``None`` if none); cached."""
+        got = self._num.get(key)
+        if got is not None:
+            return got
+        idxs, yss, last, last_at, text, text_at = [], [], None, -1, None, -1
+        for idx, grp, keys, by_key in self._groups():
+            if key not in keys:
+                continue
+            if by_key is not None:
+                vals = by_key[key]
+            else:
+                has = np.fromiter(map(dict.__contains__, grp, repeat(key)), bool, len(grp))
+                idx, vals = idx[has], [o[key] for o in compress(grp, has)]
+            try:
+                ys = np.frombuffer(array("d", vals))  # TypeError: a null, a text or another non-number
+            except TypeError:
+                kinds = list(map(type, vals))
+                if str in kinds:
+                    j = len(kinds) - 1 - kinds[::-1].index(str)
+                    if idx[j] > text_at:
+                        text, text_at = vals[j], idx[j]
+                nums = {t for t in set(kinds) if issubclass(t, (int, float)) and t is not bool}
+                if not nums:
+                    continue
+                ok = np.fromiter(map(nums.__contains__, kinds), bool, len(kinds))
+                idx, vals = idx[ok], list(compress(vals, ok))
+                ys = np.array(vals, dtype=float)
+            if vals:
+                if idx[-1] > last_at:
+                    last, last_at = vals[-1], idx[-1]
+                idxs.append(idx)
+                yss.append(ys)
+        if len(idxs) == 1:
+            idx, ys = idxs[0], yss[0]
+        elif not idxs:
+            idx, ys = np.empty(0, np.int64), np.empty(0)
+        else:  # groups interleave: back to record order
+            idx, ys = np.concatenate(idxs), np.concatenate(yss)
+            order = np.argsort(idx, kind="stable")
+            idx, ys = idx[order], ys[order]
+        got = self._num[key] = (None if len(idx) == len(self) else idx, ys, last, text)
+        return got
+
+    def is_train(self) -> np.ndarray:
+        """Which records are train lines (needs :meth:`prepare`); cached."""
+        if self._train is None:
+            self._train = np.fromiter(map(eq, self.events, repeat(TRAIN_EVENT)), bool, len(self.events))
+        return self._train
+
+    def present(self, key: str) -> tuple[list[int], np.ndarray, list]:
+        """``(steps, the same as floats, values)`` of the records that have
         ``key`` (with a ``null`` value too).  Needs :meth:`prepare`."""
-        steps = self.steps
-        assert steps is not None
-        if self._keys is None:
-            self._build_columns()
-        runs = self._runs
-        sig: tuple[int, ...] | None  # None: every record
-        if runs is None:  # columns built key by key
-            col = self.column(key)
-            sig = tuple(i for i, o in enumerate(self.records) if key in o)
-            if len(sig) == len(col):
-                sig, vals = None, col
-            else:
-                vals = [col[i] for i in sig]
-        else:
-            sig = tuple(i for i, run in enumerate(runs) if key in run[2])
-            if len(sig) == len(runs):
-                sig, vals = None, self.column(key)
-            else:
-                vals = []
-                for i in sig:
-                    vals += runs[i][2][key]
-                sig = (-1, *sig)  # (run indices, not record indices)
-        got = self._xs.get(sig)
-        if got is None:
-            if sig is None:
-                xs = steps
-            elif runs is None:
-                xs = [steps[i] for i in sig]
-            else:
-                xs = []
-                for i in sig[1:]:
-                    xs += steps[runs[i][0] : runs[i][1]]
-            got = self._xs[sig] = (xs, array("d", xs))
-        return got[0], got[1], vals
+        have = [i for i, o in enumerate(self.records) if key in o]
+        col = self.column(key)
+        return [self.steps[i] for i in have], self.x[have], [col[i] for i in have]  # type: ignore[index]
 
     def train_finite(self, key: str) -> list[tuple[int, float]]:
         """(index, value) of finite numeric ``key`` values on train lines."""
         return list(zip(*self.train_finite_columns(key)))
 
     def train_finite_columns(self, key: str) -> tuple[Sequence[int], list]:
-        """:meth:`train_finite` as two columns, ``(indices, values)``; cached."""
-        ck = "\0train:" + key
-        got = self._cols.get(ck)
-        if got is not None:
-            return got  # type: ignore[return-value]
+        """:meth:`train_finite` as two columns, ``(indices, values)``."""
+        idx, ys, _, _ = self.numeric(key)
+        idx = np.arange(len(self)) if idx is None else idx
+        keep = np.isfinite(ys) & self.is_train()[idx]
+        idx = idx[keep].tolist()
         col = self.column(key)
-        events = self.events
-        out = None
-        if events.count(TRAIN_EVENT) == len(col):
-            if col.count(None) == 0:
-                try:
-                    if _isfinite(sum(col)):
-                        out = (range(len(col)), col)
-                except TypeError:
-                    pass
-        else:  # some eval/start lines: take the train ones, checked in C where possible
-            is_train = list(map(_eq, events, repeat(TRAIN_EVENT)))
-            vals = list(compress(col, is_train))
-            if set(map(type, vals)) <= {float, int}:
-                try:
-                    if _isfinite(sum(vals)):
-                        out = (list(compress(range(len(col)), is_train)), vals)
-                except TypeError:
-                    pass
-        if out is None:
-            idx = [
-                i
-                for i, v in enumerate(col)
-                if (type(v) is float or type(v) is int) and _isfinite(v) and events[i] == TRAIN_EVENT
-            ]
-            out = (idx, [col[i] for i in idx])
-        self._cols[ck] = out  # type: ignore[assignment]
-        return out
+        return idx, [col[i] for i in idx]
 
     def nonfinite_keys(self, i: int) -> list[str]:
         return [
@@ -289,129 +243,38 @@ class Batch:
         ]
 
 
-def _run_bounds(items: list) -> list[int]:
-    """Where each run of equal consecutive items starts, then ``len(items)``."""
-    n = len(items)
-    bounds = [0]
-    if n > 1:
-        changed = list(map(_ne, items[1:], items[:-1]))
-        i = -1
-        try:
-            while True:
-                i = changed.index(True, i + 1)
-                bounds.append(i + 1)
-        except ValueError:
-            pass
-    if n:
-        bounds.append(n)
-    return bounds
-
-
-def _runs_of(recs: list[dict]) -> list[tuple[int, int, dict[str, list]]] | None:
-    """Split ``recs`` into runs of records with the same keys; each run is
-    ``(start, end, {key: its values})``.  ``None`` when there are too many runs
-    for this to pay off.
-
-    A run is first guessed from the number of keys, then each key's values are
-    fetched with ``map(itemgetter(key), ...)``: C loops that allocate no object
-    per record (so the GC stays asleep), and a ``KeyError`` proves that a record
-    has other keys than the first one of its run.
-    """
-    n = len(recs)
-    limit = max(64, n // 8)
-    runs: list[tuple[int, int, dict[str, list]]] = []
-    bounds = _run_bounds(list(map(len, recs)))
-    if len(bounds) > limit:
-        return None
-    for a, b in zip(bounds, bounds[1:]):
-        part = recs[a:b]
-        try:
-            runs.append((a, b, {k: list(map(itemgetter(k), part)) for k in part[0]}))
-            continue
-        except KeyError:  # the same number of keys, not the same keys
-            pass
-        shapes = [frozenset(o) for o in part]
-        sub = _run_bounds(shapes)
-        if len(runs) + len(sub) > limit:
-            return None
-        for c, d in zip(sub, sub[1:]):
-            piece = part[c:d]
-            runs.append((a + c, a + d, {k: list(map(itemgetter(k), piece)) for k in piece[0]}))
-    return runs
-
-
-_scan_once = json.JSONDecoder().scan_once  # the C scanner, minus json.loads' Python wrappers
 _decode = json.JSONDecoder().decode  # strict (the default): no raw control character inside a string
-
-
-def _loads(raw: bytes | str) -> object:
-    """``json.loads`` for one line; raises ValueError (incl. JSONDecodeError)."""
-    if type(raw) is not str:
-        return json.loads(raw)
-    try:
-        obj, end = _scan_once(raw, 0)
-    except StopIteration:  # leading whitespace or not JSON at all: let json explain
-        return json.loads(raw)
-    if end != len(raw) and not raw[end:].isspace():
-        raise json.JSONDecodeError("Extra data", raw, end)
-    return obj
-
 
 #: at most this many lines are decoded by one bulk ``json`` call
 BULK_LINES = 2048
-_BULK_TRIES = 8  # failed bulk calls per block before the rest of it goes line by line
-_SEP = ",\n"
 
 
-def _bulk_ok(line: object) -> bool:
-    """Can this line take part in a bulk decode (see :func:`_decode_bulk`)?"""
-    return type(line) is str and line[:1] == "{" and "[" not in line and "]" not in line
+def _decode_bulk(block: list[str]) -> tuple[list | None, bool]:
+    """``([json.loads(line) for line in block], some line may have NaN/Infinity)``
+    with one ``json`` call; ``(None, ...)`` when that call cannot prove it.
 
-
-def _decode_bulk(lines: list, lo: int, hi: int, out: list, todo: list[int], text: str | None = None) -> None:
-    """Decode ``lines[lo:hi]`` into ``out[lo:hi]`` with as few ``json`` calls as
-    possible; the indices that must be decoded on their own go to ``todo``.
-
-    Every line must pass :func:`_bulk_ok`.  The lines are joined as
-    ``[L1,\\nL2,\\n...]`` and the result is accepted only when it is a list of
-    exactly ``hi - lo`` elements.  That proves each element is exactly one line,
-    decoded as ``json.loads(line)`` would: a string cannot run across a separator
-    (a raw newline inside a string is an error), a separator cannot sit inside an
-    object (a key would have to follow it, but every line starts with ``{``) nor
-    inside a nested array (no line has ``[``), so every separator splits two
-    elements, and any comma of a line at the top level would add an element.
-    On an error the line at the error position and the one before it are left
-    to ``todo`` and both sides are retried in bulk.
+    Every line must start with ``{``.  The lines are joined as ``[L1,\\nL2,\\n...]``
+    and the result is accepted only when no line has a bracket and it is a list
+    of exactly ``len(block)`` elements.  That proves each element is exactly one
+    line, decoded as ``json.loads(line)`` would: a string cannot run across a
+    separator (a raw newline inside a string is an error), a separator cannot
+    sit inside an object (a key would have to follow it, but every line starts
+    with ``{``) nor inside a nested array (no line has ``[``), so every separator
+    splits two elements, and any comma of a line at the top level would add one.
     """
-    stack = [(lo, hi, text)]
-    tries = 0
-    while stack:
-        a, b, text = stack.pop()
-        if b - a <= 2 or tries >= _BULK_TRIES:
-            todo.extend(range(a, b))
-            continue
-        if text is None:
-            text = "[" + _SEP.join(lines[a:b]) + "]"
-        try:
-            objs = _decode(text)
-        except (ValueError, RecursionError) as exc:
-            tries += 1
-            pos = getattr(exc, "pos", None)
-            if pos is None:  # no position (RecursionError): halve
-                mid = (a + b) // 2
-                stack += [(mid, b, None), (a, mid, None)]
-                continue
-            starts = list(accumulate((len(s) + 2 for s in lines[a : b - 1]), initial=1))  # line offsets
-            k = min(b - 1, a + max(0, bisect_right(starts, pos) - 1))
-            todo.extend(range(max(a, k - 1), k + 1))
-            stack += [(k + 1, b, None), (a, max(a, k - 1), None)]
-            continue
-        if len(objs) != b - a:  # a line holds several values: find it by halving
-            tries += 1
-            mid = (a + b) // 2
-            stack += [(mid, b, None), (a, mid, None)]
-            continue
-        out[a:b] = objs
+    first, last = block[0], block[-1]
+    block[0] = "[" + block[0]
+    block[-1] += "]"
+    text = ",\n".join(block)  # (not "[" + ... + "]": that copies the text twice more)
+    block[0], block[-1] = first, last
+    if text.find("[", 1) >= 0 or text.find("]", 0, len(text) - 1) >= 0:  # (memchr-fast)
+        return None, True
+    try:
+        objs = _decode(text)
+    except (ValueError, RecursionError):
+        return None, True
+    nan = ("N" in text and "NaN" in text) or ("I" in text and "Infinity" in text)
+    return (objs if len(objs) == len(block) else None), nan
 
 
 def parse_line(raw: bytes | str, line_no: int = 0) -> dict | None:
@@ -431,72 +294,45 @@ def parse_lines(
 ) -> tuple[Batch, list[CorruptLine]]:
     """Parse consecutive lines numbered from ``first_line_no`` (blank lines are skipped).
 
-    Lines are decoded in bulk, thousands per ``json`` call (see
-    :func:`_decode_bulk`); a line that cannot take part, or that a failed bulk
-    call points at, is decoded on its own.  ``bulk=False`` decodes every line on
-    its own; the result is the same.
+    A block of ``BULK_LINES`` lines is decoded with one ``json`` call
+    (:func:`_decode_bulk`) when it can be; the lines of the other blocks are
+    decoded on their own.
+    ``bulk=False`` decodes every line on its own; the result is the same.
     """
-    if type(lines) is not list:
-        lines = list(lines)
-    n = len(lines)
-    out: list = [None] * n  # decoded objects (bulk); None: decode the line on its own
-    todo: list[int] = []
-    maybe_nan = False  # some bulk-decoded line may contain NaN/Infinity
-    if not bulk:
-        todo = list(range(n))
-    for a in range(0, n if bulk else 0, BULK_LINES):
-        b = min(n, a + BULK_LINES)
-        block = lines[a:b]
+    lines = list(lines)
+    out: list = [None] * len(lines)  # decoded objects; None: decode the line on its own
+    nan = False  # some bulk-decoded line may contain NaN/Infinity
+    for a in range(0, len(lines) if bulk else 0, BULK_LINES):
+        block = lines[a : a + BULK_LINES]
         if set(map(type, block)) == {str} and all(map(str.startswith, block, repeat("{"))):
-            block[0] = "[" + block[0]
-            block[-1] += "]"
-            text = _SEP.join(block)
-            if text.find("[", 1) < 0 and text.find("]", 0, len(text) - 1) < 0:  # no line has a bracket
-                _decode_bulk(lines, a, b, out, todo, text)
-                # (the one-character tests are memchr-fast)
-                maybe_nan = maybe_nan or ("N" in text and "NaN" in text) or ("I" in text and "Infinity" in text)
-                continue
-        maybe_nan = True
-        i = a
-        while i < b:  # mixed block: bulk-decode the runs of suitable lines
-            if _bulk_ok(lines[i]):
-                j = i + 1
-                while j < b and _bulk_ok(lines[j]):
-                    j += 1
-                _decode_bulk(lines, i, j, out, todo)
-                i = j
-            else:
-                todo.append(i)
-                i += 1
-    if not todo:  # every line decoded in bulk (each one an object)
-        records = out
-        line_nos = list(range(first_line_no, first_line_no + n))
-        suspicious = [i for i, raw in enumerate(lines) if _suspicious(raw)] if maybe_nan else []
-        return Batch(records, line_nos, suspicious), []
+            objs, maybe_nan = _decode_bulk(block)
+            if objs is not None:
+                out[a : a + len(block)] = objs
+                nan = nan or maybe_nan
+    if None not in out:  # every line decoded in bulk (one object each)
+        maybe = [i for i, raw in enumerate(lines) if _suspicious(raw)] if nan else []
+        return Batch(out, list(range(first_line_no, first_line_no + len(out))), maybe), []
     records: list[dict] = []
     line_nos: list[int] = []
     suspicious: list[int] = []
     corrupt: list[CorruptLine] = []
-    loads = _loads
-    for k, raw in enumerate(lines):
-        obj = out[k]
-        i = first_line_no + k
+    for k, (raw, obj) in enumerate(zip(lines, out), first_line_no):
         if obj is None:
             try:
-                obj = loads(raw)
+                obj = json.loads(raw)
             except (ValueError, RecursionError) as exc:
                 if not raw.strip():
                     continue
                 msg = exc.msg if isinstance(exc, json.JSONDecodeError) else type(exc).__name__
-                corrupt.append(CorruptLine(i, f"not JSON ({msg})"))
+                corrupt.append(CorruptLine(k, f"not JSON ({msg})"))
                 continue
             if type(obj) is not dict:
-                corrupt.append(CorruptLine(i, f"not a JSON object ({type(obj).__name__})"))
+                corrupt.append(CorruptLine(k, f"not a JSON object ({type(obj).__name__})"))
                 continue
         if _suspicious(raw):
             suspicious.append(len(records))
         records.append(obj)
-        line_nos.append(i)
+        line_nos.append(k)
     return Batch(records, line_nos, suspicious), corrupt
 
 
@@ -504,92 +340,65 @@ class Series:
     """Step-indexed numeric series with bounded memory (stride doubling).
 
     Only finite values are stored (a plot cannot draw NaN); ``last_x``/``last_y``
-    and ``count`` always reflect the newest value, finite or not.
+    and ``count`` always reflect the newest value, finite or not.  The points
+    live in two preallocated float arrays; ``xs``/``ys`` are views of the filled part.
     """
 
-    __slots__ = ("xs", "ys", "cap", "stride", "_skip", "last_x", "last_y", "count")
+    __slots__ = ("_x", "_y", "_n", "cap", "stride", "_skip", "last_x", "last_y", "count")
 
     def __init__(self, cap: int = 20_000) -> None:
         self.cap = max(16, cap)
-        self.xs = array("d")
-        self.ys = array("d")
+        self._x, self._y, self._n = np.empty(self.cap), np.empty(self.cap), 0
         self.stride = 1
-        self._skip = 0
+        self._skip = 0  # values since the last stored one
         self.last_x = -math.inf
         self.last_y = math.nan
         self.count = 0
 
+    xs = property(lambda self: self._x[: self._n])
+    ys = property(lambda self: self._y[: self._n])
+
     def __len__(self) -> int:
-        return len(self.xs)
-
-    def _rewind(self, x: float) -> None:
-        """The trainer restarted from an earlier step: drop the stale tail."""
-        cut = bisect_left(self.xs, x)
-        del self.xs[cut:]
-        del self.ys[cut:]
-
-    def _decimate(self) -> None:
-        while len(self.xs) >= self.cap:
-            self.xs = self.xs[::2]
-            self.ys = self.ys[::2]
-            self.stride *= 2
-            self._skip = 0
+        return self._n
 
     def append(self, x: float, y: float) -> None:
-        if x < self.last_x:
-            self._rewind(x)
-        self.last_x = x
-        self.last_y = y
-        self.count += 1
-        if not _isfinite(y):
-            return
-        self._skip += 1
-        if self._skip < self.stride:
-            return
-        self._skip = 0
-        self.xs.append(x)
-        self.ys.append(y)
-        if len(self.xs) >= self.cap:
-            self._decimate()
+        self.extend([x], [y])
 
-    def extend(self, xs: list[int], ys: array, xs_d: array | None = None, finite: bool | None = None) -> None:
-        """Append many points; ``xs`` must be non-decreasing, ``ys`` an ``array('d')``.
+    def extend(self, xs: Sequence[float], ys: Sequence[float]) -> None:
+        """Append many points, as many :meth:`append` calls would.  Where ``xs``
+        goes back (the trainer restarted from an earlier step) the stale tail is dropped."""
+        xs, ys = np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)
+        cuts = [0, *((xs[1:] < xs[:-1]).nonzero()[0] + 1).tolist(), len(xs)]
+        for a, b in zip(cuts, cuts[1:]):
+            if a < b:
+                self._extend(xs[a:b], ys[a:b])
 
-        ``xs_d`` is ``xs`` as an ``array('d')`` and ``finite`` tells whether every
-        ``ys`` is finite, when the caller has them already.
-        """
-        n = len(xs)
-        if not n:
-            return
-        if xs[0] < self.last_x:
-            self._rewind(xs[0])
-        self.last_x = xs[-1]
-        self.last_y = ys[-1]
-        self.count += n
-        if finite is None:
-            finite = _isfinite(sum(ys))
-        if not finite:  # rare: drop NaN/Inf before storing
-            keep = [i for i, y in enumerate(ys) if _isfinite(y)]
-            xs = [xs[i] for i in keep]
-            ys = array("d", [ys[i] for i in keep])
-            xs_d = None
-            n = len(xs)
-            if not n:
+    def _extend(self, xs: np.ndarray, ys: np.ndarray) -> None:
+        if xs[0] < self.last_x:  # rewind
+            self._n = int(np.searchsorted(self.xs, xs[0], "left"))
+        self.last_x, self.last_y = float(xs[-1]), float(ys[-1])
+        self.count += len(xs)
+        finite = np.isfinite(ys)
+        if not finite.all():
+            xs, ys = xs[finite], ys[finite]
+        while len(xs):  # store every stride-th value; halve (and double the stride) when full
+            s, first = self.stride, self.stride - 1 - self._skip
+            px, py = xs[first::s], ys[first::s]
+            room = self.cap - self._n
+            if len(px) < room:
+                self._put(px, py)
+                self._skip = (self._skip + len(xs)) % s
                 return
-        if xs_d is None:
-            xs_d = array("d", xs)
-        s, k = self.stride, self._skip
-        if s == 1:
-            self.xs.extend(xs_d)
-            self.ys.extend(ys)
-        else:
-            start = s - 1 - k
-            if start < n:
-                self.xs.extend(xs_d[start::s])
-                self.ys.extend(ys[start::s])
-            self._skip = (k + n) % s
-        if len(self.xs) >= self.cap:
-            self._decimate()
+            self._put(px[:room], py[:room])
+            m = (self._n + 1) // 2
+            self._x[:m], self._y[:m] = self._x[: self._n : 2].copy(), self._y[: self._n : 2].copy()
+            self._n, self.stride, self._skip = m, 2 * s, 0
+            xs, ys = xs[first + (room - 1) * s + 1 :], ys[first + (room - 1) * s + 1 :]
+
+    def _put(self, px: np.ndarray, py: np.ndarray) -> None:
+        n, k = self._n, len(px)
+        self._x[n : n + k], self._y[n : n + k] = px, py
+        self._n = n + k
 
     def window(
         self, x0: float | None = None, x1: float | None = None, max_points: int = 400
@@ -597,34 +406,23 @@ class Series:
         """Points with x0 <= x <= x1 (plus the newest finite one), reduced to about
         ``max_points``: each bucket keeps its min and max, so spikes stay visible."""
         xs, ys = self.xs, self.ys
-        lo = 0 if x0 is None else bisect_left(xs, x0)
-        hi = len(xs) if x1 is None else bisect_right(xs, x1)
+        lo = 0 if x0 is None else int(np.searchsorted(xs, x0, "left"))
+        hi = len(xs) if x1 is None else int(np.searchsorted(xs, x1, "right"))
         n = hi - lo
         if n > max_points and max_points >= 4:
             buckets = max_points // 2
-            px: list[float] = []
-            py: list[float] = []
-            for b in range(buckets):
-                a = lo + b * n // buckets
-                e = lo + (b + 1) * n // buckets
-                if e <= a:
-                    continue
-                chunk = ys[a:e]
-                i_min = chunk.index(min(chunk))
-                i_max = chunk.index(max(chunk))
-                for i in sorted({i_min, i_max}):
-                    px.append(xs[a + i])
-                    py.append(chunk[i])
+            edges = (lo + np.arange(buckets + 1) * n // buckets).tolist()
+            keep: list[int] = []
+            for a, e in zip(edges, edges[1:]):
+                if e > a:
+                    chunk = ys[a:e]
+                    keep += sorted({a + int(chunk.argmin()), a + int(chunk.argmax())})
+            px, py = xs[keep].tolist(), ys[keep].tolist()
         else:
             px, py = xs[lo:hi].tolist(), ys[lo:hi].tolist()
         lx, ly = self.last_x, self.last_y
-        if (
-            self.count
-            and _isfinite(ly)
-            and (not px or px[-1] < lx)
-            and (x0 is None or lx >= x0)
-            and (x1 is None or lx <= x1)
-        ):
+        if self.count and _isfinite(ly) and (not px or px[-1] < lx) and (x0 is None or lx >= x0) and (
+                x1 is None or lx <= x1):
             px.append(lx)
             py.append(ly)
         return px, py
@@ -710,140 +508,63 @@ class RunState:
 
     # -- folding -----------------------------------------------------------------
     def ingest(self, batch: Batch) -> None:
-        """Fold a batch of records (columnar: one pass per key, not per value)."""
+        """Fold a batch of records, one numpy column per key."""
         n = len(batch)
         if not n:
             return
         batch.prepare(self.step)
-        recs, steps, events = batch.records, batch.steps, batch.events
+        steps, x = batch.steps, batch.x
         assert steps is not None
         self.n_records += n
-        if batch.line_nos[-1] > self.n_lines:
-            self.n_lines = batch.line_nos[-1]
-        counts = self.events
-        if events.count(TRAIN_EVENT) == n:
-            counts[TRAIN_EVENT] = counts.get(TRAIN_EVENT, 0) + n
-        else:
-            for e, c in Counter(events).items():  # (first-seen order, like a loop)
-                counts[e] = counts.get(e, 0) + c
+        self.n_lines = max(self.n_lines, batch.line_nos[-1])
+        for e, c in Counter(batch.events).items():  # (first-seen order, like a loop)
+            self.events[e] = self.events.get(e, 0) + c
         if batch.last_step is not None:
             self.step = batch.last_step
         keys = batch.keys()
         if "run/total_steps" in keys:
-            for v in reversed(batch.column("run/total_steps")):
-                if _as_int(v) is not None:
-                    self.total_steps = _as_int(v)
-                    break
-        if "time" in keys and batch.monotonic:
-            xs, xs_d, vals = batch.present("time")
-            try:
-                self.clock.extend(xs, array("d", vals), xs_d, _isfinite(sum(vals)))
-            except TypeError:  # a null or non-numeric time somewhere: leave the axis to steps
-                pass
-        keys.difference_update(NON_METRIC_KEYS)
-        keys.discard("event")
-        meta = [k for k in keys if k.startswith("run/")]  # start-line metadata: latest value only
-        for key in meta:
-            keys.discard(key)
-            for v in reversed(batch.column(key)):
+            total = _last(batch.column("run/total_steps"), lambda v: _as_int(v) is not None)
+            if total is not None:
+                self.total_steps = _as_int(total)
+        if "time" in keys:
+            self._fold_time(batch)
+        for key in keys - NON_METRIC_KEYS - {"event"}:
+            if key.startswith("run/"):  # start-line metadata: latest value only
+                v = _last(batch.column(key))
                 if v is not None:
                     (self.strings if type(v) is str else self.latest)[key] = v
-                    break
-        dropped: dict[tuple[int, ...], list[int]] = {}
-        for key in keys:
-            if batch.monotonic:  # fast paths: the values of the records that have the key
-                xs, xs_d, vals = batch.present(key)
-                try:
-                    total = sum(vals)  # TypeError: a null, or a value that is not a number
-                except TypeError:
-                    if type(vals[0]) is str and set(map(type, vals)) == {str}:
-                        self.strings[key] = vals[-1]  # a text key (curriculum/stage, ...)
-                        continue
-                else:  # numbers only: one conversion, the steps shared with the other keys
-                    self._series(key).extend(xs, array("d", vals), xs_d, _isfinite(total))
-                    self.latest[key] = vals[-1]
-                    continue
-            col = batch.column(key)
-            if batch.monotonic:
-                xs, vals = self._present(col, steps, dropped)
-                try:
-                    ys = array("d", vals)  # all numeric: fast path
-                except TypeError:
-                    pass
-                else:
-                    if vals:
-                        self._series(key).extend(xs, ys)
-                        self.latest[key] = vals[-1]
-                    continue
-            self._ingest_slow(key, col, steps)
+                continue
+            idx, ys, last, text = batch.numeric(key)
+            if len(ys):
+                self._series(key).extend(x if idx is None else x[idx], ys)
+                self.latest[key] = last
+            if text is not None:  # a text key (curriculum/stage, ...)
+                self.strings[key] = text
         name = self.strings.get("run/name")
         if name:
             self.name = name
-        for i in range(n - 1, -1, -1):
-            if events[i] == TRAIN_EVENT:
-                t = recs[i].get("time")
-                if type(t) in (int, float) and _isfinite(t):
-                    self.last_time = (float(t), steps[i])
-                    if self.first_time is None:
-                        self._set_first_time(recs, steps, events)
-                break
         self.version += 1
 
-    def _set_first_time(self, recs: list[dict], steps: list[int], events: list[str]) -> None:
-        for obj, step, e in zip(recs, steps, events):
-            t = obj.get("time")
-            if e == TRAIN_EVENT and type(t) in (int, float) and _isfinite(t):
-                self.first_time = (float(t), step)
-                return
-
-    @staticmethod
-    def _present(col: list, steps: list[int], cache: dict) -> tuple[list[int], list]:
-        """(steps, values) of the records that have the key (C-level work where possible)."""
-        missing = col.count(None)
-        if not missing:
-            return steps, col
-        n = len(col)
-        if missing * 8 > n:  # sparse key (eval lines, ...)
-            return [s for s, v in zip(steps, col) if v is not None], [v for v in col if v is not None]
-        holes = []
-        i = -1
-        for _ in range(missing):
-            i = col.index(None, i + 1)
-            holes.append(i)
-        sig = tuple(holes)
-        xs = cache.get(sig)
-        if xs is None:
-            xs = list(steps)
-            for i in reversed(holes):
-                del xs[i]
-            cache[sig] = xs
-        vals = list(col)
-        for i in reversed(holes):
-            del vals[i]
-        return xs, vals
+    def _fold_time(self, batch: Batch) -> None:
+        """The wall-time axis (``clock``) and the first/last timed train lines (ETA)."""
+        idx, ts, _, _ = batch.numeric("time")
+        self.clock.extend(batch.x if idx is None else batch.x[idx], ts)
+        t = np.full(len(batch), math.nan)
+        t[slice(None) if idx is None else idx] = ts
+        timed = (np.isfinite(t) & batch.is_train()).nonzero()[0]
+        train = batch.is_train().nonzero()[0]
+        if len(timed) and timed[-1] == train[-1]:  # the newest train line has a time
+            i = int(timed[-1])
+            self.last_time = (float(t[i]), batch.steps[i])  # type: ignore[index]
+            if self.first_time is None:
+                i = int(timed[0])
+                self.first_time = (float(t[i]), batch.steps[i])  # type: ignore[index]
 
     def _series(self, key: str) -> Series:
         s = self.series.get(key)
         if s is None:
             s = self.series[key] = Series(self.max_points)
         return s
-
-    def _ingest_slow(self, key: str, col: list, steps: list[int]) -> None:
-        series = None
-        last_num = last_str = None
-        for x, v in zip(steps, col):
-            t = type(v)
-            if t is float or t is int:
-                if series is None:
-                    series = self._series(key)
-                series.append(x, v)
-                last_num = v
-            elif t is str:
-                last_str = v
-        if last_num is not None:
-            self.latest[key] = last_num
-        if last_str is not None:
-            self.strings[key] = last_str
 
     def note_corrupt(self, bad: CorruptLine, keep: int = 100) -> None:
         self.corrupt_count += 1
@@ -877,22 +598,13 @@ class RunState:
         return None
 
     def header(self, waiting: bool = False) -> HeaderInfo:
-        lt = self.latest
-        stage = self.strings.get("curriculum/stage")
-        skipped = lt.get("skipped_steps")
+        lt, skipped = self.latest, self.latest.get("skipped_steps")
         return HeaderInfo(
-            name=self.display_name,
-            step=self.step,
-            total_steps=self.total_steps,
-            stage=stage,
-            mixing_ratio=lt.get("curriculum/mixing_ratio"),
-            kd_weight=lt.get("kd/weight"),
-            tokens_per_s=lt.get("tokens_per_s"),
-            eta_s=self.eta_seconds(),
+            name=self.display_name, step=self.step, total_steps=self.total_steps,
+            stage=self.strings.get("curriculum/stage"), mixing_ratio=lt.get("curriculum/mixing_ratio"),
+            kd_weight=lt.get("kd/weight"), tokens_per_s=lt.get("tokens_per_s"), eta_s=self.eta_seconds(),
             skipped_steps=int(skipped) if skipped is not None and _isfinite(skipped) else 0,
-            lines=self.n_lines,
-            corrupt=self.corrupt_count,
-            waiting=waiting,
+            lines=self.n_lines, corrupt=self.corrupt_count, waiting=waiting,
         )
 
     def _layer_of(self, key: str) -> tuple[int, str] | None:
