@@ -66,8 +66,10 @@ def step_flops(i: PlanInputs, grad_accum: int = 1, attention_core: bool = True) 
       the first NPT layer runs forward and input-gradient backward (2·layer), the logits likewise (4·d·V).
 
     Checked against ``torch.utils.flop_counter`` on the tiny model (tests/test_plan.py).  Activation
-    checkpointing adds one more student-MLP forward per NPT layer, less its ``down_proj`` (torch's
-    non-reentrant checkpoint stops recomputing once the saved inputs are back): 4·d·f + the NP component.
+    checkpointing adds one more student-MLP forward per NPT layer + the NP component: 6·d·f under ZeRO-3,
+    whose zero.Init replaces F.linear (for good) with a memory-saving autograd function that the recompute
+    reruns to the end, and 4·d·f otherwise (torch's non-reentrant checkpoint stops recomputing once the saved
+    inputs are back, so ``down_proj`` is not rerun).
     """
     s = i.shape
     d, f, v, r, k = s.hidden_size, s.intermediate_size, s.vocab_size, i.rank, i.num_ranks
@@ -80,8 +82,8 @@ def step_flops(i: PlanInputs, grad_accum: int = 1, attention_core: bool = True) 
     np_fwd = 2 * (d * r + r * k * (d + f))
     flops += n * (6 * d * f + np_fwd)  # student forward
     flops += n * (2 * d * f + 2 * (d * r + d * r * k + 2 * r * k * f))  # its backward
-    if i.activation_checkpointing:  # recompute stops once backward has its inputs: down_proj is not rerun
-        flops += n * (4 * d * f + np_fwd)
+    if i.activation_checkpointing:  # see the docstring: down_proj is rerun only under ZeRO-3's own linear
+        flops += n * ((6 if i.zero_stage == 3 else 4) * d * f + np_fwd)
     if i.student_stream:
         frozen_after = sum(1 for j in range(first + 1, s.num_layers) if j not in i.npt_layers)
         flops += n * (4 * d * f + 2 * d * r * k + 2 * attn + core)
