@@ -58,21 +58,32 @@ def config_from_args(args: argparse.Namespace) -> AlertConfig:
     return AlertConfig(**{name: getattr(args, name) for name, _ in threshold_fields()})
 
 
-def run_check(paths: Sequence[Path], config: AlertConfig, out=None, err=None) -> int:
-    """Headless check of complete files; returns the exit status."""
+def _each_run(paths: Sequence[Path], config: AlertConfig, err, show) -> int:
+    """show(path, run, corrupt lines) for each file; a missing one is reported on `err`.  The exit status:
+    2 if a file was missing, else 1 if a run has a warning/error alert, else 0."""
     from .run import check_file
 
-    out = out or sys.stdout
-    err = err or sys.stderr
     status = 0
-    several = len(paths) > 1
     for path in paths:
         try:
             run, corrupt = check_file(path, config)
         except FileNotFoundError:
             print(f"npt-monitor: error: {path}: no such file", file=err)
-            status = max(status, 2)
+            status = 2
             continue
+        show(path, run, corrupt)
+        if run.dropped_alerts or any(a.severity in FAILING for a in run.alerts):
+            status = max(status, 1)
+    return status
+
+
+def run_check(paths: Sequence[Path], config: AlertConfig, out=None, err=None) -> int:
+    """Headless check of complete files; returns the exit status."""
+    out = out or sys.stdout
+    err = err or sys.stderr
+    several = len(paths) > 1
+
+    def show(path, run, corrupt) -> None:
         for bad in corrupt[:MAX_CORRUPT_SHOWN]:
             print(f"warning: {path}:{bad.line_no}: corrupt line ignored: {bad.reason}", file=err)
         total_bad = run.state.corrupt_count
@@ -91,30 +102,16 @@ def run_check(paths: Sequence[Path], config: AlertConfig, out=None, err=None) ->
             f"{total_bad} corrupt line{'s' if total_bad != 1 else ''}",
             file=err,
         )
-        if failing:
-            status = max(status, 1)
-    return status
+
+    return _each_run(paths, config, err, show)
 
 
 def run_once(paths: Sequence[Path], config: AlertConfig, out=None, err=None) -> int:
     """``--once``: each run's text dashboard; the exit status of ``--check``."""
     from .once import render_once
-    from .run import check_file
 
     out = out or sys.stdout
-    err = err or sys.stderr
-    status = 0
-    for path in paths:
-        try:
-            run, _ = check_file(path, config)
-        except FileNotFoundError:
-            print(f"npt-monitor: error: {path}: no such file", file=err)
-            status = max(status, 2)
-            continue
-        print(render_once(run), file=out)
-        if run.dropped_alerts or any(a.severity in FAILING for a in run.alerts):
-            status = max(status, 1)
-    return status
+    return _each_run(paths, config, err or sys.stderr, lambda path, run, corrupt: print(render_once(run), file=out))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
