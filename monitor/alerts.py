@@ -69,7 +69,8 @@ most one :class:`Alert` per record.  All thresholds live in
     The median of the last ``throughput_recent`` (10) ``tokens_per_s`` values <
     ``throughput_factor`` (0.7) x the median of its last ``throughput_window`` (50) values (after ``throughput_min_history``, 10).  The
     ``throughput_settle`` (2) train lines after an eval/checkpoint/start line are
-    skipped: their window holds the eval or the save.
+    skipped: their window holds the eval or the save.  The median restarts where a
+    ``schedule_keys`` value changes (a step's cost changes by design).
 """
 
 from __future__ import annotations
