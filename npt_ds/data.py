@@ -194,9 +194,8 @@ class PackedBatches:
         mb = self.cfg.micro_batch_size
         if isinstance(self.source, PreparedWindows):
             while True:
-                mine = range(cursor + self.rank * mb, cursor + (self.rank + 1) * mb)
-                rows = [self.source.read(p) for p in mine]
-                yield torch.from_numpy(np.stack(rows)), [self.source.window_id(p) for p in mine]
+                ids = [self.source.window_id(p) for p in range(cursor + self.rank * mb, cursor + (self.rank + 1) * mb)]
+                yield torch.from_numpy(np.stack([self.source.view.read(w) for w in ids])), ids
                 cursor += self.per_pull
         rows, ids = [], []
         for position, window in self.source.positions(cursor):

@@ -161,7 +161,6 @@ class Trainer:
         self.consecutive_bad = 0
         self.tokens_seen = 0
         self.log_buffer: dict[str, tuple[torch.Tensor, int]] = {}
-        self._resharded: dict | None = None
         self.last_eval: dict = {}
         self.first_eval: dict | None = None
         self._poison_left = int(cfg.inject_nan.get("repeat", 1)) if cfg.inject_nan else 0
@@ -208,10 +207,6 @@ class Trainer:
                               "start a new logging.run_dir")
         self.data.load_state_dict(meta["data"])
         self.metrics.message(f"resumed from {target} at step {self.step}")
-        if self.resharded_from is not None:
-            self._resharded = {"step": self.step, "event": "resharded", "from_world_size": self.resharded_from,
-                               "to_world_size": self.world, "grad_accum": self.cfg.optim.grad_accum,
-                               "path": str(target)}
 
     # ---------------------------------------------------------------- the loop
     def train(self) -> dict:
@@ -222,15 +217,18 @@ class Trainer:
             cfg.save(self.run_dir / "config.json")
         self.metrics.log({"step": self.step, "event": "start", "run/name": cfg.run_name, "run/total_steps": total,
                           "run/world_size": self.world, "run/npt_layers": ",".join(map(str, self.layer_indices)),
-                          "run/precision": cfg.deepspeed.precision, "run/grad_clip": cfg.optim.grad_clip, "run/frozen_base": cfg.deepspeed.frozen_base,
+                          "run/precision": cfg.deepspeed.precision, "run/grad_clip": cfg.optim.grad_clip,
+                          "run/frozen_base": cfg.deepspeed.frozen_base,
                           # from the module: ZeRO-3 keeps its optimizer's param groups empty between steps
                           "run/trainable_params": sum(getattr(p, "ds_numel", p.numel())
                                                       for p in self.module.parameters() if p.requires_grad)})
         restart = int(os.environ.get("NPT_DS_RESTART", "0") or 0)
         if restart:  # launch/common.sh relaunched the job after a failure (MAX_RESTARTS)
             self.metrics.log({"step": self.step, "event": "restart", "restart": restart})
-        if self._resharded:
-            self.metrics.log(self._resharded)
+        if self.resharded_from is not None:  # resumed from a checkpoint of another world size
+            self.metrics.log({"step": self.step, "event": "resharded", "from_world_size": self.resharded_from,
+                              "to_world_size": self.world, "grad_accum": cfg.optim.grad_accum,
+                              "path": str(self.resume_target)})
         if self.step == 0:
             self.run_eval()
         start_step, t0 = self.step, time.time()
