@@ -46,10 +46,19 @@ most one :class:`Alert` per record.  All thresholds live in
     peaks at 15x, 5000 steps of 3 % noise at ~21x, +-10 % swings of period 8 or 30
     on 2 % noise reach 100-600x within ~20 steps.
 ``plateau`` (warning)
-    Loss not decreasing over a long window: with the last ``plateau_window``
-    (500) finite train losses split into an older and a newer half, fires when
-    ``mean(newer) >= mean(older) - plateau_min_rel_decrease * |mean(older)|``
-    (``plateau_min_rel_decrease`` defaults to 0: "not decreasing at all").
+    Loss not decreasing over a long window, judged against the run's own noise:
+    with the last ``plateau_window`` (500) finite train losses split into an
+    older and a newer half, the decrease is ``D = mean(older) - mean(newer)`` and
+    the margin ``m = plateau_min_rel_decrease * |mean(older)|`` (default 0: "not
+    decreasing at all").  The noise level is the scatter of step-to-step
+    differences, ``sigma^2 = mean(diff^2) / 2`` over the window (batch noise is
+    independent from step to step, a trend barely moves a difference), which
+    gives the standard error of ``D``: ``se = sigma * sqrt(2 / half)``.  Fires when
+    the loss is clearly not decreasing, ``D <= m - plateau_noise_z * se`` (z = 2),
+    or when ``D <= m`` has held on ``plateau_window / 2`` consecutive losses (a
+    noisy flat run hovers around ``D = 0``; a healthy run whose decrease is only
+    noise-sized crosses below it for a few steps, not for half a window).  Without
+    noise (se = 0) both read ``D <= m`` at once.
     Re-arms once the loss decreases again and at least one window has passed.
     The window starts afresh (and the detector re-arms) whenever the loss changes
     by design: a change of any ``schedule_keys`` value (curriculum stage and
@@ -131,6 +140,7 @@ class AlertConfig:
     throughput_key: str = "tokens_per_s"
     plateau_window: int = 500
     plateau_min_rel_decrease: float = 0.0
+    plateau_noise_z: float = 2.0  # "clearly not decreasing": the decrease this many standard errors below the margin
     loss_key: str = "loss/total"
     kl_key: str = "kd/kl"
     grad_key: str = "grad_norm"
@@ -618,63 +628,75 @@ class PlateauDetector(_Detector):
     def __init__(self, cfg: AlertConfig) -> None:
         super().__init__(cfg)
         self.half = max(1, cfg.plateau_window // 2)
-        self.older: deque[float] = deque()
-        self.newer: deque[float] = deque()
-        self.sum_older = 0.0
-        self.sum_newer = 0.0
         self.active = False
         self.since_fire = 0
-        self.seen = 0
         self.schedule: tuple | None = None  # schedule_keys values of the last train line
         self.last_step: int | None = None
+        self.restart()
 
     def restart(self) -> None:
         """Forget the window: the loss level changed by design, so old and new halves are not comparable."""
-        self.older.clear()
-        self.newer.clear()
-        self.sum_older = self.sum_newer = 0.0
+        self.older: deque[float] = deque()
+        self.newer: deque[float] = deque()
+        self.sq_diffs: deque[float] = deque()  # (v_t - v_t-1)^2 within the window
+        self.sum_older = self.sum_newer = self.sum_sq = 0.0
+        self.flat_run = 0  # consecutive losses with D <= m
+        self.seen = 0
         self.active = False
+
+    def _push(self, loss: float) -> None:
+        half, older, newer = self.half, self.older, self.newer
+        if newer:
+            d2 = (loss - newer[-1]) ** 2
+            self.sq_diffs.append(d2)
+            self.sum_sq += d2
+            if len(self.sq_diffs) > 2 * half - 1:
+                self.sum_sq -= self.sq_diffs.popleft()
+        newer.append(loss)
+        self.sum_newer += loss
+        if len(newer) > half:
+            v = newer.popleft()
+            self.sum_newer -= v
+            older.append(v)
+            self.sum_older += v
+            if len(older) > half:
+                self.sum_older -= older.popleft()
+        self.seen += 1
+        if self.seen % 4096 == 0:  # stop float drift of the running sums
+            self.sum_older, self.sum_newer, self.sum_sq = math.fsum(older), math.fsum(newer), math.fsum(self.sq_diffs)
 
     def scan(self, batch: Batch) -> Hits:
         hits: Hits = []
-        half = self.half
-        older, newer = self.older, self.newer
-        min_dec = self.cfg.plateau_min_rel_decrease
-        schedule_cols = [batch.column(k) for k in self.cfg.schedule_keys]
+        half, cfg = self.half, self.cfg
+        schedule_cols = [batch.column(k) for k in cfg.schedule_keys]
         steps = batch.steps
-        for i, loss in zip(*batch.train_finite_columns(self.cfg.loss_key)):
+        for i, loss in zip(*batch.train_finite_columns(cfg.loss_key)):
             schedule = tuple(col[i] for col in schedule_cols)
             step = steps[i] if steps is not None else None
             rewound = step is not None and self.last_step is not None and step < self.last_step
             if rewound or (self.schedule is not None and schedule != self.schedule):
                 self.restart()
             self.schedule, self.last_step = schedule, step
-            newer.append(loss)
-            self.sum_newer += loss
-            if len(newer) > half:
-                v = newer.popleft()
-                self.sum_newer -= v
-                older.append(v)
-                self.sum_older += v
-                if len(older) > half:
-                    self.sum_older -= older.popleft()
+            self._push(loss)
             self.since_fire += 1
-            self.seen += 1
-            if len(older) < half:
+            if len(self.older) < half:
                 continue
-            if self.seen % 4096 == 0:  # stop float drift of the running sums
-                self.sum_older, self.sum_newer = math.fsum(older), math.fsum(newer)
-            old_mean = self.sum_older / half
-            new_mean = self.sum_newer / half
-            if new_mean >= old_mean - min_dec * abs(old_mean):
-                if not self.active:
-                    self.active = True
-                    self.since_fire = 0
-                    hits.append(
-                        (i, f"loss not decreasing over {2 * half} steps (mean {_fmt(old_mean)} -> {_fmt(new_mean)})")
-                    )
-            elif self.since_fire >= 2 * half:
-                self.active = False
+            old_mean, new_mean = self.sum_older / half, self.sum_newer / half
+            decrease, margin = old_mean - new_mean, cfg.plateau_min_rel_decrease * abs(old_mean)
+            if decrease > margin:
+                self.flat_run = 0
+                if self.since_fire >= 2 * half:
+                    self.active = False
+                continue
+            self.flat_run += 1
+            sigma2 = max(0.0, self.sum_sq) / max(1, len(self.sq_diffs)) / 2
+            se = math.sqrt(sigma2 * 2 / half)
+            clearly = decrease <= margin - cfg.plateau_noise_z * se
+            if (clearly or self.flat_run >= half) and not self.active:
+                self.active = True
+                self.since_fire = 0
+                hits.append((i, f"loss not decreasing over {2 * half} steps (mean {_fmt(old_mean)} -> "
+                                f"{_fmt(new_mean)}, noise se {_fmt(se)})"))
         return hits
 
 

@@ -195,13 +195,31 @@ def test_plateau_fires_when_newer_half_is_not_lower():
     # window 10: steps 11..18 still have a higher older half; at step 19 all ten values are 1.0
     alerts = alerts_for(losses(vals), plateau_window=10)
     assert summary(alerts) == [(19, "plateau")]
-    assert alerts[0].message == "loss not decreasing over 10 steps (mean 1 -> 1)"
+    assert alerts[0].message == "loss not decreasing over 10 steps (mean 1 -> 1, noise se 0)"
 
 
 def test_plateau_min_relative_decrease():
     vals = [10.0 - 0.001 * i for i in range(40)]  # decreasing, but by only ~0.05% per half window
     assert alerts_for(losses(vals), plateau_window=20) == []
     assert summary(alerts_for(losses(vals), plateau_window=20, plateau_min_rel_decrease=0.01)) == [(20, "plateau")]
+
+
+def power_law_run(n, noise, seed, decay=0.15):
+    """A healthy long run: the loss keeps falling as a power law (slowly, late on) under batch noise."""
+    t = np.arange(n)
+    return list(3.0 * (1 + t / 50) ** -decay * (1 + noise * np.random.default_rng(seed).standard_normal(n)))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_plateau_is_judged_against_the_runs_own_noise(seed):
+    """A slow healthy decrease under 5 % noise: the halves' means cross by chance late on, which the plain
+    'newer mean not lower' rule (z = 0) takes for a plateau; judged against the noise it stays silent.
+    The same noise on a flat loss is a plateau, found within three windows."""
+    healthy = losses(power_law_run(6000, 0.05, seed))
+    assert [a for a in alerts_for(healthy) if a.kind == "plateau"] == []
+    assert [a.kind for a in alerts_for(healthy, plateau_noise_z=0) if a.kind == "plateau"][:1] == ["plateau"]
+    flat = [a.step for a in alerts_for(losses(noisy(6000, level=3.0, noise=0.05, seed=seed))) if a.kind == "plateau"]
+    assert flat and 500 <= flat[0] <= 1500
 
 
 def decreasing(n, start, rate=0.02):
