@@ -2,17 +2,16 @@
 
 Pure Python + numpy, no Textual.  One line of ``metrics.jsonl`` is one flat JSON
 object written by the trainer (rank 0).  Any key may be missing; unknown numeric
-keys are kept as series (and offered in the metric picker).  ``NaN``/``Infinity``
-tokens (Python's json writes them) parse to non-finite floats and are flagged on
-the record so the alert engine can fire.
+keys are kept as series (and offered in the metric picker).
+
+Lines are parsed with orjson; the few it rejects are retried with the stdlib
+``json``, which also accepts the ``NaN``/``Infinity`` tokens Python's json
+writes.  Those lines are flagged on the batch (``maybe_nonfinite``) so the
+alert engine can check them for non-finite values.
 
 Memory stays bounded for huge files: every numeric key gets a :class:`Series`
 that stores at most ``max_points`` points; when full it drops every other point
 and doubles its stride (the newest value is always kept exactly).
-
-Speed (100k lines, ~93 MB): lines are decoded thousands per ``json`` call
-(:func:`parse_lines`, same result as one call per line), and a :class:`Batch`
-is folded key by key as numpy columns (:meth:`Batch.numeric`).
 """
 
 from __future__ import annotations
@@ -20,15 +19,14 @@ from __future__ import annotations
 import json
 import math
 import re
-from array import array
 from collections import Counter
 from dataclasses import dataclass
-from itertools import compress, repeat
-from operator import eq, itemgetter
+from itertools import repeat
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
+import orjson
 
 __all__ = ["CorruptLine", "HeaderInfo", "Batch", "RunState", "Series", "format_eta", "format_rate", "metrics_path",
            "parse_line", "parse_lines"]
@@ -80,8 +78,9 @@ class Batch:
     """Consecutive parsed lines, read as columns.
 
     ``records[i]`` is the JSON object of line ``line_nos[i]``; ``maybe_nonfinite``
-    lists the indices whose raw text contains ``NaN``/``Infinity`` (a cheap
-    substring test; :meth:`nonfinite_keys` does the exact check).
+    lists the indices of the records that may hold ``NaN``/``Infinity`` (those
+    orjson rejected; every record by default): the alerts check them with
+    :meth:`nonfinite_keys`, and :meth:`numeric` trusts that no other record has a NaN.
     :meth:`prepare` resolves ``steps`` (a line without ``step`` belongs to the
     last step seen) and ``events`` (default ``"train"``).
     """
@@ -96,10 +95,9 @@ class Batch:
         self.x = np.empty(0)  # steps as floats (a Series' x)
         self.events: list[str] = []
         self.last_step: int | None = None
-        self._grp: list | None = None
+        self.is_train = np.empty(0, dtype=bool)  # which records are train lines
         self._cols: dict[str, list] = {}
         self._num: dict[str, tuple] = {}
-        self._train: np.ndarray | None = None
 
     @classmethod
     def from_dicts(cls, records: Iterable[dict], first_line_no: int = 1) -> "Batch":
@@ -126,11 +124,12 @@ class Batch:
         self.steps, self.last_step = steps, have
         self.x = np.array(steps, dtype=float)
         self.events = [e if type(e) is str and e else TRAIN_EVENT for e in self.column("event")]
+        self.is_train = np.array([e == TRAIN_EVENT for e in self.events], dtype=bool)
         return self
 
     def keys(self) -> set[str]:
         """Every key that occurs in the batch (a fresh set)."""
-        return set().union(*(g[2] for g in self._groups()))
+        return set().union(*self.records)
 
     def precompute(self) -> "Batch":
         """Build every column now (the tailer thread does this, off the UI thread)."""
@@ -145,95 +144,37 @@ class Batch:
             col = self._cols[key] = list(map(dict.get, self.records, repeat(key)))
         return col
 
-    def _groups(self) -> list[tuple[np.ndarray, list[dict], set[str], dict[str, list] | None]]:
-        """The records by number of keys: ``(indices, records, their keys, the
-        values of each key)``; cached.  The values are gathered with C loops
-        (``map(itemgetter(key), ...)``) over the keys of the group's first record;
-        a ``KeyError`` proves that the group's records differ in keys, and then
-        the values are ``None`` (gathered key by key instead)."""
-        if self._grp is None:
-            recs = self.records
-            lens = np.fromiter(map(len, recs), np.int64, len(recs))
-            self._grp = []
-            for n_keys in np.unique(lens).tolist():
-                idx = (lens == n_keys).nonzero()[0]
-                grp = list(map(recs.__getitem__, idx.tolist()))
-                try:
-                    vals = {k: list(map(itemgetter(k), grp)) for k in grp[0]}
-                    self._grp.append((idx, grp, set(vals), vals))
-                except KeyError:
-                    self._grp.append((idx, grp, set().union(*grp), None))
-        return self._grp
-
     def numeric(self, key: str) -> tuple[np.ndarray | None, np.ndarray, object, str | None]:
         """``(idx, ys, last, text)``: the indices of the records whose ``key`` is a
         number (``None``: every record), those numbers as floats, the last one as
-        read, and the last text value of ``key`` (``None`` if none); cached."""
+        read, and the last text value of ``key`` (``None`` if none); cached.
+        A missing key or a null is no number, nor is a bool."""
         got = self._num.get(key)
-        if got is not None:
-            return got
-        idxs, yss, last, last_at, text, text_at = [], [], None, -1, None, -1
-        for idx, grp, keys, by_key in self._groups():
-            if key not in keys:
-                continue
-            if by_key is not None:
-                vals = by_key[key]
-            else:
-                has = np.fromiter(map(dict.__contains__, grp, repeat(key)), bool, len(grp))
-                idx, vals = idx[has], [o[key] for o in compress(grp, has)]
-            try:
-                ys = np.frombuffer(array("d", vals))  # TypeError: a null, a text or another non-number
-            except TypeError:
-                kinds = list(map(type, vals))
-                if str in kinds:
-                    j = len(kinds) - 1 - kinds[::-1].index(str)
-                    if idx[j] > text_at:
-                        text, text_at = vals[j], idx[j]
-                nums = {t for t in set(kinds) if issubclass(t, (int, float)) and t is not bool}
-                if not nums:
-                    continue
-                ok = np.fromiter(map(nums.__contains__, kinds), bool, len(kinds))
-                idx, vals = idx[ok], list(compress(vals, ok))
-                ys = np.array(vals, dtype=float)
-            if vals:
-                if idx[-1] > last_at:
-                    last, last_at = vals[-1], idx[-1]
-                idxs.append(idx)
-                yss.append(ys)
-        if len(idxs) == 1:
-            idx, ys = idxs[0], yss[0]
-        elif not idxs:
-            idx, ys = np.empty(0, np.int64), np.empty(0)
-        else:  # groups interleave: back to record order
-            idx, ys = np.concatenate(idxs), np.concatenate(yss)
-            order = np.argsort(idx, kind="stable")
-            idx, ys = idx[order], ys[order]
-        got = self._num[key] = (None if len(idx) == len(self) else idx, ys, last, text)
+        if got is None:
+            col = self.column(key)
+            kinds = set(map(type, col))
+            nums = {t for t in kinds if issubclass(t, (int, float)) and t is not bool}
+            if kinds == nums:  # a number on every line (the common case)
+                idx, ys = None, np.array(col, dtype=float)
+            elif kinds - nums == {type(None)}:  # numbers and gaps (missing or null)
+                ys = np.array(col, dtype=float)  # a gap reads as NaN
+                ok = ~np.isnan(ys)
+                may = self.maybe_nonfinite  # the only records that can hold a NaN value (a point, not a gap)
+                ok[may] = [col[i] is not None for i in may]
+                idx, ys = ok.nonzero()[0], ys[ok]
+            else:  # text, bools, lists, ... mixed in (or no number at all)
+                idx = np.array([i for i, v in enumerate(col) if type(v) in nums], dtype=np.int64)
+                ys = np.array([col[i] for i in idx.tolist()], dtype=float)
+            last = (col[-1] if idx is None else col[idx[-1]]) if len(ys) else None
+            text = _last(col, lambda v: type(v) is str) if str in kinds else None
+            got = self._num[key] = (idx, ys, last, text)
         return got
 
-    def is_train(self) -> np.ndarray:
-        """Which records are train lines (needs :meth:`prepare`); cached."""
-        if self._train is None:
-            self._train = np.fromiter(map(eq, self.events, repeat(TRAIN_EVENT)), bool, len(self.events))
-        return self._train
-
-    def present(self, key: str) -> tuple[list[int], np.ndarray, list]:
-        """``(steps, the same as floats, values)`` of the records that have
-        ``key`` (with a ``null`` value too).  Needs :meth:`prepare`."""
-        have = [i for i, o in enumerate(self.records) if key in o]
-        col = self.column(key)
-        return [self.steps[i] for i in have], self.x[have], [col[i] for i in have]  # type: ignore[index]
-
-    def train_finite(self, key: str) -> list[tuple[int, float]]:
-        """(index, value) of finite numeric ``key`` values on train lines."""
-        return list(zip(*self.train_finite_columns(key)))
-
     def train_finite_columns(self, key: str) -> tuple[Sequence[int], list]:
-        """:meth:`train_finite` as two columns, ``(indices, values)``."""
+        """``(indices, values)`` of the finite numeric ``key`` values on train lines.  Needs :meth:`prepare`."""
         idx, ys, _, _ = self.numeric(key)
         idx = np.arange(len(self)) if idx is None else idx
-        keep = np.isfinite(ys) & self.is_train()[idx]
-        idx = idx[keep].tolist()
+        idx = idx[np.isfinite(ys) & self.is_train[idx]].tolist()
         col = self.column(key)
         return idx, [col[i] for i in idx]
 
@@ -241,40 +182,6 @@ class Batch:
         return [
             k for k, v in self.records[i].items() if type(v) is float and not _isfinite(v) and k not in NON_METRIC_KEYS
         ]
-
-
-_decode = json.JSONDecoder().decode  # strict (the default): no raw control character inside a string
-
-#: at most this many lines are decoded by one bulk ``json`` call
-BULK_LINES = 2048
-
-
-def _decode_bulk(block: list[str]) -> tuple[list | None, bool]:
-    """``([json.loads(line) for line in block], some line may have NaN/Infinity)``
-    with one ``json`` call; ``(None, ...)`` when that call cannot prove it.
-
-    Every line must start with ``{``.  The lines are joined as ``[L1,\\nL2,\\n...]``
-    and the result is accepted only when no line has a bracket and it is a list
-    of exactly ``len(block)`` elements.  That proves each element is exactly one
-    line, decoded as ``json.loads(line)`` would: a string cannot run across a
-    separator (a raw newline inside a string is an error), a separator cannot
-    sit inside an object (a key would have to follow it, but every line starts
-    with ``{``) nor inside a nested array (no line has ``[``), so every separator
-    splits two elements, and any comma of a line at the top level would add one.
-    """
-    first, last = block[0], block[-1]
-    block[0] = "[" + block[0]
-    block[-1] += "]"
-    text = ",\n".join(block)  # (not "[" + ... + "]": that copies the text twice more)
-    block[0], block[-1] = first, last
-    if text.find("[", 1) >= 0 or text.find("]", 0, len(text) - 1) >= 0:  # (memchr-fast)
-        return None, True
-    try:
-        objs = _decode(text)
-    except (ValueError, RecursionError):
-        return None, True
-    nan = ("N" in text and "NaN" in text) or ("I" in text and "Infinity" in text)
-    return (objs if len(objs) == len(block) else None), nan
 
 
 def parse_line(raw: bytes | str, line_no: int = 0) -> dict | None:
@@ -285,55 +192,33 @@ def parse_line(raw: bytes | str, line_no: int = 0) -> dict | None:
     return batch.records[0] if batch.records else None
 
 
-def _suspicious(raw: bytes | str) -> bool:
-    return ("NaN" in raw or "Infinity" in raw) if type(raw) is str else (b"NaN" in raw or b"Infinity" in raw)
-
-
-def parse_lines(
-    lines: Iterable[bytes | str], first_line_no: int = 1, bulk: bool = True
-) -> tuple[Batch, list[CorruptLine]]:
-    """Parse consecutive lines numbered from ``first_line_no`` (blank lines are skipped).
-
-    A block of ``BULK_LINES`` lines is decoded with one ``json`` call
-    (:func:`_decode_bulk`) when it can be; the lines of the other blocks are
-    decoded on their own.
-    ``bulk=False`` decodes every line on its own; the result is the same.
-    """
-    lines = list(lines)
-    out: list = [None] * len(lines)  # decoded objects; None: decode the line on its own
-    nan = False  # some bulk-decoded line may contain NaN/Infinity
-    for a in range(0, len(lines) if bulk else 0, BULK_LINES):
-        block = lines[a : a + BULK_LINES]
-        if set(map(type, block)) == {str} and all(map(str.startswith, block, repeat("{"))):
-            objs, maybe_nan = _decode_bulk(block)
-            if objs is not None:
-                out[a : a + len(block)] = objs
-                nan = nan or maybe_nan
-    if None not in out:  # every line decoded in bulk (one object each)
-        maybe = [i for i, raw in enumerate(lines) if _suspicious(raw)] if nan else []
-        return Batch(out, list(range(first_line_no, first_line_no + len(out))), maybe), []
+def parse_lines(lines: Iterable[bytes | str], first_line_no: int = 1) -> tuple[Batch, list[CorruptLine]]:
+    """Parse consecutive lines numbered from ``first_line_no`` (blank lines are skipped)."""
     records: list[dict] = []
     line_nos: list[int] = []
-    suspicious: list[int] = []
+    fallback: list[int] = []  # the records orjson rejected: NaN/Infinity (or 1e400, ...) may be in them
     corrupt: list[CorruptLine] = []
-    for k, (raw, obj) in enumerate(zip(lines, out), first_line_no):
-        if obj is None:
+    for k, raw in enumerate(lines, first_line_no):
+        strict = True
+        try:
+            obj = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            strict = False
             try:
                 obj = json.loads(raw)
             except (ValueError, RecursionError) as exc:
-                if not raw.strip():
-                    continue
-                msg = exc.msg if isinstance(exc, json.JSONDecodeError) else type(exc).__name__
-                corrupt.append(CorruptLine(k, f"not JSON ({msg})"))
+                if raw.strip():
+                    msg = exc.msg if isinstance(exc, json.JSONDecodeError) else type(exc).__name__
+                    corrupt.append(CorruptLine(k, f"not JSON ({msg})"))
                 continue
-            if type(obj) is not dict:
-                corrupt.append(CorruptLine(k, f"not a JSON object ({type(obj).__name__})"))
-                continue
-        if _suspicious(raw):
-            suspicious.append(len(records))
+        if type(obj) is not dict:
+            corrupt.append(CorruptLine(k, f"not a JSON object ({type(obj).__name__})"))
+            continue
+        if not strict:
+            fallback.append(len(records))
         records.append(obj)
         line_nos.append(k)
-    return Batch(records, line_nos, suspicious), corrupt
+    return Batch(records, line_nos, fallback), corrupt
 
 
 class Series:
@@ -513,8 +398,7 @@ class RunState:
         if not n:
             return
         batch.prepare(self.step)
-        steps, x = batch.steps, batch.x
-        assert steps is not None
+        x = batch.x
         self.n_records += n
         self.n_lines = max(self.n_lines, batch.line_nos[-1])
         for e, c in Counter(batch.events).items():  # (first-seen order, like a loop)
@@ -536,7 +420,9 @@ class RunState:
                 continue
             idx, ys, last, text = batch.numeric(key)
             if len(ys):
-                self._series(key).extend(x if idx is None else x[idx], ys)
+                if key not in self.series:
+                    self.series[key] = Series(self.max_points)
+                self.series[key].extend(x if idx is None else x[idx], ys)
                 self.latest[key] = last
             if text is not None:  # a text key (curriculum/stage, ...)
                 self.strings[key] = text
@@ -551,20 +437,14 @@ class RunState:
         self.clock.extend(batch.x if idx is None else batch.x[idx], ts)
         t = np.full(len(batch), math.nan)
         t[slice(None) if idx is None else idx] = ts
-        timed = (np.isfinite(t) & batch.is_train()).nonzero()[0]
-        train = batch.is_train().nonzero()[0]
+        timed = (np.isfinite(t) & batch.is_train).nonzero()[0]
+        train = batch.is_train.nonzero()[0]
         if len(timed) and timed[-1] == train[-1]:  # the newest train line has a time
             i = int(timed[-1])
             self.last_time = (float(t[i]), batch.steps[i])  # type: ignore[index]
             if self.first_time is None:
                 i = int(timed[0])
                 self.first_time = (float(t[i]), batch.steps[i])  # type: ignore[index]
-
-    def _series(self, key: str) -> Series:
-        s = self.series.get(key)
-        if s is None:
-            s = self.series[key] = Series(self.max_points)
-        return s
 
     def note_corrupt(self, bad: CorruptLine, keep: int = 100) -> None:
         self.corrupt_count += 1

@@ -201,18 +201,17 @@ def test_synth_records_are_flat_json_objects_with_schema_keys():
         json.dumps(r)
 
 
-# -- bulk decoding and columnar extraction ------------------------------------------
+# -- orjson parsing (stdlib fallback) and columnar extraction ------------------------
 
-#: lines that are corrupt on their own; some of them would merge into valid JSON
-#: with their neighbours if lines were naively joined with commas
+#: lines that are corrupt on their own, or valid but unusual
 TRICKY_LINES = [
     '{"step": 1500, "loss',  # truncated
     '{"a": 1},{"b": 2}',  # two objects on one line
-    '{"c": [["x"',  # these two form one object when joined...
+    '{"c": [["x"',
     '"y"]]}',
-    '{"c": {"d": 1}',  # ...and so do these two
+    '{"c": {"d": 1}',
     '{"e": 1}}',
-    '{"a": "x},{',  # a string swallowing the separator
+    '{"a": "x},{',
     '{", "b": 1}',
     "",
     "garbage",
@@ -220,12 +219,28 @@ TRICKY_LINES = [
     '{"s": "[not an array]", "loss/total": 3.0}',  # valid, but has brackets
     ' {"lead": 1}',  # valid, leading space
     '{"x": null, "loss/total": null, "note": "n/a"}',
+    '{"big": 1e400, "nan": NaN, "neg": -Infinity}',  # orjson rejects these; the stdlib json reads inf/nan
+    '{"s": "tab\there"}',  # a raw control character in a string: both reject it
+    b'{"bad utf-8": "\xff"}',
 ]
 
 
-def _fingerprint_parse(result):
-    batch, corrupt = result
-    return repr(batch.records), batch.line_nos, batch.maybe_nonfinite, [(c.line_no, c.reason) for c in corrupt]
+def _reference_parse(lines, first_line_no=1):
+    """One stdlib ``json.loads`` per line: what parse_lines must give."""
+    records, line_nos, corrupt = [], [], []
+    for k, raw in enumerate(lines, first_line_no):
+        try:
+            obj = json.loads(raw)
+        except ValueError as exc:
+            if raw.strip():
+                corrupt.append((k, f"not JSON ({getattr(exc, 'msg', type(exc).__name__)})"))
+            continue
+        if type(obj) is not dict:
+            corrupt.append((k, f"not a JSON object ({type(obj).__name__})"))
+            continue
+        records.append(obj)
+        line_nos.append(k)
+    return records, line_nos, corrupt
 
 
 def _fingerprint_run(run):
@@ -250,42 +265,75 @@ def _faulty_lines():
     return lines
 
 
-def test_bulk_and_per_line_parsing_give_identical_batches_and_models(monkeypatch):
-    import monitor.stream as stream
-    from monitor.run import Run
-
+def test_parse_lines_matches_stdlib_json_line_by_line():
     lines = _faulty_lines()
-    assert _fingerprint_parse(parse_lines(lines, 5)) == _fingerprint_parse(parse_lines(lines, 5, bulk=False))
-    for bulk_lines in (7, 64):  # blocks that start and end anywhere around the bad lines
-        monkeypatch.setattr(stream, "BULK_LINES", bulk_lines)
-        assert _fingerprint_parse(parse_lines(lines)) == _fingerprint_parse(parse_lines(lines, bulk=False))
-    monkeypatch.undo()
-
-    models = []
-    for bulk in (True, False):
-        run = Run("/runs/x/metrics.jsonl", max_points=256)  # small cap: the stride doubling runs too
-        for i in range(0, len(lines), 500):
-            run.ingest(*parse_lines(lines[i : i + 500], i + 1, bulk=bulk))
-        models.append(_fingerprint_run(run))
-    assert models[0] == models[1]
-    assert models[0]["counts"][2] == 10  # the corrupt lines (not the blank one nor the 3 valid ones)
-    assert {a[1] for a in models[0]["alerts"]} >= {"nonfinite", "skipped", "kl_high"}
+    batch, corrupt = parse_lines(lines, 5)
+    records, line_nos, bad = _reference_parse(lines, 5)
+    assert repr(batch.records) == repr(records)  # repr: NaN == NaN
+    assert [type(v) for o in batch.records for v in o.values()] == [type(v) for o in records for v in o.values()]
+    assert batch.line_nos == line_nos
+    assert [(c.line_no, c.reason) for c in corrupt] == bad
+    nonfinite = [i for i, o in enumerate(records) if any(type(v) is float and not math.isfinite(v) for v in o.values())]
+    assert set(nonfinite) <= set(batch.maybe_nonfinite)  # every non-finite record is checked by the alerts
+    assert len(batch.maybe_nonfinite) == len(nonfinite) == 2  # ...and only the lines orjson rejected
+    assert batch.nonfinite_keys(nonfinite[-1]) == ["big", "nan", "neg"]
 
 
-def test_bulk_decoding_uses_few_json_calls_and_stays_local_around_a_bad_line(monkeypatch):
+def test_orjson_parses_and_the_stdlib_json_only_sees_the_lines_it_rejects(monkeypatch):
     import monitor.stream as stream
 
     calls = []
-    decode = stream._decode
-    monkeypatch.setattr(stream, "_decode", lambda text: calls.append(text) or decode(text))
-    lines = synth_lines(3000)
-    parse_lines(lines)
-    assert len(calls) == -(-len(lines) // stream.BULK_LINES)  # one call per block
-    calls.clear()
+    loads = json.loads
+    monkeypatch.setattr(stream.json, "loads", lambda raw: calls.append(raw) or loads(raw))
+    lines = synth_lines(3000, nan_at={700})
     lines.insert(1500, '{"step": 1500, "loss')
     batch, corrupt = parse_lines(lines)
     assert [c.line_no for c in corrupt] == [1501] and len(batch) == len(lines) - 1
-    assert len(calls) <= -(-len(lines) // stream.BULK_LINES) + 3
+    assert calls == [next(raw for raw in lines if "NaN" in raw), lines[1500]]
+    assert [batch.records[i]["step"] for i in batch.maybe_nonfinite] == [700]
+
+
+def test_model_from_parsed_lines_matches_model_from_stdlib_json_records():
+    from monitor.run import Run
+
+    lines = _faulty_lines()
+    models = []
+    for parse in (parse_lines, None):
+        run = Run("/runs/x/metrics.jsonl", max_points=256)  # small cap: the stride doubling runs too
+        for i in range(0, len(lines), 500):
+            if parse is not None:
+                run.ingest(*parse(lines[i : i + 500], i + 1))
+            else:
+                records, line_nos, bad = _reference_parse(lines[i : i + 500], i + 1)
+                run.ingest(Batch(records, line_nos), [CorruptLine(*c) for c in bad])
+        models.append(_fingerprint_run(run))
+    assert models[0] == models[1]
+    assert models[0]["counts"][2] == 12  # the corrupt lines (not the blank one nor the 4 valid ones)
+    assert {a[1] for a in models[0]["alerts"]} >= {"nonfinite", "skipped", "kl_high"}
+
+
+def test_numeric_columns_skip_missing_null_bool_and_text():
+    batch = Batch.from_dicts([
+        {"step": 1, "a": 1, "b": True, "c": "warmup"},
+        {"step": 2, "a": None, "b": 2.5, "c": 3.0},
+        {"step": 3, "b": False, "c": "main"},
+        {"step": 4, "a": math.nan, "c": None},
+    ]).prepare(None)
+    idx, ys, last, text = batch.numeric("a")
+    assert idx.tolist() == [0, 3] and repr(ys.tolist()) == "[1.0, nan]" and math.isnan(last) and text is None
+    idx, ys, last, text = batch.numeric("b")
+    assert idx.tolist() == [1] and ys.tolist() == [2.5] and last == 2.5 and text is None
+    idx, ys, last, text = batch.numeric("c")
+    assert idx.tolist() == [1] and ys.tolist() == [3.0] and last == 3.0 and text == "main"
+    idx, ys, last, text = batch.numeric("step")
+    assert idx is None and ys.tolist() == [1, 2, 3, 4] and type(last) is int
+    batch, _ = parse_lines(['{"step": 1, "a": 1.0}', '{"step": 2}', '{"step": 3, "a": NaN}', '{"step": 4, "a": null}'])
+    assert batch.maybe_nonfinite == [2]
+    idx, ys, last, _ = batch.numeric("a")  # a NaN value is a point, a gap is not
+    assert idx.tolist() == [0, 2] and repr(ys.tolist()) == "[1.0, nan]" and math.isnan(last)
+    st = RunState()
+    st.ingest(Batch.from_dicts([{"step": 1, "flag": True}, {"step": 2, "flag": False}]))
+    assert "flag" not in st.series and "flag" not in st.latest  # bool is not a number
 
 
 def test_batch_columns_match_per_record_lookups():
@@ -304,9 +352,12 @@ def test_batch_columns_match_per_record_lookups():
         assert batch.keys() == keys
         for key in keys | {"absent"}:
             assert batch.column(key) == [o.get(key) for o in records], key
-            xs, xs_d, vals = batch.present(key)
-            have = [i for i, o in enumerate(records) if key in o]
-            assert vals == [records[i][key] for i in have] and xs == [batch.steps[i] for i in have]
-            assert list(xs_d) == [float(x) for x in xs]
+            idx, ys, last, _ = batch.numeric(key)
+            have = [i for i, o in enumerate(records) if type(o.get(key)) in (int, float)]
+            assert (list(range(len(records))) if idx is None else idx.tolist()) == have, key
+            assert ys.tolist() == [float(records[i][key]) for i in have]
+            assert last == (records[have[-1]][key] if have else None)
         idx, vals = batch.train_finite_columns("a")
-        assert batch.train_finite("a") == list(zip(idx, vals))
+        train_a = [(i, o["a"]) for i, o in enumerate(records)
+                   if type(o.get("a")) in (int, float) and o.get("event", "train") == "train"]
+        assert list(zip(idx, vals)) == train_a
