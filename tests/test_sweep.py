@@ -167,5 +167,24 @@ def test_mean_and_spread_over_seeds(tmp_path):
     assert row["fidelity_mse"] == pytest.approx(0.6) and row["tokens_per_s"] == pytest.approx(150.0)
     assert row["direct_mse_student_in"] == {"3": pytest.approx(1.2)} and row["v_a_attn_sim"] == {"3": pytest.approx(0.15)}
     assert row["seeds_done"] == 2 and row["failed_seeds"] == [2] and row["error"] == "not run yet"
-    assert "| a | 2/3 | 1.2 ± 0.14 | 0.6 ± 0.14 | 3:1.2 | 3:0.15 | 150 ± 71 | - | not run yet |" in markdown(
+    assert "| a | 2/3 | 1.2 ± 0.14 | ref | 0.6 ± 0.14 | 3:1.2 | 3:0.15 | 150 ± 71 | - | not run yet |" in markdown(
         collect(sweep))
+
+
+def test_differences_from_the_reference_are_judged_against_the_seed_spread():
+    from npt_ds.tools.sweep_report import _compare_with_reference, markdown
+
+    def entry(name, ratio, spread, seeds=2):
+        return {"name": name, "ppl_ratio": ratio, "ppl_ratio_spread": spread, "seeds_done": seeds, "error": None,
+                "fidelity_mse": None, "fidelity_mse_spread": None, "tokens_per_s": None, "tokens_per_s_spread": None,
+                "wall_s": None, "wall_s_spread": None, "direct_mse_student_in": {}, "v_a_attn_sim": {}}
+
+    variants = [entry("base", 1.20, 0.006), entry("same", 1.21, 0.008), entry("better", 1.15, 0.008),
+                entry("one-seed", 1.10, 0.0, seeds=1), entry("failed", None, None, seeds=0)]
+    _compare_with_reference(variants)
+    # pooled SD sqrt((0.006^2 + 0.008^2) / 2) = 0.00707: 0.01 is within 2 x that, 0.05 is beyond
+    assert [(v["ppl_delta"], v["beyond_noise"]) for v in variants] == [
+        (None, None), (pytest.approx(0.01), False), (pytest.approx(-0.05), True), (pytest.approx(-0.10), None),
+        (None, None)]
+    table = markdown({"base": "b", "common": [], "seeds": [0, 1], "num_ranks": 1, "variants": variants})
+    assert [line.split(" | ")[3] for line in table[4:]] == ["ref", "+0.0100", "-0.0500 *", "-0.1000", "-"]

@@ -3,7 +3,10 @@
 Per run (its final eval line, sweep_status.json and train lines): ppl ratio = ppl_npt / ppl_base, fidelity MSE,
 per-layer in-model MSE (eval/layer/{i}/direct_mse_student_in) and v_a-attention similarity
 (eval/layer/{i}/v_a_attn_sim), mean tokens/s of the train lines, wall time.  Spread = sample standard
-deviation over the seeds that finished (0 with one seed).  The plot is results.png when matplotlib is
+deviation over the seeds that finished (0 with one seed).  Each variant's ppl ratio is also compared with the
+first variant's (the reference, e.g. the baseline): the difference of the means, and whether it is beyond the
+seed-to-seed noise, |diff| > 2 x the pooled seed SD (with 2 seeds each that SD is the standard error of the
+difference of the two means, so this is a ~2-sigma call; it needs >= 2 finished seeds on both).  The plot is results.png when matplotlib is
 importable, else results_plot.txt drawn by plotext.
 """
 from __future__ import annotations
@@ -60,8 +63,30 @@ def collect(sweep) -> dict:
             layers = sorted({i for r in ok for i in r[metric]}, key=int)
             entry[metric] = {i: _mean_spread([r[metric].get(i) for r in ok])[0] for i in layers}
         variants.append(entry)
+    _compare_with_reference(variants)
     return {"base": sweep.base, "common": sweep.common, "seeds": sweep.seeds, "num_ranks": sweep.num_ranks,
             "variants": variants}
+
+
+def _compare_with_reference(variants: list[dict]) -> None:
+    """`ppl_delta` (this variant's mean ppl ratio - the first variant's) and `beyond_noise` on every entry."""
+    ref = variants[0] if variants else None
+    for entry in variants:
+        entry["ppl_delta"] = entry["beyond_noise"] = None
+        if entry is ref or ref["ppl_ratio"] is None or entry["ppl_ratio"] is None:
+            continue
+        entry["ppl_delta"] = entry["ppl_ratio"] - ref["ppl_ratio"]
+        if min(entry["seeds_done"], ref["seeds_done"]) >= 2:
+            pooled = math.sqrt((entry["ppl_ratio_spread"] ** 2 + ref["ppl_ratio_spread"] ** 2) / 2)
+            entry["beyond_noise"] = abs(entry["ppl_delta"]) > 2 * pooled
+
+
+def _delta(entry: dict, is_ref: bool) -> str:
+    if is_ref:
+        return "ref"
+    if entry["ppl_delta"] is None:
+        return "-"
+    return f"{entry['ppl_delta']:+.4f}" + (" *" if entry["beyond_noise"] else "")
 
 
 def _fmt(mean, spread, digits=4) -> str:
@@ -78,12 +103,13 @@ def markdown(results: dict) -> list[str]:
     n = len(results["seeds"])
     lines = [f"Base recipe `{results['base']}`, common overrides `{' '.join(results['common']) or '-'}`, "
              f"seeds {results['seeds']}, {results['num_ranks']} rank(s). Mean ± sample std over the seeds that "
-             "finished.", "",
-             "| variant | seeds | NPT/base ppl | fidelity MSE | in-model MSE per layer | v_a-attn sim per layer "
+             "finished. Δ: the ppl ratio minus the first variant's; * marks a difference beyond the seed-to-seed "
+             "noise (|Δ| > 2 × the pooled seed SD).", "",
+             "| variant | seeds | NPT/base ppl | Δ | fidelity MSE | in-model MSE per layer | v_a-attn sim per layer "
              "| tokens/s | wall s | error |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in results["variants"]:
-        cells = [r["name"], f"{r['seeds_done']}/{n}", _fmt(r["ppl_ratio"], r["ppl_ratio_spread"]),
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for k, r in enumerate(results["variants"]):
+        cells = [r["name"], f"{r['seeds_done']}/{n}", _fmt(r["ppl_ratio"], r["ppl_ratio_spread"]), _delta(r, k == 0),
                  _fmt(r["fidelity_mse"], r["fidelity_mse_spread"], 3), _layers(r["direct_mse_student_in"]),
                  _layers(r["v_a_attn_sim"]), _fmt(r["tokens_per_s"], r["tokens_per_s_spread"], 3),
                  _fmt(r["wall_s"], r["wall_s_spread"], 3), (r["error"] or "").replace("|", "\\|")]
