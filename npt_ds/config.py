@@ -45,6 +45,9 @@ class NPTConfig:
     dual: bool = False  # also modulate W_up
     multiplicative: bool = False  # gate factor 0.5 + sigmoid(z) in (0.5, 1.5), 1 at init (never 1 + tanh)
     safe_mode: bool = False  # additive modulation only
+    # r = a W_down + b_down (b_down zero at init, so a converted model starts as with the linear form): without
+    # it v_a, v_b are linear in a and the gate update quadratic, blind to the sign of a (docs/ablations.md)
+    down_bias: bool = False
     init_b: str = "small"  # small (std init_std_b) | zero
     init_std_down: float = 0.02
     init_std_a: float = 0.02

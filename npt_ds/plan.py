@@ -230,10 +230,10 @@ def load_shape(path: str, tiny_overrides: dict | None = None) -> ModelShape:
 
 
 def np_params_per_layer(d_model: int, d_ffn: int, rank: int, num_ranks: int, *, dual: bool = False,
-                        multiplicative: bool = False) -> int:
+                        multiplicative: bool = False, down_bias: bool = False) -> int:
     """NP component of one layer: W_down (d, r) + W_a_up (r, k, d) + W_b_up (r, k, f)
-    [+ W_c_up (r, k, f) if dual] [+ W_m (r, f) if multiplicative]."""
-    n = d_model * rank + num_ranks * rank * (d_model + d_ffn)
+    [+ W_c_up (r, k, f) if dual] [+ W_m (r, f) if multiplicative] [+ b_down (r) if down_bias]."""
+    n = d_model * rank + num_ranks * rank * (d_model + d_ffn) + (rank if down_bias else 0)
     if dual:
         n += num_ranks * rank * d_ffn
     if multiplicative:
@@ -385,6 +385,7 @@ class PlanInputs:
     num_ranks: int = 1
     dual: bool = False
     multiplicative: bool = False
+    down_bias: bool = False
     seq_len: int = 128
     micro_batch_size: int = 1
     precision: str = "bf16"
@@ -482,7 +483,7 @@ def plan_memory(inputs: PlanInputs) -> Plan:
     p_bytes = PARAM_BYTES[i.precision]
     base_total = shape.total_params()
     per_layer_np = np_params_per_layer(shape.hidden_size, shape.intermediate_size, i.rank, i.num_ranks,
-                                       dual=i.dual, multiplicative=i.multiplicative)
+                                       dual=i.dual, multiplicative=i.multiplicative, down_bias=i.down_bias)
     np_total = per_layer_np * len(i.npt_layers)
     projector = 0
     teacher_total = 0
@@ -720,7 +721,7 @@ def inputs_from_config(cfg: TrainConfig, *, nodes: int, gpus_per_node: int, gpu_
     safe = cfg.npt.safe_mode
     return PlanInputs(
         shape=shape, npt_layers=layers, rank=cfg.npt.rank, num_ranks=cfg.npt.num_ranks,
-        dual=cfg.npt.dual and not safe, multiplicative=cfg.npt.multiplicative and not safe,
+        dual=cfg.npt.dual and not safe, multiplicative=cfg.npt.multiplicative and not safe, down_bias=cfg.npt.down_bias,
         seq_len=cfg.data.seq_len, micro_batch_size=cfg.data.micro_batch_size,
         precision="bf16" if cfg.deepspeed.precision == "auto" else cfg.deepspeed.precision,  # GPUs: bf16
         model_dtype=cfg.model.dtype, quantization=cfg.model.quantization,

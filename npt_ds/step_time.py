@@ -96,7 +96,8 @@ def mode_bytes(i: PlanInputs, mode: str, grad_accum: int = 1) -> dict[str, float
     elem = base_elem_bytes(i.precision, i.model_dtype)
     frozen = i.shape.base_bytes(i.quantization, elem)
     trainable = np_params_per_layer(i.shape.hidden_size, i.shape.intermediate_size, i.rank, i.num_ranks,
-                                    dual=i.dual, multiplicative=i.multiplicative) * len(i.npt_layers) \
+                                    dual=i.dual, multiplicative=i.multiplicative, down_bias=i.down_bias) \
+        * len(i.npt_layers) \
         * PARAM_BYTES[i.precision]
     w, g, m = i.world_size, i.gpus_per_node, grad_accum
     reduced = m * trainable

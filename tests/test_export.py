@@ -41,14 +41,14 @@ print(json.dumps({"class": type(model).__name__, "tokens": gen[0, ids.shape[1]:]
 
 
 def test_export_round_trip_loads_without_npt_ds(tmp_path):
-    model = strong_npt(dual=True).float()
+    model = strong_npt(dual=True, down_bias=True).float()
     inject(model, torch.tensor([list(b"The sky is green.")]), {"context": "The sky is green."}, alpha=1.5)
     np_dir, hf_dir = tmp_path / "np", tmp_path / "hf"
     save_np_weights(model, np_dir)
     assert main(["export", "--model", "tiny", "--np", str(np_dir), "--out", str(hf_dir)]) == 0
     config = json.loads((hf_dir / "config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_npt.NPTLlamaForCausalLM"
-    assert config["npt_layers"] == [1, 3] and config["npt_dual"] is True
+    assert config["npt_layers"] == [1, 3] and config["npt_dual"] is True and config["npt_down_bias"] is True
     assert "The sky is green." in (hf_dir / "README.md").read_text()
     template = (hf_dir / "modeling_npt.py").read_text()
     assert "npt_ds" not in template.replace("npt-ds export", "")
@@ -70,6 +70,6 @@ def test_export_round_trip_loads_without_npt_ds(tmp_path):
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["class"] == "NPTLlamaForCausalLM" and result["modules"] == ["npt_ds"]  # the None stub only
     got = torch.load(tmp_path / "logits.pt")
-    assert (want - strong_npt(dual=True).float()(input_ids=ids).logits).abs().max() > 1e-3  # injection is in there
+    assert (want - strong_npt(dual=True, down_bias=True).float()(input_ids=ids).logits).abs().max() > 1e-3  # injection is in there
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
     assert result["tokens"] == want_tokens

@@ -14,10 +14,11 @@ from npt_ds.model import (Modulation, context_deltas, convert_model, inject, loa
                           save_np_weights, set_mode, tiny_llama)
 
 
-def strong_npt(dual: bool = False, layers: str = "1,3") -> nn.Module:
+def strong_npt(dual: bool = False, layers: str = "1,3", down_bias: bool = False) -> nn.Module:
     """A tiny fp64 NPT whose NP components are large enough to change the outputs a lot."""
     model = tiny_llama()
-    convert_model(model, NPTConfig(layers=layers, rank=4, num_ranks=2, modulation_scale=0.37, dual=dual))
+    convert_model(model, NPTConfig(layers=layers, rank=4, num_ranks=2, modulation_scale=0.37, dual=dual,
+                                        down_bias=down_bias))
     model.double()
     gen = torch.Generator().manual_seed(3)
     with torch.no_grad():

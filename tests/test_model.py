@@ -31,17 +31,23 @@ def reference_modulated_mlp(mlp, x, mod, scale):
 @pytest.mark.parametrize("k", [1, 4])
 @pytest.mark.parametrize("dual", [False, True])
 @pytest.mark.parametrize("multiplicative", [False, True])
-def test_modulated_mlp_matches_explicit_delta_w(k, dual, multiplicative):
+@pytest.mark.parametrize("down_bias", [False, True])
+def test_modulated_mlp_matches_explicit_delta_w(k, dual, multiplicative, down_bias):
     torch.manual_seed(k)
     d, f, T = 12, 20, 7
     mlp = LlamaMLP(LlamaConfig(hidden_size=d, intermediate_size=f, hidden_act="silu", num_attention_heads=2, num_key_value_heads=2)).double()
-    comp = NPComponent(d, f, rank=5, num_ranks=k, dual=dual, multiplicative=multiplicative,
+    comp = NPComponent(d, f, rank=5, num_ranks=k, dual=dual, multiplicative=multiplicative, down_bias=down_bias,
                        init_std_b=0.3, init_std_a=0.3, init_std_down=0.3).double()
     if comp.W_m is not None:
         nn.init.normal_(comp.W_m, std=0.5)
+    if down_bias:
+        assert torch.equal(comp.b_down, torch.zeros(5))  # zero at init: the linear form's start
+        nn.init.normal_(comp.b_down, std=0.5)
     attn, x = torch.randn(T, d, dtype=torch.float64), torch.randn(T, d, dtype=torch.float64)
     mod = Modulation(*comp(attn))
     assert mod.v_a.shape == (T, k, d) and mod.v_b.shape == (T, k, f)
+    r = attn @ comp.W_down + (comp.b_down if down_bias else 0)  # v_a = r W_a_up, from first principles
+    assert torch.allclose(mod.v_a, torch.einsum("tr,rkd->tkd", r, comp.W_a_up), atol=1e-12)
     got, inputs = modulated_mlp(mlp, x, comp, attn, 0.1, NPExtras(vectors=True, reg=True))
     want = reference_modulated_mlp(mlp, x, mod, 0.1)
     assert (got - want).abs().max() < 1e-10

@@ -67,7 +67,7 @@ def convert_model(model: nn.Module, cfg: NPTConfig, freeze_base: bool = True) ->
             raise ValueError(f"layer {i} is already an NPT layer")
         np_comp = NPComponent(config.hidden_size, config.intermediate_size, cfg.rank, cfg.num_ranks,
                               dual=cfg.dual and not cfg.safe_mode,
-                              multiplicative=cfg.multiplicative and not cfg.safe_mode,
+                              multiplicative=cfg.multiplicative and not cfg.safe_mode, down_bias=cfg.down_bias,
                               init_b=cfg.init_b, init_std_down=cfg.init_std_down,
                               init_std_a=cfg.init_std_a, init_std_b=cfg.init_std_b)
         np_comp.to(device=ref.device if ref.device.type != "meta" else "cpu")

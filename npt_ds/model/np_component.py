@@ -1,6 +1,6 @@
 """The trainable NP component: attention output -> per-token rank-k modulation of the MLP gate.
 
-r = a · W_down (d_model -> rank); for each of k ranks v_a,k = r · W_a_up,k (d_model) and
+r = a · W_down (+ b_down with ``down_bias``; d_model -> rank); for each of k ranks v_a,k = r · W_a_up,k (d_model) and
 v_b,k = r · W_b_up,k (d_ffn).  Optional extras: v_c,k (d_ffn) to modulate W_up ("dual") and a
 bounded multiplicative gate factor 0.5 + sigmoid(r · W_m) in (0.5, 1.5), equal to 1 at init (W_m = 0).
 (DESIGN §1 writes 0.5 + 0.5·sigmoid(z), whose range is (0.5, 1.0) and whose init value is 0.75; the
@@ -57,11 +57,12 @@ class ModulatedMLPInputs:
 
 class NPComponent(nn.Module):
     def __init__(self, d_model: int, d_ffn: int, rank: int = 64, num_ranks: int = 1, *,
-                 dual: bool = False, multiplicative: bool = False, init_b: str = "small",
+                 dual: bool = False, multiplicative: bool = False, down_bias: bool = False, init_b: str = "small",
                  init_std_down: float = 0.02, init_std_a: float = 0.02, init_std_b: float = 0.001):
         super().__init__()
         self.d_model, self.d_ffn, self.rank, self.num_ranks = d_model, d_ffn, rank, num_ranks
         self.W_down = nn.Parameter(torch.empty(d_model, rank))
+        self.b_down = nn.Parameter(torch.empty(rank)) if down_bias else None
         # stored (rank, k, n): the k up-projections are one matmul on a view, no per-step weight copy
         self.W_a_up = nn.Parameter(torch.empty(rank, num_ranks, d_model))
         self.W_b_up = nn.Parameter(torch.empty(rank, num_ranks, d_ffn))
@@ -74,6 +75,8 @@ class NPComponent(nn.Module):
     def reset_parameters(self) -> None:
         std_down, std_a, std_b = self.stds
         nn.init.normal_(self.W_down, std=std_down)
+        if self.b_down is not None:
+            nn.init.zeros_(self.b_down)
         nn.init.normal_(self.W_a_up, std=std_a)
         for w in (self.W_b_up, self.W_c_up):
             if w is not None:
@@ -95,6 +98,8 @@ class NPComponent(nn.Module):
         dtype = self.W_down.dtype
         lead = attn.shape[:-1]
         r = attn.reshape(-1, self.d_model).to(dtype) @ self.W_down  # (N, rank)
+        if self.b_down is not None:
+            r = r + self.b_down
         factor = None if self.W_m is None else 0.5 + torch.sigmoid(r @ self.W_m)
         if x is None:
             return self._vectors(r, factor, lead)

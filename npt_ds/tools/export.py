@@ -28,7 +28,8 @@ def export_config(model: nn.Module) -> dict:
     data.update(model_type="npt_llama", architectures=["NPTLlamaForCausalLM"], auto_map=AUTO_MAP,
                 npt_layers=list(model.npt_layer_indices), npt_rank=cfg.rank, npt_num_ranks=cfg.num_ranks,
                 npt_modulation_scale=cfg.modulation_scale, npt_dual=cfg.dual and not cfg.safe_mode,
-                npt_multiplicative=cfg.multiplicative and not cfg.safe_mode, dtype="float32", use_cache=True)
+                npt_multiplicative=cfg.multiplicative and not cfg.safe_mode, npt_down_bias=cfg.down_bias,
+                dtype="float32", use_cache=True)
     return data
 
 

@@ -3,7 +3,7 @@
 Written by ``npt-ds export``.  The listed NPT layers drop the attention residual and let the attention
 output a drive a per-token rank-k update of the MLP gate:
 
-    r = a W_down,  v_a,k = r W_a_up,k,  v_b,k = r W_b_up,k,  x = post_attention_layernorm(h)
+    r = a W_down (+ b_down),  v_a,k = r W_a_up,k,  v_b,k = r W_b_up,k,  x = post_attention_layernorm(h)
     gate = f ⊙ W_g x + s Σ_k v_b,k (v_a,k · x)      (f = 0.5 + sigmoid(r W_m) when multiplicative, else 1)
     up   = W_u x (+ s Σ_k v_c,k (v_a,k · x) when dual),  h' = h + W_dn(SiLU(gate) ⊙ up)
 
@@ -21,13 +21,14 @@ class NPTLlamaConfig(LlamaConfig):
     model_type = "npt_llama"
 
     def __init__(self, npt_layers=(), npt_rank=64, npt_num_ranks=1, npt_modulation_scale=0.1,
-                 npt_dual=False, npt_multiplicative=False, **kwargs):
+                 npt_dual=False, npt_multiplicative=False, npt_down_bias=False, **kwargs):
         self.npt_layers = list(npt_layers)
         self.npt_rank = npt_rank
         self.npt_num_ranks = npt_num_ranks
         self.npt_modulation_scale = npt_modulation_scale
         self.npt_dual = npt_dual
         self.npt_multiplicative = npt_multiplicative
+        self.npt_down_bias = npt_down_bias
         super().__init__(**kwargs)
 
 
@@ -41,6 +42,7 @@ class NPComponent(nn.Module):
         d, f, rank, k = config.hidden_size, config.intermediate_size, config.npt_rank, config.npt_num_ranks
         self.d_model, self.d_ffn, self.rank, self.num_ranks = d, f, rank, k
         self.W_down = nn.Parameter(torch.zeros(d, rank))
+        self.b_down = nn.Parameter(torch.zeros(rank)) if getattr(config, "npt_down_bias", False) else None
         self.W_a_up = nn.Parameter(torch.zeros(rank, k, d))
         self.W_b_up = nn.Parameter(torch.zeros(rank, k, f))
         self.W_c_up = nn.Parameter(torch.zeros(rank, k, f)) if config.npt_dual else None
@@ -50,6 +52,8 @@ class NPComponent(nn.Module):
         """attn, x: (N, d); gate = W_g x, up = W_u x: (N, d_ffn) -> modulated (gate, up)."""
         dtype, n, rank, k = self.W_down.dtype, attn.shape[0], self.rank, self.num_ranks
         r = attn.to(dtype) @ self.W_down
+        if self.b_down is not None:
+            r = r + self.b_down
         q = (x.to(dtype) @ self.W_a_up.view(rank * k, self.d_model).T).view(n, rank, k)
         coef = torch.einsum("nr,nrk->nk", r, q) if k > 1 else (r * q.squeeze(-1)).sum(-1, keepdim=True)
         z = (scale * r).unsqueeze(-1) * coef.unsqueeze(1) if k > 1 else (scale * coef) * r
