@@ -355,7 +355,9 @@ def test_plan_predicts_step_time_per_frozen_base_mode_and_recommends_resident_fo
     r, p, h = rows["resident"], rows["partitioned"], rows["hpz"]
     assert p["gathered"] == pytest.approx(4 * (p["frozen"] + p["trainable"]))
     assert r["gathered"] == pytest.approx(r["trainable"]) and r["reduced"] == pytest.approx(4 * r["trainable"])
-    assert h["inter"] < 0.02 * p["inter"] and r["step_s"] < h["step_s"] < p["step_s"]
+    # hpz: only the trainable params' gradient reduce crosses nodes, as with resident
+    assert h["inter"] == pytest.approx(r["inter"]) and h["inter"] < 0.05 * p["inter"]
+    assert r["step_s"] < h["step_s"] < p["step_s"]
     assert r["mem_gib"] > p["mem_gib"]  # the price: the whole base on every GPU
     rc, text = _plan_cli(capsys, "configs/llama3_8b_multinode.yaml", "--nodes", "2", "--gpus-per-node", "8")
     assert "recommended: deepspeed.frozen_base: resident" in text and "tok/s/GPU" in text
