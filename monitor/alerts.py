@@ -87,13 +87,16 @@ from __future__ import annotations
 import functools
 import math
 import statistics
-from bisect import bisect_left, insort
+from itertools import compress
+from operator import itemgetter, lt, ne, or_
+from bisect import bisect_left, bisect_right
 from collections import deque
 from dataclasses import dataclass, fields
 from typing import Iterable, Sequence
 
 import numpy as np
 
+from .rolling import first_true, run_length, trailing, window_sums
 from .stream import Batch
 
 __all__ = ["Alert", "AlertConfig", "AlertEngine", "ERROR", "WARNING", "INFO", "KINDS", "FAILING"]
@@ -257,17 +260,17 @@ class GradSpikeDetector(_Detector):
 
     def __init__(self, cfg: AlertConfig) -> None:
         super().__init__(cfg)
-        self.recent: deque[float] = deque()
-        self.ordered: list[float] = []
+        self.recent = np.empty(0)  # the last grad_spike_window finite grad norms
+        self.n_grads = 0  # finite grad norms seen
         self.active = False
         self.clip = cfg.grad_clip
         self.losses: deque[float] = deque(maxlen=20)  # the loss trend before a spike: their median
-        self.pending: list = []  # [step, line_no, text, clipped, trend, losses after, at a stage change]
+        self.pending: list = []  # [step, line_no, text, clipped, trend, losses after, at a stage change, batch index]
         self.stages = _Restarts(cfg.stage_keys)
         self.since_stage = 10**9  # train lines since the last stage change
 
     def _judge(self, spike: list, complete: bool) -> tuple[str, str, int, int]:
-        step, line_no, text, clipped, trend, after, staged = spike
+        step, line_no, text, clipped, trend, after, staged, _ = spike
         clip = "clipped" if clipped else ("not clipped" if clipped is not None else "clip norm unknown")
         if staged and clipped:  # the loss moves by design there: nothing to compare with
             return INFO, f"{text}; {clip}; at a curriculum/sequential stage change", step, line_no
@@ -282,62 +285,87 @@ class GradSpikeDetector(_Detector):
         return (INFO if clipped and returned else WARNING), f"{text}; {clip}; {follow}", step, line_no
 
     def scan(self, batch: Batch) -> Hits:
-        hits: Hits = []
+        """Every finite grad norm is first bounded by its trailing minimum (a spike over the median is
+        one over the minimum too); only those candidates get the exact median and the state machine."""
         cfg = self.cfg
-        recent, ordered = self.recent, self.ordered
-        grads, losses = batch.column(cfg.grad_key), batch.column(cfg.loss_key)
-        clips, events = batch.column("run/grad_clip"), batch.events
-        steps, line_nos = batch.steps, batch.line_nos
-        train = [i for i, e in enumerate(events) if e == "train"]
-        is_train = [False] * len(events)
-        for i in train:
-            is_train[i] = True
-        changed = [False] * len(events)
-        for i, flag in zip(train, self.stages.flags(batch, train)):
-            changed[i] = flag
-        loss_idx, _ = batch.train_finite_columns(cfg.loss_key)
-        good_loss = [False] * len(events)
-        for i in loss_idx:
-            good_loss[i] = True
-        clip_at = {i: c for i, c in enumerate(clips) if c is not None}
-        for i, g in enumerate(grads):
-            if clip_at and i in clip_at and _num(clip_at[i]):
-                self.clip = float(clip_at[i])
-            loss = losses[i]
-            if is_train[i]:
-                self.since_stage = 0 if changed[i] else self.since_stage + 1
-                if changed[i]:  # a stage starts while a spike waits for its verdict: the loss moves by design
-                    for spike in self.pending:
-                        spike[6] = True
-            if good_loss[i] and self.pending:
-                for spike in self.pending:
-                    spike[5].append(loss)
-                while self.pending and len(self.pending[0][5]) >= cfg.grad_spike_followup:
-                    sev, msg, step, line_no = self._judge(self.pending.pop(0), True)
-                    hits.append((i, msg, sev, step, line_no))
-            if g is None or not ((type(g) is float or type(g) is int) and _isfinite(g)):
-                if good_loss[i]:
-                    self.losses.append(loss)
+        train = batch.is_train.nonzero()[0]
+        changed = np.zeros(len(batch), dtype=bool)
+        changed[train] = self.stages.flags(batch, train.tolist())
+        since = run_length(~changed[train], self.since_stage)  # train lines since a stage change, per train line
+        loss_idx, loss_vals = batch.train_finite_columns(cfg.loss_key)
+        gidx, gys, _, _ = batch.numeric(cfg.grad_key)
+        gidx = np.arange(len(batch)) if gidx is None else gidx
+        ok = np.isfinite(gys)
+        gidx, gys = gidx[ok], gys[ok]
+        cidx, cys, _, _ = batch.numeric("run/grad_clip")
+        if len(cys):
+            cidx = np.arange(len(batch)) if cidx is None else cidx
+            cidx, cys = cidx[np.isfinite(cys)], cys[np.isfinite(cys)]
+        w, first = cfg.grad_spike_window, len(self.recent)
+        hist = np.concatenate([self.recent, gys])
+        n_hist = np.minimum(self.n_grads + np.arange(len(gys)), w)  # grad norms known before each
+        qual = n_hist >= cfg.grad_spike_min_history
+        bound = trailing(np.minimum, hist, w, np.inf)[first:]
+        cand = (qual & (gys > cfg.grad_spike_factor * bound)).nonzero()[0]
+        active, prev = self.active, -1
+        for j in cand.tolist():
+            if j > 0 and qual[j - 1] and prev != j - 1:
+                active = False  # a qualifying norm in between was no candidate, so no spike
+            prev = j
+            q = first + j
+            median = float(np.median(hist[q - n_hist[j] : q]))
+            g = float(gys[j])
+            if not (median > 0 and g > cfg.grad_spike_factor * median):
+                active = False
                 continue
-            n = len(ordered)
-            if n >= cfg.grad_spike_min_history:
-                median = ordered[n // 2] if n % 2 else 0.5 * (ordered[n // 2 - 1] + ordered[n // 2])
-                if median > 0 and g > cfg.grad_spike_factor * median:
-                    if not self.active:
-                        self.active = True
-                        clipped = None if self.clip is None or self.clip <= 0 else g > self.clip
-                        trend = statistics.median(self.losses) if self.losses else None
-                        self.pending.append([steps[i], line_nos[i],
-                                             f"grad_norm {_fmt(g)} = {g / median:.1f}x median {_fmt(median)}",
-                                             clipped, trend, [], self.since_stage < cfg.grad_spike_followup])
-                else:
-                    self.active = False
-            if good_loss[i]:
-                self.losses.append(loss)
-            recent.append(g)
-            insort(ordered, g)
-            if len(recent) > cfg.grad_spike_window:
-                del ordered[bisect_left(ordered, recent.popleft())]
+            if active:
+                continue
+            active = True
+            i = int(gidx[j])
+            c = int(np.searchsorted(cidx, i, "right")) if len(cys) else 0
+            clip = float(cys[c - 1]) if c else self.clip
+            prior = list(self.losses) + loss_vals[: bisect_left(loss_idx, i)]
+            t = int(np.searchsorted(train, i, "right"))
+            since_i = int(since[t - 1]) if t else self.since_stage
+            self.pending.append([batch.steps[i], batch.line_nos[i],
+                                 f"grad_norm {_fmt(g)} = {g / median:.1f}x median {_fmt(median)}",
+                                 None if clip is None or clip <= 0 else g > clip,
+                                 statistics.median(prior[-20:]) if prior else None, [],
+                                 since_i < cfg.grad_spike_followup, i])
+        if len(gys) and qual[-1] and prev != len(gys) - 1:
+            active = False
+        self.active = active
+        hits = self._follow_up(batch, loss_idx, loss_vals, changed)
+        if len(cys):
+            self.clip = float(cys[-1])
+        self.losses.extend(loss_vals)
+        self.recent = hist[-w:] if w > 0 else np.empty(0)
+        self.n_grads += len(gys)
+        if len(train):
+            self.since_stage = int(since[-1])
+        return hits
+
+    def _follow_up(self, batch: Batch, loss_idx: list, loss_vals: list, changed: np.ndarray) -> Hits:
+        """Give each waiting spike the train losses after its line; judge those that have enough."""
+        hits: Hits = []
+        stage_lines = changed.nonzero()[0]
+        waiting = []
+        for spike in self.pending:
+            origin = spike[7]
+            start = bisect_right(loss_idx, origin)
+            take = max(1, self.cfg.grad_spike_followup - len(spike[5]))
+            spike[5] += loss_vals[start : start + take]
+            done = len(spike[5]) >= self.cfg.grad_spike_followup and start + take <= len(loss_idx)
+            end = loss_idx[start + take - 1] if done else len(batch)
+            if len(stage_lines) and ((stage_lines > origin) & (stage_lines <= end)).any():
+                spike[6] = True  # a stage started while the spike waited: the loss moves by design
+            if done:
+                sev, msg, step, line_no = self._judge(spike, True)
+                hits.append((end, msg, sev, step, line_no))
+            else:
+                spike[7] = -1  # in the next batch every loss is after it
+                waiting.append(spike)
+        self.pending = waiting
         return hits
 
     def finish(self) -> list[tuple[str, str, int, int]]:
@@ -421,59 +449,73 @@ class ThroughputDropDetector(_Detector):
 
     def __init__(self, cfg: AlertConfig) -> None:
         super().__init__(cfg)
-        self.recent: deque[float] = deque()
-        self.ordered: list[float] = []
-        self.settle = 0
-        self.active = False
-        self.schedule: tuple | None = None  # schedule_keys values of the last train line
-        self.last: deque[float] = deque(maxlen=max(1, cfg.throughput_recent))
+        self.settle = 0  # rates still to ignore after an eval/checkpoint/start line
+        self.restarts = _Restarts(cfg.schedule_keys, rewind=False)
+        self.restart()
 
     def restart(self) -> None:
         """A new curriculum stage / mixing ratio / sequential layer costs another amount per step by design."""
-        self.recent.clear()
-        self.ordered.clear()
-        self.last.clear()
+        self.recent = np.empty(0)  # the last max(throughput_window, throughput_recent) rates
+        self.seen = 0  # rates since the median restarted
         self.active = False
 
     def scan(self, batch: Batch) -> Hits:
-        hits: Hits = []
         cfg = self.cfg
-        rates, events = batch.column(cfg.throughput_key), batch.events
-        schedule_cols = [batch.column(k) for k in cfg.schedule_keys]
-        recent, ordered = self.recent, self.ordered
-        for i, ev in enumerate(events):
-            if ev != "train":
-                if ev in ("eval", "checkpoint", "start"):
-                    self.settle = cfg.throughput_settle  # their time is inside the next line's window
-                continue
-            schedule = tuple(col[i] for col in schedule_cols)
-            if self.schedule is not None and schedule != self.schedule:
-                self.restart()
-            self.schedule = schedule
-            v = rates[i]
-            if not _num(v):
-                continue
-            if self.settle:
-                self.settle -= 1
-                continue
-            n = len(ordered)
-            self.last.append(v)
-            if n >= cfg.throughput_min_history and len(self.last) == self.last.maxlen:
-                median = ordered[n // 2] if n % 2 else 0.5 * (ordered[n // 2 - 1] + ordered[n // 2])
-                limit = cfg.throughput_factor * median
-                # the recent median is only looked at on a slow line (it fires on the next one at the latest)
-                now = statistics.median(self.last) if v < limit else math.inf
-                if now < limit:
-                    if not self.active:
-                        self.active = True
-                        hits.append((i, f"tokens/s {_fmt(now)} (median of the last {len(self.last)}) = "
-                                        f"{now / median:.0%} of its running median {_fmt(median)}"))
-                else:
-                    self.active = False
-            recent.append(v)
-            insort(ordered, v)
-            if len(recent) > cfg.throughput_window:
-                del ordered[bisect_left(ordered, recent.popleft())]
+        train = batch.is_train.nonzero()[0]
+        restart_at = train[np.asarray(self.restarts.flags(batch, train.tolist()), dtype=bool)].tolist()
+        ridx, rys, _, _ = batch.numeric(cfg.throughput_key)
+        ridx = np.arange(len(batch)) if ridx is None else ridx
+        keep = np.isfinite(rys) & batch.is_train[ridx]
+        ridx, rys = ridx[keep], rys[keep]
+        # the first `throughput_settle` rates after an eval/checkpoint/start line hold its time: ignored
+        triggers = np.array([i for i, e in enumerate(batch.events) if e in ("eval", "checkpoint", "start")],
+                            dtype=np.int64)
+        rank = np.arange(1, len(ridx) + 1)  # 1-based, among the batch's rates
+        t = np.searchsorted(triggers, ridx, "right")  # the triggers before each rate
+        rates_before = np.searchsorted(ridx, triggers, "right")  # the rates before each trigger
+        since = np.where(t > 0, rank - rates_before[np.maximum(t - 1, 0)], rank) if len(triggers) else rank
+        settled = since > np.where(t > 0, cfg.throughput_settle, self.settle)
+        last_run = len(ridx) - int(rates_before[-1]) if len(triggers) else len(ridx)
+        self.settle = max(0, (cfg.throughput_settle if len(triggers) else self.settle) - last_run)
+        ridx, rys = ridx[settled], rys[settled]
+        cuts = np.searchsorted(ridx, restart_at, "left").tolist()  # the median restarts before those rates
+        short = max(cfg.throughput_min_history, max(1, cfg.throughput_recent) - 1)  # no longer: nothing to judge
+        return _segments(self, ridx, rys, cuts, short)
+
+    def _segment(self, idx: np.ndarray, vals: np.ndarray) -> Hits:
+        """Rates bounded by their trailing maximum first (under 0.7x the median is under 0.7x the maximum)."""
+        cfg = self.cfg
+        w, r, factor = cfg.throughput_window, max(1, cfg.throughput_recent), cfg.throughput_factor
+        series = np.concatenate([self.recent, vals])
+        first, m = len(self.recent), len(vals)
+        hits: Hits = []
+        if self.seen + m <= max(cfg.throughput_min_history, r - 1):  # nothing to judge yet (a ramp restarts often)
+            self.seen += m
+            self.recent = series[-max(w, r):]
+            return hits
+        before = self.seen + np.arange(m)  # rates of this median before each
+        n_hist = np.minimum(before, w)
+        qual = (n_hist >= cfg.throughput_min_history) & (before + 1 >= r)
+        cand = (qual & (vals < factor * trailing(np.maximum, series, w, -np.inf)[first:])).nonzero()[0]
+        active, prev = self.active, -1
+        for j in cand.tolist():
+            if j > 0 and qual[j - 1] and prev != j - 1:
+                active = False  # a qualifying rate in between was no candidate, so not slow
+            prev, q = j, first + j
+            median = float(np.median(series[q - n_hist[j] : q]))
+            limit = factor * median
+            now = float(np.median(series[q - r + 1 : q + 1])) if vals[j] < limit else math.inf
+            if now >= limit:
+                active = False
+            elif not active:
+                active = True
+                hits.append((int(idx[j]), f"tokens/s {_fmt(now)} (median of the last {r}) = "
+                                           f"{now / median:.0%} of its running median {_fmt(median)}"))
+        if m and qual[-1] and prev != m - 1:
+            active = False
+        self.active = active
+        self.seen += m
+        self.recent = series[-max(w, r):]
         return hits
 
 
@@ -486,11 +528,10 @@ def _quadratic_basis(n: int) -> np.ndarray:
 
 
 def _detrend(windows: np.ndarray) -> np.ndarray:
-    """Each row minus its least-squares quadratic, by elementwise products (no BLAS call: a threaded
-    BLAS would spin cores of the machine the monitor shares with the run it watches)."""
+    """Each row minus its least-squares quadratic, by einsum's own loops (not optimised into a BLAS call: a
+    threaded BLAS would spin cores of the machine the monitor shares with the run it watches)."""
     q = _quadratic_basis(windows.shape[1])
-    coef = (windows[:, :, None] * q[None]).sum(axis=1)
-    return windows - (coef[:, None, :] * q[None]).sum(axis=2)
+    return windows - np.einsum("mk,nk->mn", np.einsum("mn,nk->mk", windows, q), q)
 
 
 def periodicity(windows: np.ndarray, contrast: float = 8.0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -531,26 +572,46 @@ def periodicity(windows: np.ndarray, contrast: float = 8.0) -> tuple[np.ndarray,
     return ratio, amp, period, ac
 
 
+def _segments(det, idx, vals, cuts: list[int], short: int) -> Hits:
+    """Feed ``det._segment`` the runs of (idx, vals) between restarts (``det.restart()`` before each cut).
+
+    A run that ends at a restart and holds at most ``short`` values can raise nothing: it is
+    skipped (a ramp that restarts on every line costs one restart, not one segment, per line)."""
+    hits: Hits = []
+    bounds = [0, *cuts, len(idx)]
+    for k, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
+        if k:
+            det.restart()
+        if hi > lo and (k == 0 or k == len(cuts) or hi - lo > short):
+            hits += det._segment(idx[lo:hi], vals[lo:hi])
+    return hits
+
+
 class _Restarts:
     """Where the loss changes level by design: a change of some schedule keys, or a step going back."""
 
-    def __init__(self, keys: tuple[str, ...]) -> None:
+    def __init__(self, keys: tuple[str, ...], rewind: bool = True) -> None:
         self.keys = keys
+        self.rewind = rewind  # whether a step going back is a restart too
         self.schedule: tuple | None = None
         self.last_step: int | None = None
 
     def flags(self, batch: Batch, idx: Sequence[int]) -> list[bool]:
         """Per index in `idx` (train lines, in order): whether the regime changes there."""
-        steps = batch.steps
-        cols = [batch.column(k) for k in self.keys]
-        sched = list(zip(*[[col[i] for i in idx] for col in cols])) if cols else [()] * len(idx)
-        st = [steps[i] for i in idx] if steps is not None else [None] * len(idx)
-        prev_s = [self.schedule] + sched[:-1]
-        prev_t = [self.last_step] + st[:-1]
-        out = [(t is not None and p is not None and t < p) or (q is not None and sc != q)
-               for sc, q, t, p in zip(sched, prev_s, st, prev_t)]
-        if idx:
-            self.schedule, self.last_step = sched[-1], st[-1]
+        if not len(idx):
+            return []
+        at = itemgetter(*idx) if len(idx) > 1 else lambda col: (col[idx[0]],)
+        sched = list(zip(*[at(batch.column(k)) for k in self.keys])) if self.keys else [()] * len(idx)
+        out = list(map(ne, sched[1:], sched))  # (schedule values are compared as read: str, float, None)
+        if self.rewind and batch.steps is not None:
+            st = at(batch.steps)
+            out = list(map(or_, out, map(lt, st[1:], st)))
+            first = self.last_step is not None and st[0] < self.last_step
+            self.last_step = st[-1]
+        else:
+            first = False
+        out.insert(0, first or (self.schedule is not None and sched[0] != self.schedule))
+        self.schedule = sched[-1]
         return out
 
 
@@ -628,75 +689,64 @@ class PlateauDetector(_Detector):
     def __init__(self, cfg: AlertConfig) -> None:
         super().__init__(cfg)
         self.half = max(1, cfg.plateau_window // 2)
-        self.active = False
-        self.since_fire = 0
-        self.schedule: tuple | None = None  # schedule_keys values of the last train line
-        self.last_step: int | None = None
+        self.pushes = 0  # losses seen, all windows together
+        self.fired_at = 0  # `pushes` at the last alert
+        self.restarts = _Restarts(cfg.schedule_keys)
         self.restart()
 
     def restart(self) -> None:
         """Forget the window: the loss level changed by design, so old and new halves are not comparable."""
-        self.older: deque[float] = deque()
-        self.newer: deque[float] = deque()
-        self.sq_diffs: deque[float] = deque()  # (v_t - v_t-1)^2 within the window
-        self.sum_older = self.sum_newer = self.sum_sq = 0.0
-        self.flat_run = 0  # consecutive losses with D <= m
-        self.seen = 0
+        self.window = np.empty(0)  # the last 2 * half - 1 losses of the window
+        self.seen = 0  # losses since the window started
+        self.flat_run = 0  # consecutive full windows with D <= m
         self.active = False
 
-    def _push(self, loss: float) -> None:
-        half, older, newer = self.half, self.older, self.newer
-        if newer:
-            d2 = (loss - newer[-1]) ** 2
-            self.sq_diffs.append(d2)
-            self.sum_sq += d2
-            if len(self.sq_diffs) > 2 * half - 1:
-                self.sum_sq -= self.sq_diffs.popleft()
-        newer.append(loss)
-        self.sum_newer += loss
-        if len(newer) > half:
-            v = newer.popleft()
-            self.sum_newer -= v
-            older.append(v)
-            self.sum_older += v
-            if len(older) > half:
-                self.sum_older -= older.popleft()
-        self.seen += 1
-        if self.seen % 4096 == 0:  # stop float drift of the running sums
-            self.sum_older, self.sum_newer, self.sum_sq = math.fsum(older), math.fsum(newer), math.fsum(self.sq_diffs)
-
     def scan(self, batch: Batch) -> Hits:
+        idx, vals = batch.train_finite_columns(self.cfg.loss_key)
+        cuts = list(compress(range(len(idx)), self.restarts.flags(batch, idx)))
+        return _segments(self, idx, vals, cuts, 2 * self.half - 1)
+
+    def _segment(self, idx: Sequence[int], vals: list) -> Hits:
+        """Every full window of the segment at once: D, m and se per loss, then the few state changes."""
+        cfg, half = self.cfg, self.half
+        series = np.concatenate([self.window, np.asarray(vals, dtype=float)])
+        first, m = len(self.window), len(vals)
         hits: Hits = []
-        half, cfg = self.half, self.cfg
-        schedule_cols = [batch.column(k) for k in cfg.schedule_keys]
-        steps = batch.steps
-        for i, loss in zip(*batch.train_finite_columns(cfg.loss_key)):
-            schedule = tuple(col[i] for col in schedule_cols)
-            step = steps[i] if steps is not None else None
-            rewound = step is not None and self.last_step is not None and step < self.last_step
-            if rewound or (self.schedule is not None and schedule != self.schedule):
-                self.restart()
-            self.schedule, self.last_step = schedule, step
-            self._push(loss)
-            self.since_fire += 1
-            if len(self.older) < half:
-                continue
-            old_mean, new_mean = self.sum_older / half, self.sum_newer / half
-            decrease, margin = old_mean - new_mean, cfg.plateau_min_rel_decrease * abs(old_mean)
-            if decrease > margin:
-                self.flat_run = 0
-                if self.since_fire >= 2 * half:
+        if self.seen + m >= 2 * half:  # some windows are full (a ramp restarts on every line: none are)
+            full = (self.seen + 1 + np.arange(m) >= 2 * half).nonzero()[0]
+            p = first + full  # each full window is series[p - 2 half + 1 : p + 1]
+            q0 = int(p[0]) - 2 * half + 1
+            sums = window_sums(series[q0:], half)
+            old_mean = sums[p - 2 * half + 1 - q0] / half
+            new_mean = sums[p - half + 1 - q0] / half
+            d2 = np.concatenate([[0.0], np.cumsum(np.diff(series[q0:]) ** 2)])
+            sq = np.maximum(0.0, d2[p - q0] - d2[p - 2 * half + 1 - q0])  # the window's 2 half - 1 differences
+            se = np.sqrt(sq / max(1, 2 * half - 1) / 2 * 2 / half)
+            decrease = old_mean - new_mean
+            margin = cfg.plateau_min_rel_decrease * np.abs(old_mean)
+            falling = decrease > margin
+            flat_run = run_length(~falling, self.flat_run)
+            fire = ~falling & ((decrease <= margin - cfg.plateau_noise_z * se) | (flat_run >= half))
+            pushes = self.pushes + 1 + full  # `pushes` after each full window's loss
+            k = 0
+            while True:
+                if not self.active:
+                    k = first_true(fire, k)
+                    if k < 0:
+                        break
+                    self.active, self.fired_at = True, int(pushes[k])
+                    hits.append((idx[full[k]], f"loss not decreasing over {2 * half} steps (mean "
+                                               f"{_fmt(old_mean[k])} -> {_fmt(new_mean[k])}, noise se {_fmt(se[k])})"))
+                else:  # re-arms once the loss falls again, a window after the alert
+                    k = first_true(falling & (pushes - self.fired_at >= 2 * half), k)
+                    if k < 0:
+                        break
                     self.active = False
-                continue
-            self.flat_run += 1
-            sigma2 = max(0.0, self.sum_sq) / max(1, len(self.sq_diffs)) / 2
-            se = math.sqrt(sigma2 * 2 / half)
-            clearly = decrease <= margin - cfg.plateau_noise_z * se
-            if (clearly or self.flat_run >= half) and not self.active:
-                self.active = True
-                self.since_fire = 0
-                hits.append((i, f"loss not decreasing over {2 * half} steps (mean {_fmt(old_mean)} -> "
-                                f"{_fmt(new_mean)}, noise se {_fmt(se)})"))
+                k += 1
+            self.flat_run = int(flat_run[-1])
+        self.seen += m
+        self.pushes += m
+        self.window = series[-(2 * half - 1):] if half > 0 else series[:0]
         return hits
 
 

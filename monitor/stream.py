@@ -21,7 +21,8 @@ import math
 import re
 from collections import Counter
 from dataclasses import dataclass
-from itertools import repeat
+from itertools import compress, repeat
+from operator import itemgetter
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -66,12 +67,17 @@ def _as_int(v: object) -> int | None:
     return None
 
 
-def _last(col: list, ok=None) -> object:
-    """The last ``v`` of ``col`` that is not ``None`` and passes ``ok`` (``None`` if there is none)."""
-    for v in reversed(col):
+def _last_at(col: Sequence, ok=None) -> tuple[object, int]:
+    """The last ``v`` of ``col`` that is not ``None`` and passes ``ok``, and its index (``(None, -1)``: none)."""
+    for j in range(len(col) - 1, -1, -1):
+        v = col[j]
         if v is not None and (ok is None or ok(v)):
-            return v
-    return None
+            return v, j
+    return None, -1
+
+
+def _last(col: Sequence, ok=None) -> object:
+    return _last_at(col, ok)[0]
 
 
 class Batch:
@@ -98,6 +104,7 @@ class Batch:
         self.is_train = np.empty(0, dtype=bool)  # which records are train lines
         self._cols: dict[str, list] = {}
         self._num: dict[str, tuple] = {}
+        self._shape_cache: tuple | None = None
 
     @classmethod
     def from_dicts(cls, records: Iterable[dict], first_line_no: int = 1) -> "Batch":
@@ -151,24 +158,78 @@ class Batch:
         A missing key or a null is no number, nor is a bool."""
         got = self._num.get(key)
         if got is None:
-            col = self.column(key)
-            kinds = set(map(type, col))
-            nums = {t for t in kinds if issubclass(t, (int, float)) and t is not bool}
-            if kinds == nums:  # a number on every line (the common case)
-                idx, ys = None, np.array(col, dtype=float)
-            elif kinds - nums == {type(None)}:  # numbers and gaps (missing or null)
-                ys = np.array(col, dtype=float)  # a gap reads as NaN
-                ok = ~np.isnan(ys)
-                may = self.maybe_nonfinite  # the only records that can hold a NaN value (a point, not a gap)
-                ok[may] = [col[i] is not None for i in may]
-                idx, ys = ok.nonzero()[0], ys[ok]
-            else:  # text, bools, lists, ... mixed in (or no number at all)
-                idx = np.array([i for i, v in enumerate(col) if type(v) in nums], dtype=np.int64)
-                ys = np.array([col[i] for i in idx.tolist()], dtype=float)
-            last = (col[-1] if idx is None else col[idx[-1]]) if len(ys) else None
-            text = _last(col, lambda v: type(v) is str) if str in kinds else None
-            got = self._num[key] = (idx, ys, last, text)
+            shape, rest = self._shape()
+            parts = [(pos, col) for pos, col in ((shape[0], shape[1].get(key, ())), (rest[0], self._column_of(
+                rest[1], key))) if len(col)]
+            got = self._num[key] = self._merge([self._numbers(pos, col) for pos, col in parts])
         return got
+
+    def _shape(self) -> tuple[tuple[np.ndarray, dict[str, tuple]], tuple[np.ndarray, list[dict]]]:
+        """Memory-friendly columns: the records that share the first record's key set (most lines of a
+        stream, the train lines) are read once each, all their keys at a time; the rest key by key.
+        ``((positions, {key: values}), (positions of the rest, the rest))``.
+
+        A record with as many keys as the first and all of them has exactly its key set."""
+        if self._shape_cache is None:
+            recs, n = self.records, len(self.records)
+            keys = tuple(recs[0]) if n else ()
+            same = [len(r) == len(keys) for r in recs]
+            members = recs if all(same) else list(compress(recs, same))
+            try:
+                rows = list(map(itemgetter(*keys), members)) if len(keys) > 1 else None
+            except KeyError:  # as many keys, other ones
+                rows = None
+            if rows is None:
+                self._shape_cache = (np.empty(0, dtype=np.int64), {}), (np.arange(n), recs)
+            else:
+                mask = np.asarray(same, dtype=bool)
+                rest = np.flatnonzero(~mask)
+                self._shape_cache = ((np.flatnonzero(mask), dict(zip(keys, zip(*rows)))),
+                                     (rest, [recs[i] for i in rest.tolist()]))
+        return self._shape_cache
+
+    def _column_of(self, records: list[dict], key: str) -> list:
+        return self.column(key) if records is self.records else list(map(dict.get, records, repeat(key)))
+
+    def _numbers(self, pos: np.ndarray, col: Sequence) -> tuple:
+        """For the values ``col`` of the records at ``pos``: (positions of the numbers, the numbers,
+        (the last number as read, its position), (the last text value, its position))."""
+        kinds = set(map(type, col))
+        nums = {t for t in kinds if issubclass(t, (int, float)) and t is not bool}
+        if kinds == nums:  # a number on every line (the common case)
+            sel, ys = np.arange(len(col)), np.array(col, dtype=float)
+        elif kinds - nums == {type(None)}:  # numbers and gaps (missing or null)
+            ys = np.array(col, dtype=float)  # a gap reads as NaN
+            ok = ~np.isnan(ys)
+            if self.maybe_nonfinite:  # the only records that can hold a NaN value (a point, not a gap)
+                may = np.flatnonzero(np.isin(pos, self.maybe_nonfinite))
+                ok[may] = [col[j] is not None for j in may.tolist()]
+            sel = ok.nonzero()[0]
+            ys = ys[sel]
+        else:  # text, bools, lists, ... mixed in (or no number at all)
+            sel = np.array([j for j, v in enumerate(col) if type(v) in nums], dtype=np.int64)
+            ys = np.array([col[j] for j in sel.tolist()], dtype=float)
+        last = (col[sel[-1]], int(pos[sel[-1]])) if len(ys) else (None, -1)
+        text, at = _last_at(col, lambda v: type(v) is str) if str in kinds else (None, -1)
+        return pos[sel], ys, last, (text, int(pos[at]) if at >= 0 else -1)
+
+    def _merge(self, parts: list[tuple]) -> tuple[np.ndarray | None, np.ndarray, object, str | None]:
+        """One column from the parts :meth:`_numbers` made of it (disjoint positions)."""
+        n = len(self.records)
+        if len(parts) == 1:
+            idx, ys = parts[0][0], parts[0][1]
+        elif parts:
+            valid, full = np.zeros(n, dtype=bool), np.empty(n)
+            for pos, part, _, _ in parts:
+                valid[pos] = True
+                full[pos] = part
+            idx = valid.nonzero()[0]
+            ys = full[idx]
+        else:
+            idx, ys = np.empty(0, dtype=np.int64), np.empty(0)
+        last = max((p[2] for p in parts), key=lambda t: t[1], default=(None, -1))[0]
+        text = max((p[3] for p in parts), key=lambda t: t[1], default=(None, -1))[0]
+        return (None if len(idx) == n else idx), ys, last, text
 
     def train_finite_columns(self, key: str) -> tuple[Sequence[int], list]:
         """``(indices, values)`` of the finite numeric ``key`` values on train lines.  Needs :meth:`prepare`."""
@@ -194,7 +255,16 @@ def parse_line(raw: bytes | str, line_no: int = 0) -> dict | None:
 
 def parse_lines(lines: Iterable[bytes | str], first_line_no: int = 1) -> tuple[Batch, list[CorruptLine]]:
     """Parse consecutive lines numbered from ``first_line_no`` (blank lines are skipped)."""
-    records: list[dict] = []
+    if type(lines) is not list:
+        lines = list(lines)
+    try:  # the common case, every line a JSON object orjson accepts: no per-line Python
+        records = list(map(orjson.loads, lines))
+    except orjson.JSONDecodeError:
+        pass
+    else:
+        if set(map(type, records)) <= {dict}:
+            return Batch(records, list(range(first_line_no, first_line_no + len(records))), []), []
+    records = []
     line_nos: list[int] = []
     fallback: list[int] = []  # the records orjson rejected: NaN/Infinity (or 1e400, ...) may be in them
     corrupt: list[CorruptLine] = []

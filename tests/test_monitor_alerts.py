@@ -352,6 +352,32 @@ def test_throughput_drop_against_its_running_median_ignoring_the_lines_after_an_
     assert alerts_for(slow, throughput_factor=0.5) == []
 
 
+def test_throughput_median_restarts_on_a_ramp_and_still_catches_a_drop_after_it():
+    """A mixing ratio that changes on every line restarts the median on every line (nothing to judge
+    there, even at 0.5x); once the stage holds still, a drop is caught as in a run without a ramp."""
+    ramp = [{"step": s, "curriculum/mixing_ratio": s / 100, "tokens_per_s": 1000.0 if s % 2 else 500.0}
+            for s in range(1, 101)]
+    steady = [{"step": 100 + s, "curriculum/mixing_ratio": 1.0, "tokens_per_s": 1000.0} for s in range(1, 31)]
+    slow = [{"step": 130 + s, "curriculum/mixing_ratio": 1.0, "tokens_per_s": 600.0} for s in range(1, 11)]
+    assert alerts_for(ramp + steady) == []
+    assert summary(alerts_for(ramp + steady + slow)) == [(136, "throughput_drop")]
+    # fed line by line (the tail of a live run) the verdict is the same
+    engine = AlertEngine()
+    got = [a for r in ramp + steady + slow for a in engine.feed(Batch.from_dicts([r]))]
+    assert summary(got) == [(136, "throughput_drop")]
+
+
+def test_grad_spike_bound_by_the_trailing_minimum_is_exact_when_every_line_is_a_candidate():
+    """Norms of 1 with a dip to 0.1 every 10th step: every line is over 5x the trailing minimum, the
+    cheap bound, so each one gets the exact median (1): none is a spike, the real one (9x) is found."""
+    norms = [0.1 if s % 10 == 0 else 1.0 for s in range(200)]
+    norms[150] = 9.0
+    recs = [{"step": s + 1, "loss/total": 3.0, "grad_norm": g} for s, g in enumerate(norms)]
+    alerts = alerts_for(recs)
+    assert summary(alerts) == [(151, "grad_spike")]
+    assert alerts[0].message.startswith("grad_norm 9 = 9.0x median 1")
+
+
 def test_check_exits_1_on_warnings_and_errors_only(tmp_path):
     import json
 
