@@ -5,7 +5,8 @@
 (a) generates a ``--lines`` metric file (synthetic converging run, 4 NPT
     layers logged every step, an eval line every 500 steps) and measures
     - ``model_load_s`` (and CPU seconds ``model_load_cpu_s``): parse + fold the
-      whole file into the model (no UI),
+      whole file into the model, alerts included (no UI), the median of
+      ``--load-repeats`` fresh interpreters (``model_load_runs_s``: each one),
     - in ``App.run_test()``: ``first_render_s`` (first data on screen) and
       ``full_load_s`` (last step shown, plots drawn) counted from app start.
 (b) while a writer thread appends ``--rate`` lines/s for ``--seconds`` s to that
@@ -27,9 +28,10 @@
     - ``train``: the tiny recipe (``configs/tiny_debug.yaml``, 2 ranks,
       ``--train-steps``, 400) trained twice, alone and watched by the monitor
       (started 8 s before the run: its start-up is not the cost of watching);
-      ``tokens_per_s_without`` / ``_with`` are the medians of the train lines'
-      ``tokens_per_s`` after the first 5 steps, ``ratio`` = with / without
-      (target >= 0.97).  ``--no-train`` skips it.
+      in the order without, with, with, without (a drift of the machine's speed
+      cancels); ``tokens_per_s_without`` / ``_with`` are the medians of the train
+      lines' ``tokens_per_s`` after the first 5 steps of both runs, ``ratio`` =
+      with / without (target >= 0.97).  ``--no-train`` skips it.
 Prints one JSON object.  Wall-clock numbers depend on machine load, so the
 load average and the process CPU time are reported too.
 """
@@ -82,6 +84,25 @@ def generate(path: Path, n: int) -> tuple[list[str], int]:
                 break
         rest = [json.dumps(r) for r in gen]
     return rest, count
+
+
+LOAD_IN_FRESH_PROCESS = (
+    "import json, sys; sys.path.insert(0, sys.argv[2]); from pathlib import Path; "
+    "from bench.monitor_bench import model_load; print(json.dumps(model_load(Path(sys.argv[1]))))"
+)
+
+
+def model_load_fresh(path: Path, repeats: int) -> dict:
+    """``model_load`` in ``repeats`` fresh interpreters, as ``npt-monitor`` opens a file: the median and
+    every run (this 2-core VM's speed drifts by up to 1.5x between minutes, so one figure says little)."""
+    import subprocess
+
+    repo = str(Path(__file__).resolve().parents[1])
+    runs = [json.loads(subprocess.run([sys.executable, "-c", LOAD_IN_FRESH_PROCESS, str(path), repo], check=True,
+                                      capture_output=True, text=True).stdout) for _ in range(repeats)]
+    wall, cpu = [r[0] for r in runs], [r[1] for r in runs]
+    return {"model_load_s": round(statistics.median(wall), 3), "model_load_cpu_s": round(statistics.median(cpu), 3),
+            "model_load_runs_s": [round(w, 3) for w in wall], "model_records": runs[0][2]}
 
 
 def model_load(path: Path) -> tuple[float, float, int]:
@@ -281,8 +302,8 @@ def monitor_cpu(path: Path, rest: list[str], seconds: float, rate: float) -> dic
     return {"idle_cpu_pct": idle, "tail_cpu_pct": tail, "tail_rate_lines_per_s": rate, "seconds": seconds}
 
 
-def train_tokens_per_s(run_dir: Path, steps: int, watch: bool) -> float:
-    """Median tokens/s of a tiny 2-rank run (after its first 5 steps), optionally watched by the monitor."""
+def train_tokens_per_s(run_dir: Path, steps: int, watch: bool) -> list[float]:
+    """tokens/s of each step of a tiny 2-rank run (after its first 5), optionally watched by the monitor."""
     import subprocess
 
     repo = Path(__file__).resolve().parents[1]
@@ -303,19 +324,20 @@ def train_tokens_per_s(run_dir: Path, steps: int, watch: bool) -> float:
             monitor.terminate()
             monitor.wait(timeout=30)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    rates = [r["tokens_per_s"] for r in rows if r.get("event") == "train" and r["step"] > 5]
-    return statistics.median(rates)
+    return [r["tokens_per_s"] for r in rows if r.get("event") == "train" and r["step"] > 5]
 
 
 def cost(path: Path, rest: list[str], args) -> dict:
     out = monitor_cpu(path, rest, args.cost_seconds, args.tail_rate)
     if not args.no_train:
+        rates: dict[bool, list[float]] = {False: [], True: []}
         with tempfile.TemporaryDirectory() as tmp:
-            without = train_tokens_per_s(Path(tmp) / "alone", args.train_steps, watch=False)
-            with_ = train_tokens_per_s(Path(tmp) / "watched", args.train_steps, watch=True)
+            for k, watch in enumerate((False, True, True, False)):  # ABBA: a drift of the VM's speed cancels
+                rates[watch] += train_tokens_per_s(Path(tmp) / f"run{k}", args.train_steps, watch=watch)
+        without, with_ = statistics.median(rates[False]), statistics.median(rates[True])
         out["train"] = {"recipe": "configs/tiny_debug.yaml", "ranks": 2, "steps": args.train_steps,
-                        "tokens_per_s_without": round(without, 1), "tokens_per_s_with": round(with_, 1),
-                        "ratio": round(with_ / without, 3)}
+                        "order": "without, with, with, without", "tokens_per_s_without": round(without, 1),
+                        "tokens_per_s_with": round(with_, 1), "ratio": round(with_ / without, 3)}
     return out
 
 
@@ -328,6 +350,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="also write the JSON summary to this file")
     ap.add_argument("--cost-seconds", type=float, default=10.0, help="CPU sampling time, idle and tailing")
     ap.add_argument("--tail-rate", type=float, default=5.0, help="lines/s appended while measuring tailing CPU")
+    ap.add_argument("--load-repeats", type=int, default=5, help="fresh-process model loads (median reported)")
     ap.add_argument("--train-steps", type=int, default=400, help="steps of each tiny training run")
     ap.add_argument("--no-train", action="store_true", help="skip the tokens/s with/without the monitor")
     ap.add_argument("--cost-only", action="store_true", help="only (c): the monitor's CPU cost")
@@ -345,10 +368,7 @@ def main(argv=None) -> int:
         }
         result["load_avg_before"] = [round(x, 2) for x in os.getloadavg()]
         if not args.cost_only:
-            load_s, load_cpu, n_rec = model_load(path)
-            result["model_load_s"] = round(load_s, 3)
-            result["model_load_cpu_s"] = round(load_cpu, 3)
-            result["model_records"] = n_rec
+            result.update(model_load_fresh(path, args.load_repeats))
             result["app"] = asyncio.run(bench_app(path, args.lines, rest, args.rate, args.seconds, size))
         result["cost"] = cost(path, rest, args)
         result["load_avg_after"] = [round(x, 2) for x in os.getloadavg()]

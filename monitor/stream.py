@@ -148,7 +148,14 @@ class Batch:
         """Values of ``key`` per record (``None`` where missing); cached."""
         col = self._cols.get(key)
         if col is None:
-            col = self._cols[key] = list(map(dict.get, self.records, repeat(key)))
+            (_, cols), (rest_at, rest) = self._shape()
+            if rest is self.records or len(rest) > len(rest_at) // 4 + 8 or key not in cols:
+                col = list(map(dict.get, self.records, repeat(key)))
+            else:  # the common shape's values, the few others put in at their places
+                col = list(cols[key])
+                for i, rec in zip(rest_at.tolist(), rest):
+                    col.insert(i, rec.get(key))
+            self._cols[key] = col
         return col
 
     def numeric(self, key: str) -> tuple[np.ndarray | None, np.ndarray, object, str | None]:
@@ -165,15 +172,18 @@ class Batch:
         return got
 
     def _shape(self) -> tuple[tuple[np.ndarray, dict[str, tuple]], tuple[np.ndarray, list[dict]]]:
-        """Memory-friendly columns: the records that share the first record's key set (most lines of a
-        stream, the train lines) are read once each, all their keys at a time; the rest key by key.
+        """Memory-friendly columns: the records of the most common key set (most lines of a stream, the
+        train lines) are read once each, all their keys at a time; the rest key by key.
         ``((positions, {key: values}), (positions of the rest, the rest))``.
 
-        A record with as many keys as the first and all of them has exactly its key set."""
+        The key set is the first record's of the most common length; a record with as many keys and
+        all of them has exactly that key set."""
         if self._shape_cache is None:
             recs, n = self.records, len(self.records)
-            keys = tuple(recs[0]) if n else ()
-            same = [len(r) == len(keys) for r in recs]
+            lengths = list(map(len, recs))
+            common = Counter(lengths).most_common(1)[0][0] if n else 0
+            keys = tuple(recs[lengths.index(common)]) if n else ()
+            same = [k == common for k in lengths]
             members = recs if all(same) else list(compress(recs, same))
             try:
                 rows = list(map(itemgetter(*keys), members)) if len(keys) > 1 else None
@@ -189,7 +199,9 @@ class Batch:
         return self._shape_cache
 
     def _column_of(self, records: list[dict], key: str) -> list:
-        return self.column(key) if records is self.records else list(map(dict.get, records, repeat(key)))
+        if records is self.records:
+            return self._cols[key] if key in self._cols else list(map(dict.get, records, repeat(key)))
+        return list(map(dict.get, records, repeat(key)))
 
     def _numbers(self, pos: np.ndarray, col: Sequence) -> tuple:
         """For the values ``col`` of the records at ``pos``: (positions of the numbers, the numbers,
