@@ -9,6 +9,10 @@ Lines are parsed with orjson; the few it rejects are retried with the stdlib
 writes.  Those lines are flagged on the batch (``maybe_nonfinite``) so the
 alert engine can check them for non-finite values.
 
+A batch's columns are read record by record for the records of its most common
+key set (the train lines: each dict is visited once, not once per key) and key
+by key for the few others; they become numpy arrays once per key and batch.
+
 Memory stays bounded for huge files: every numeric key gets a :class:`Series`
 that stores at most ``max_points`` points; when full it drops every other point
 and doubles its stride (the newest value is always kept exactly).
