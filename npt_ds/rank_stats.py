@@ -4,7 +4,9 @@ Every rank keeps, without any sync, its wall time since the last log step and th
 blocked in collectives (:data:`WAIT`, fed by :mod:`npt_ds.comm_stats` and the loop's NaN all-reduce).
 A rank's own step time is ``(wall - blocked) / steps``: a rank that is slow for itself (slow device,
 slow data) waits less for the others and shows the larger value, whereas the wall step time is the same
-on every rank (the slowest one sets it).  On a log step the ranks all-gather four numbers each (own
+on every rank (the slowest one sets it).  That needs collectives that block the host (gloo: the CPU
+runs); under NCCL a wait for a slower peer happens on the device stream, outside this clock, so the own
+step times of the ranks come out about equal there and a straggler may go unnamed.  On a log step the ranks all-gather four numbers each (own
 step time, peak memory, reserved memory, wall step time), and rank 0 writes:
 
 * ``time/step_s`` (rank 0's wall time per optimizer step), ``time/step_max_s``, ``time/step_min_s``,
