@@ -299,8 +299,8 @@ class GradSpikeDetector(_Detector):
         gidx, gys = gidx[ok], gys[ok]
         cidx, cys, _, _ = batch.numeric("run/grad_clip")
         if len(cys):
-            cidx = np.arange(len(batch)) if cidx is None else cidx
-            cidx, cys = cidx[np.isfinite(cys)], cys[np.isfinite(cys)]
+            finite = np.isfinite(cys)
+            cidx, cys = (np.arange(len(batch)) if cidx is None else cidx)[finite], cys[finite]
         w, first = cfg.grad_spike_window, len(self.recent)
         hist = np.concatenate([self.recent, gys])
         n_hist = np.minimum(self.n_grads + np.arange(len(gys)), w)  # grad norms known before each
@@ -721,7 +721,7 @@ class PlateauDetector(_Detector):
             new_mean = sums[p - half + 1 - q0] / half
             d2 = np.concatenate([[0.0], np.cumsum(np.diff(series[q0:]) ** 2)])
             sq = np.maximum(0.0, d2[p - q0] - d2[p - 2 * half + 1 - q0])  # the window's 2 half - 1 differences
-            se = np.sqrt(sq / max(1, 2 * half - 1) / 2 * 2 / half)
+            se = np.sqrt(sq / (2 * half - 1) / half)  # sigma^2 = mean(diff^2) / 2, se = sigma sqrt(2 / half)
             decrease = old_mean - new_mean
             margin = cfg.plateau_min_rel_decrease * np.abs(old_mean)
             falling = decrease > margin
@@ -746,7 +746,7 @@ class PlateauDetector(_Detector):
             self.flat_run = int(flat_run[-1])
         self.seen += m
         self.pushes += m
-        self.window = series[-(2 * half - 1):] if half > 0 else series[:0]
+        self.window = series[-(2 * half - 1):]
         return hits
 
 

@@ -169,10 +169,9 @@ class Batch:
         A missing key or a null is no number, nor is a bool."""
         got = self._num.get(key)
         if got is None:
-            shape, rest = self._shape()
-            parts = [(pos, col) for pos, col in ((shape[0], shape[1].get(key, ())), (rest[0], self._column_of(
-                rest[1], key))) if len(col)]
-            got = self._num[key] = self._merge([self._numbers(pos, col) for pos, col in parts])
+            (at, cols), (rest_at, rest) = self._shape()
+            parts = [(at, cols.get(key, ())), (rest_at, self._column_of(rest, key))]
+            got = self._num[key] = self._merge([self._numbers(pos, col) for pos, col in parts if len(col)])
         return got
 
     def _shape(self) -> tuple[tuple[np.ndarray, dict[str, tuple]], tuple[np.ndarray, list[dict]]]:
@@ -203,9 +202,7 @@ class Batch:
         return self._shape_cache
 
     def _column_of(self, records: list[dict], key: str) -> list:
-        if records is self.records:
-            return self._cols[key] if key in self._cols else list(map(dict.get, records, repeat(key)))
-        return list(map(dict.get, records, repeat(key)))
+        return self.column(key) if records is self.records else list(map(dict.get, records, repeat(key)))
 
     def _numbers(self, pos: np.ndarray, col: Sequence) -> tuple:
         """For the values ``col`` of the records at ``pos``: (positions of the numbers, the numbers,
