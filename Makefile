@@ -55,7 +55,7 @@ monitor: setup     ## watch the demo run
 
 monitor-demo: setup  ## a synthetic run with a NaN, a KL spike and oscillation, watched live
 	rm -rf runs/monitor-demo; mkdir -p runs/monitor-demo
-	$(PY) -m monitor.synth runs/monitor-demo/metrics.jsonl --steps 3000 --rate 20 --nan-at 60 --kl-at 120=9.4 \
+	$(PY) -m npt_monitor.synth runs/monitor-demo/metrics.jsonl --steps 3000 --rate 20 --nan-at 60 --kl-at 120=9.4 \
 	    --oscillate 180:240 & trap "kill $$!" EXIT; $(VENV)/bin/npt-monitor runs/monitor-demo
 
 clean:

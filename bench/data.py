@@ -7,7 +7,7 @@
                   <= 1.2) beside the streaming source, which replays and re-tokenises everything before S.
 * ``train``    -- the demo recipe, one rank, `--data-steps` steps on prepared data and on the streaming source:
                   median `time/data_wait_frac` (target < 1 % on prepared data) and the checkpoint's portable
-                  trainable-state gather (npt_ds/elastic.py) beside the whole save.
+                  trainable-state gather (npt_ds/train/elastic.py) beside the whole save.
 """
 from __future__ import annotations
 
@@ -32,8 +32,8 @@ def prepare_args(out: Path, workers: int, split: str = "train", source: list[str
 
 def bench_prepare(root: Path, copies: int = 3) -> dict:
     """The training plays `copies` times over (a corpus large enough that worker start-up does not dominate)."""
-    from npt_ds.data import shakespeare_split
-    from npt_ds.prepare import prepare
+    from npt_ds.data.sources import shakespeare_split
+    from npt_ds.data.prepare import prepare
 
     plays = [str(p) for p in shakespeare_split(["hamlet", "tempest"])[0]] * copies
     runs = {}
@@ -48,7 +48,7 @@ def bench_prepare(root: Path, copies: int = 3) -> dict:
 
 
 def first_batch_s(data_cfg, tokenizer, cursor: int, world: int = 2, repeats: int = 3) -> float:
-    from npt_ds.data import PackedBatches
+    from npt_ds.data.sources import PackedBatches
 
     best = float("inf")
     for _ in range(repeats):
@@ -82,9 +82,9 @@ def bench_resume(root: Path, steps: tuple[int, int] = (10, 5000)) -> dict:
 
 def bench_train(root: Path, steps: int) -> dict:
     from npt_ds.config import load_config
-    from npt_ds.elastic import save_portable_state
-    from npt_ds.prepare import prepare
-    from npt_ds.trainer import Trainer
+    from npt_ds.train.elastic import save_portable_state
+    from npt_ds.data.prepare import prepare
+    from npt_ds.train.trainer import Trainer
 
     prepare(prepare_args(root / "eval", 1, split="eval"))
     out = {}

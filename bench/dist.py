@@ -47,7 +47,7 @@ RUNS = {  # name -> (ZeRO stage, ranks, DeepSpeed template, zero_optimization ov
     "z3p_1r": (3, 1, "ds_configs/zero3_fp32.json", {"stage3_param_persistence_threshold": 1_000_000,
                                                     "stage3_model_persistence_threshold": 10**12}),
 }
-RUNS.update({  # deepspeed.frozen_base (npt_ds.hardware); every other ZeRO-3 run is the plain partitioned one
+RUNS.update({  # deepspeed.frozen_base (npt_ds.parallel.devices); every other ZeRO-3 run is the plain partitioned one
     "z3auto_2r": (3, 2, "ds_configs/zero3_fp32.json", {}),
     "z3hpz_2r": (3, 2, "ds_configs/zero3_fp32.json", {}),
 })
@@ -298,12 +298,12 @@ def run_dist(opts) -> dict:
 
 
 def predict_cpu_runs(by: dict, opts) -> dict:
-    """npt_ds.step_time's model on this CPU: compute from the NPT step FLOPs at the FLOP rate of the 1-rank
+    """npt_ds.planning.step_cost's model on this CPU: compute from the NPT step FLOPs at the FLOP rate of the 1-rank
     ZeRO-2 run (2 threads; a 2-rank run has 1 thread per rank), communication = the planner's message bytes
     at the all-gather bandwidth gloo reaches on loopback (bench/gloo_probe.py)."""
     from npt_ds.config import load_config
-    from npt_ds.plan import inputs_from_config
-    from npt_ds.step_time import mode_bytes, step_flops
+    from npt_ds.planning.inputs import inputs_from_config
+    from npt_ds.planning.step_cost import mode_bytes, step_flops
 
     probe = subprocess.run([sys.executable, "-m", "bench.gloo_probe", "64", "5"], cwd=REPO_ROOT, text=True,
                            capture_output=True, env=run_env(2, opts.threads), timeout=300)
@@ -347,7 +347,7 @@ def print_dist(res: dict) -> str:
         lines.append(f"{k} = {v:.3f}")
     pred = res.get("prediction")
     if pred:
-        lines.append(f"step-time prediction (npt_ds.step_time on this CPU: {pred['per_thread_gflops']:.1f} GFLOP/s per "
+        lines.append(f"step-time prediction (npt_ds.planning.step_cost on this CPU: {pred['per_thread_gflops']:.1f} GFLOP/s per "
                      f"thread from z2_1r, gloo all-gather {pred['gloo_message_gb_per_s']:.2f} GB/s):")
         for r in pred["rows"]:
             lines.append(f"   {r['run']:<16} measured {r['measured_s']:.3f} s/step, predicted {r['predicted_s']:.3f} "

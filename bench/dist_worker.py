@@ -22,7 +22,7 @@ PATCHES = ("z3_leaf", "no_mask_sync")
 
 def patch_z3_leaf() -> None:
     """Mark every decoder layer that is not an NPT layer as a ZeRO-3 leaf module."""
-    import npt_ds.trainer as trainer_mod
+    import npt_ds.train.trainer as trainer_mod
     from deepspeed.utils import set_z3_leaf_module
     from npt_ds.model import decoder_layers
     from npt_ds.model.npt_layer import NPTDecoderLayer
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         patches += [p for p in argv[i + 1].split(",") if p]
         del argv[i:i + 2]
     apply(patches)
-    from npt_ds.train import main as train_main
+    from npt_ds.train.run import main as train_main
 
     return train_main(argv)
 

@@ -1,5 +1,5 @@
 """Models and batches for the step benchmark: SmolLM2-135M (real weights + text), the tiny test
-Llama, or a random-weight model of a shape in npt_ds/shapes/*.json (e.g. Llama-3.1-8B, GPU only
+Llama, or a random-weight model of a shape in npt_ds/planning/shapes/*.json (e.g. Llama-3.1-8B, GPU only
 unless the layer count is reduced)."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-SHAPES_DIR = Path(__file__).resolve().parent.parent / "npt_ds" / "shapes"
+SHAPES_DIR = Path(__file__).resolve().parent.parent / "npt_ds" / "planning" / "shapes"
 DEFAULT_NPT_LAYERS = {"smollm2": "upper_half", "tiny": "2,3", "llama-3.1-8b": "14-17", "llama-3.1-70b": "38-41"}
 CPU_MAX_LAYERS_BIG = 4  # a full 8B model does not fit a 2-core CPU run; allow a few of its layers only
 
@@ -74,7 +74,7 @@ def make_batch(opts, model: nn.Module) -> torch.Tensor:
     """(batch, seq) token ids: real Shakespeare text for SmolLM2, random ids otherwise."""
     if opts.shape == "smollm2":
         from npt_ds.config import DataConfig, ModelConfig
-        from npt_ds.data import PackedBatches
+        from npt_ds.data.sources import PackedBatches
         from npt_ds.model import load_tokenizer
 
         data = PackedBatches(DataConfig(seq_len=opts.seq, micro_batch_size=opts.batch), load_tokenizer(ModelConfig()))

@@ -52,12 +52,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from monitor.app import MonitorApp, make_app  # noqa: E402
-from monitor.run import Run  # noqa: E402
-from monitor.stream import parse_lines  # noqa: E402
-from monitor.synth import synth_records  # noqa: E402
-from monitor.tailer import FileTailer  # noqa: E402
-from monitor.widgets import MetricPlot, RunHeader, RunView  # noqa: E402
+from npt_monitor.app import MonitorApp, make_app  # noqa: E402
+from npt_monitor.run import Run  # noqa: E402
+from npt_monitor.parsing import parse_lines  # noqa: E402
+from npt_monitor.synth import synth_records  # noqa: E402
+from npt_monitor.tailer import FileTailer  # noqa: E402
+from npt_monitor.widgets import MetricPlot, RunHeader, RunView  # noqa: E402
 
 
 def stats(xs: list[float]) -> dict:
@@ -249,7 +249,7 @@ async def bench_app(path: Path, n_steps: int, rest: list[str], rate: float, seco
 
 
 HEADLESS_APP = (
-    "import sys; from monitor.app import make_app; "
+    "import sys; from npt_monitor.app import make_app; "
     "make_app([sys.argv[1]], poll_interval=0.2).run(headless=True, size=(160, 48))"
 )
 

@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--shape", default="smollm2",
-                   help="smollm2 (real weights), tiny, or a npt_ds/shapes/*.json name such as llama-3.1-8b")
+                   help="smollm2 (real weights), tiny, or a npt_ds/planning/shapes/*.json name such as llama-3.1-8b")
     p.add_argument("--num-layers", type=int, default=None, help="reduce num_hidden_layers of a --shape model")
     p.add_argument("--npt-layers", default=None, help="layers to convert (default: upper_half; 14-17 for 8B)")
     p.add_argument("--rank", type=int, default=None, help="NP rank (default 64)")

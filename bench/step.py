@@ -33,9 +33,9 @@ import dataclasses
 import torch
 
 from npt_ds.config import LossConfig
-from npt_ds.losses import NPTLoss
+from npt_ds.train.losses import NPTLoss
 from npt_ds.model import np_named_parameters, npt_layers, set_mode
-from npt_ds.train_module import NPTTrainModule, StepControls
+from npt_ds.train.module import NPTTrainModule, StepControls
 
 from .common import (alloc_peak_mb, count_flops, format_table, interleaved, ratio, run_probe, stats,
                      target)

@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from npt_ds.config import load_config
-    from npt_ds.trainer import Trainer
+    from npt_ds.train.trainer import Trainer
 
     trainer = Trainer(load_config(args.config))
     try:

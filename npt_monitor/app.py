@@ -11,19 +11,20 @@ View state shared by all runs (so that runs compare step for step):
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
-from textual.app import App, ComposeResult
+from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.containers import Horizontal
 from textual.reactive import reactive
 from textual.widgets import Footer, OptionList
 
 from .alerts import Alert, AlertConfig
-from .stream import metrics_path
+from .parsing import metrics_path
 from .widgets import AlertsPanel, HelpScreen, MetricPickerScreen, RunView
-from .widgets.plot import OverlayPlot
+from .widgets.plot import X_AXES, OverlayPlot
 
 ZOOMS: tuple[int | None, ...] = (None, 5000, 1000, 200)
 SMOOTHING: tuple[float, ...] = (0.0, 0.3, 0.1, 0.03)  # EMA factors the 'e' key cycles through
@@ -170,8 +171,6 @@ class MonitorApp(App[int]):
 
     def get_system_commands(self, screen):
         yield from super().get_system_commands(screen)
-        from textual.app import SystemCommand
-
         for action, title, help_text in self.PALETTE:
             yield SystemCommand(title, help_text, lambda a=action: self.run_action(a))
 
@@ -186,8 +185,6 @@ class MonitorApp(App[int]):
         self.overlay = not self.overlay
 
     def action_x_axis(self) -> None:
-        from .widgets.plot import X_AXES
-
         self.x_axis = X_AXES[(X_AXES.index(self.x_axis) + 1) % len(X_AXES)]
         self.notify(f"x axis: {self.x_axis}", timeout=2)
 
@@ -281,7 +278,5 @@ def make_app(paths: Sequence[str | Path], config: AlertConfig | None = None, **o
     overrides = {k: options.pop(k) for k in list(options) if k in fields}
     cfg = config or AlertConfig()
     if overrides:
-        from dataclasses import replace
-
         cfg = replace(cfg, **overrides)
     return MonitorApp(paths, cfg, **options)

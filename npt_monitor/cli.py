@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import Sequence
 
 from .alerts import FAILING, AlertConfig
-from .stream import metrics_path
+from .once import render_once
+from .parsing import metrics_path
+from .run import check_file
 
 MAX_CORRUPT_SHOWN = 20
 
@@ -35,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--once", action="store_true",
                     help="print the dashboard as text (header, ranks, sparklines, alerts) and exit as --check does")
     ap.add_argument("--no-bell", action="store_true", help="dashboard: no terminal bell on new error alerts")
-    g = ap.add_argument_group("alert thresholds (every number of monitor.alerts.AlertConfig; see its docstring)")
+    g = ap.add_argument_group("alert thresholds (every number of npt_monitor.alerts.AlertConfig; see docs/alerts.md)")
     for name, kind in threshold_fields():
         g.add_argument("--" + name.replace("_", "-"), type=kind, default=getattr(d, name), metavar="N",
                        help="(%(default)s)")
@@ -61,8 +63,6 @@ def config_from_args(args: argparse.Namespace) -> AlertConfig:
 def _each_run(paths: Sequence[Path], config: AlertConfig, err, show) -> int:
     """show(path, run, corrupt lines) for each file; a missing one is reported on `err`.  The exit status:
     2 if a file was missing, else 1 if a run has a warning/error alert, else 0."""
-    from .run import check_file
-
     status = 0
     for path in paths:
         try:
@@ -108,8 +108,6 @@ def run_check(paths: Sequence[Path], config: AlertConfig, out=None, err=None) ->
 
 def run_once(paths: Sequence[Path], config: AlertConfig, out=None, err=None) -> int:
     """``--once``: each run's text dashboard; the exit status of ``--check``."""
-    from .once import render_once
-
     out = out or sys.stdout
     return _each_run(paths, config, err or sys.stderr, lambda path, run, corrupt: print(render_once(run), file=out))
 
@@ -122,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_check(paths, config)
     if args.once:
         return run_once(paths, config)
-    from .app import make_app
+    from .app import make_app  # lazy: Textual (~0.5 s) only for the live dashboard, not --check / --once
 
     app = make_app(paths, config, poll_interval=args.poll_interval, bell=not args.no_bell)
     app.run()

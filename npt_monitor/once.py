@@ -7,7 +7,7 @@ import math
 
 from .ranks import rank_rows, system_line
 from .run import Run
-from .stream import fmt_num, format_eta, format_rate
+from .formatting import fmt_num, format_eta, format_rate
 
 BLOCKS = "▁▂▃▄▅▆▇█"
 SPARK_KEYS = ("loss/total", "grad_norm", "tokens_per_s", "time/step_max_s", "mem/peak_alloc_gb", "perf/mfu", "kd/kl")

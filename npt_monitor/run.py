@@ -9,7 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from .alerts import Alert, AlertConfig, AlertEngine
-from .stream import Batch, CorruptLine, RunState, parse_lines
+from .parsing import Batch, CorruptLine, parse_lines
+from .state import RunState
 from .tailer import FileTailer, TailBatch
 
 __all__ = ["Run", "check_file"]

@@ -2,7 +2,7 @@
 
 Used by the tests, ``bench/monitor_bench.py`` and for demos::
 
-    python -m monitor.synth runs/demo/metrics.jsonl --steps 2000 --rate 20 \\
+    python -m npt_monitor.synth runs/demo/metrics.jsonl --steps 2000 --rate 20 \\
         --nan-at 300 --kl-at 500=9.4 --oscillate 800:900
 
 appends lines at ``--rate`` lines/s (0 = all at once).
@@ -45,7 +45,7 @@ def synth_records(
     step_time: float = 0.8,
 ) -> Iterator[dict]:
     """Yield ``n`` step lines (plus start/eval/checkpoint/end lines) as dicts,
-    shaped like ``npt_ds.trainer`` writes them (``time`` first, ``event`` set).
+    shaped like ``npt_ds.train.trainer`` writes them (``time`` first, ``event`` set).
 
     Loss converges as ``2 + 6 exp(-3 t / n)`` with multiplicative noise; the
     curriculum goes teacher -> mixed (ratio ramps 0..1) -> student.
@@ -157,7 +157,7 @@ def _kv(text: str) -> tuple[int, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m monitor.synth", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m npt_monitor.synth", description=__doc__.splitlines()[0])
     ap.add_argument("out")
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--rate", type=float, default=0.0, help="lines per second (0: write all at once)")

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Callable
 
-from .stream import Batch, CorruptLine, parse_lines
+from .parsing import Batch, CorruptLine, parse_lines
 
 __all__ = ["FileTailer", "TailBatch", "TailChunk", "TailerThread"]
 

@@ -20,10 +20,10 @@ from bench.run import build_parser, resolve, run_section  # noqa: E402
 from bench.step import StepBench, run_step  # noqa: E402
 from bench.two_pass import capture_teacher, two_pass_forward, two_pass_reuse_forward  # noqa: E402
 from npt_ds.config import LossConfig, NPTConfig  # noqa: E402
-from npt_ds.losses import NPTLoss  # noqa: E402
+from npt_ds.train.losses import NPTLoss  # noqa: E402
 from npt_ds.model import (Modulation, NPComponent, convert_model, np_named_parameters, modulated_mlp,  # noqa: E402
                           set_mode, tiny_llama)
-from npt_ds.train_module import NPTTrainModule, StepControls  # noqa: E402
+from npt_ds.train.module import NPTTrainModule, StepControls  # noqa: E402
 
 
 def _converted(layers="2,3", **npt):

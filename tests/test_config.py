@@ -6,11 +6,11 @@ from pathlib import Path
 import pytest
 
 from npt_ds.config import ConfigError, config_from_dict, load_config
-from npt_ds.data import PackedBatches
-from npt_ds.ds_config import build_ds_config
-from npt_ds.hostfile import HostfileError, check_hostfile
-from npt_ds.model.convert import parse_layer_spec
-from npt_ds.plan import load_shape
+from npt_ds.data.sources import PackedBatches
+from npt_ds.parallel.ds_config import build_ds_config
+from npt_ds.parallel.hostfile import HostfileError, check_hostfile
+from npt_ds.config import parse_layer_spec
+from npt_ds.planning.shape import load_shape
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPES = sorted((REPO / "configs").glob("*.yaml"))
@@ -155,7 +155,7 @@ def test_launch_scripts_dry_run_and_missing_config(tmp_path):
 
 
 def test_deepspeed_env_keeps_the_users_lines_and_is_private(tmp_path):
-    from npt_ds.cluster import BEGIN, END, run_environment, write_deepspeed_env
+    from npt_ds.parallel.cluster import BEGIN, END, run_environment, write_deepspeed_env
 
     path = tmp_path / ".deepspeed_env"
     path.write_text("MY_TOKEN=abc\nOMP_NUM_THREADS=8\n")

@@ -10,8 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..config import DataConfig
-from ..data import BUILDERS
-from ..prepared import INDEX
+from .prepared import INDEX
+from .sources import BUILDERS
 
 
 def eval_data_config(spec: str | None, batches: int, seq_len: int, split: str = "validation",

@@ -1,4 +1,4 @@
-"""`npt-ds prepare`: tokenise a text source once into memory-mapped token shards (see npt_ds/prepared.py).
+"""`npt-ds prepare`: tokenise a text source once into memory-mapped token shards (see npt_ds/data/prepared.py).
 
     npt-ds prepare shakespeare --tokenizer smollm2 --out data/prepared/shakespeare
     npt-ds prepare shakespeare --split eval --tokenizer smollm2 --out data/prepared/shakespeare-eval
@@ -22,8 +22,11 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+from tqdm import tqdm
 
-from .config import ConfigError, DataConfig, ModelConfig
+from ..config import ConfigError, DataConfig, ModelConfig
+from ..model.loading import load_tokenizer
+from .sources import document_source
 from .prepared import FORMAT, INDEX, VERSION, token_dtype, tokenizer_name, vocab_hash
 
 PIECE_CHARS = 1 << 15  # a piece of a document tokenised by itself (cut at a line end)
@@ -31,8 +34,7 @@ TASK_CHARS = 1 << 18  # characters per worker task (many tasks keep the workers 
 SHARD_TOKENS = 1 << 27  # tokens per shard file (256 MB as uint16)
 
 
-def add_prepare_subparser(sub) -> None:
-    p = sub.add_parser("prepare", help="tokenise a text source into memory-mapped token shards (data.source: prepared)")
+def add_prepare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", nargs="+", help="'shakespeare', local .txt/.md/.jsonl/.json/.parquet/.csv files, "
                                              "or a hub dataset name")
     p.add_argument("--tokenizer", default="smollm2", help="the model whose tokenizer to use (as --model: "
@@ -101,8 +103,6 @@ _TOKENIZER = None
 
 def _init_worker(model: str) -> None:
     global _TOKENIZER
-    from .model.loading import load_tokenizer
-
     _TOKENIZER = load_tokenizer(ModelConfig(path=model))
 
 
@@ -145,9 +145,6 @@ class ShardWriter:
 
 def prepare(args) -> dict:
     """Write the prepared dir; returns its index (plus `tokens_per_s`)."""
-    from .data import document_source
-    from .model.loading import load_tokenizer
-
     out = Path(args.out).expanduser()
     if out.exists():
         raise ConfigError(f"prepare --out: {str(out)!r} already exists; choose a new dir or remove it")
@@ -213,8 +210,6 @@ class _NoBar:
 def _progress(enabled: bool):
     if not enabled:
         return _NoBar()
-    from tqdm import tqdm
-
     return tqdm(unit="tok", unit_scale=True, desc="tokenising", dynamic_ncols=True)
 
 
@@ -232,7 +227,7 @@ class _pool:
             _init_worker(self.model)
             return None
         ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(["npt_ds.prepare", "npt_ds.model.loading"])  # imported once, not per worker
+        ctx.set_forkserver_preload(["npt_ds.data.prepare"])  # imported once, not per worker
         self.pool = ctx.Pool(self.workers, initializer=_init_worker, initargs=(self.model,))
         return self.pool
 

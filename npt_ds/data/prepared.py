@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import ConfigError
+from ..config import ConfigError
 
 FORMAT, VERSION = "npt-ds-prepared", 1
 INDEX = "index.json"

@@ -24,11 +24,12 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+import datasets
 import numpy as np
 import torch
 
-from .assets import shakespeare_texts
-from .config import ConfigError, DataConfig
+from ..assets import shakespeare_texts
+from ..config import ConfigError, DataConfig
 from .prepared import PreparedCorpus
 
 BUILDERS = {".txt": "text", ".text": "text", ".md": "text", ".json": "json", ".jsonl": "json",
@@ -58,8 +59,6 @@ def _check_files(key: str, files: list) -> list[Path]:
 
 
 def _stream_files(paths: list[Path], text_key: str):
-    import datasets
-
     builder = BUILDERS[paths[0].suffix]
     kwargs = {"sample_by": "document"} if builder == "text" else {}
     ds = datasets.load_dataset(builder, data_files=[str(p) for p in paths], split="train",
@@ -76,8 +75,6 @@ def document_source(cfg: DataConfig, split: str):
         files = cfg.files if split == "train" else (cfg.eval_files or cfg.files[-1:])
         return _stream_files(_check_files("data.files" if split == "train" else "data.eval_files", files),
                              cfg.text_key)
-    import datasets
-
     try:
         ds = datasets.load_dataset(cfg.source, split=cfg.split if split == "train" else cfg.eval_split,
                                    streaming=True)

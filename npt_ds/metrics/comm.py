@@ -8,7 +8,7 @@ rank.  Kinds: ``gather`` (parameter all-gathers), ``reduce`` (gradient reduce-sc
 ``other`` (broadcasts and the rest).
 
 The same wrapper clocks the time this rank is blocked in them (the call itself and, for an async call,
-the returned handle's ``wait``) into :data:`npt_ds.rank_stats.WAIT`: a rank's own step time is its wall
+the returned handle's ``wait``) into :data:`npt_ds.parallel.groups.WAIT`: a rank's own step time is its wall
 time less that.
 """
 from __future__ import annotations
@@ -16,9 +16,10 @@ from __future__ import annotations
 import functools
 import time
 
+import deepspeed.comm.comm as ds_comm
 import torch
 
-from .rank_stats import WAIT
+from ..parallel.groups import WAIT
 
 KINDS = {
     "all_gather_into_tensor": "gather", "all_gather_base": "gather", "all_gather": "gather",
@@ -67,8 +68,6 @@ class CommCounter:
 
     def install(self) -> "CommCounter":
         """Wrap the collectives of the initialised deepspeed.comm backend (idempotent per backend)."""
-        import deepspeed.comm.comm as ds_comm
-
         backend = ds_comm.cdb
         if backend is None or self._backend is backend:
             return self

@@ -1,7 +1,7 @@
 """Per-rank step time, memory and FLOP rate for the metric stream: one small all-gather per log step.
 
 Every rank keeps, without any sync, its wall time since the last log step and the part of it spent
-blocked in collectives (:data:`WAIT`, fed by :mod:`npt_ds.comm_stats` and the loop's NaN all-reduce).
+blocked in collectives (:data:`WAIT`, fed by :mod:`npt_ds.metrics.comm` and the loop's NaN all-reduce).
 A rank's own step time is ``(wall - blocked) / steps``: a rank that is slow for itself (slow device,
 slow data) waits less for the others and shows the larger value, whereas the wall step time is the same
 on every rank (the slowest one sets it).  That needs collectives that block the host (gloo: the CPU
@@ -14,10 +14,10 @@ step time, peak memory, reserved memory, wall step time), and rank 0 writes:
 * ``mem/peak_alloc_gb`` / ``mem/reserved_gb``: the max over ranks of ``torch.cuda.max_memory_allocated``
   / ``memory_reserved`` on GPU, of the process's peak / current RSS on CPU; ``mem/peak_rank`` holds it;
 * ``rank/{r}/step_s``, ``rank/{r}/mem_gb`` per rank (up to :data:`MAX_RANKS_LOGGED` ranks);
-* ``perf/tflops_per_device`` = :func:`npt_ds.step_time.step_flops` (the NPT step's FLOPs per device:
+* ``perf/tflops_per_device`` = :func:`npt_ds.planning.step_cost.step_flops` (the NPT step's FLOPs per device:
   frozen teacher forward, student modulated MLPs forward, their backward without base-weight gradients,
   activation recompute) / ``time/step_s``; ``perf/mfu`` = that / the device's bf16 peak
-  (:func:`npt_ds.hardware.peak_tflops`, or ``perf.peak_tflops``), absent when no peak is known;
+  (:func:`npt_ds.parallel.devices.peak_tflops`, or ``perf.peak_tflops``), absent when no peak is known;
 * ``throughput/tokens_per_s_per_device``.
 
 Test-only hook: ``NPT_DS_TEST_SLEEP_RANK=R:S`` makes rank R sleep S seconds in every step (a straggler).
@@ -32,25 +32,14 @@ import time
 import torch
 import torch.distributed as dist
 
+from ..config import ConfigError
+from ..parallel.devices import peak_tflops
+from ..parallel.groups import WAIT
+from ..planning.inputs import inputs_from_config
+from ..planning.step_cost import step_flops
+
 MAX_RANKS_LOGGED = 64
 SLEEP_ENV = "NPT_DS_TEST_SLEEP_RANK"
-
-
-class WaitClock:
-    """Seconds this process spent blocked in collectives (a host float, no device sync)."""
-
-    def __init__(self) -> None:
-        self.seconds = 0.0
-
-    def timed(self, fn, *args, **kwargs):
-        t = time.perf_counter()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            self.seconds += time.perf_counter() - t
-
-
-WAIT = WaitClock()
 
 
 def sleep_for_rank(rank: int, env: str | None = None) -> float:
@@ -115,10 +104,6 @@ def summarize(rows: list[list[float]], flops_per_step: float | None, peak_tflops
 def step_flops_of(cfg, world: int) -> float | None:
     """FLOPs of one optimizer step per device for the run's config (None when the planner cannot read
     the model's shape)."""
-    from .config import ConfigError
-    from .plan import inputs_from_config
-    from .step_time import step_flops
-
     try:
         inputs = inputs_from_config(cfg, nodes=1, gpus_per_node=max(world, 1), gpu_mem_gib=1.0)
     except ConfigError:
@@ -130,8 +115,6 @@ class RankStats:
     """The per-rank window between two log steps; `record()` is the log step's one collective."""
 
     def __init__(self, cfg, rank: int, world: int) -> None:
-        from .hardware import peak_tflops
-
         self.flops_per_step = step_flops_of(cfg, world)
         self.peak_tflops, self.peak_source = peak_tflops(cfg.perf.peak_tflops)
         self.sleep = sleep_for_rank(rank)

@@ -72,7 +72,7 @@ def _jsonable(value: Any):
 
 def _start_wandb(cfg: dict, run_dir) -> Any:
     try:
-        import wandb
+        import wandb  # lazy: an optional sink (logging.wandb) whose import takes seconds
     except ImportError:  # pragma: no cover - wandb is a declared dependency
         raise RuntimeError("logging.wandb is true but wandb is not installed; pip install wandb") from None
     return wandb.init(project=cfg.get("project", "npt-ds"), name=cfg.get("name"), dir=str(run_dir),

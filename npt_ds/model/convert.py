@@ -5,43 +5,9 @@ from typing import Iterator
 
 from torch import nn
 
-from ..config import ConfigError, NPTConfig
+from ..config import NPTConfig, parse_layer_spec
 from .np_component import NPComponent
 from .npt_layer import STUDENT, TEACHER, NPTDecoderLayer
-
-
-def parse_layer_spec(spec: str | int | list, num_layers: int) -> list[int]:
-    """"14,15,16,17", "8-15", "upper_half", "all" (or a list of ints) -> sorted layer indices."""
-    if isinstance(spec, int):
-        spec = str(spec)
-    if isinstance(spec, (list, tuple)):
-        spec = ",".join(str(s) for s in spec)
-    text = str(spec).strip().lower()
-    if text == "all":
-        return list(range(num_layers))
-    if text == "upper_half":
-        return list(range(num_layers // 2, num_layers))
-    if text == "lower_half":
-        return list(range(num_layers // 2))
-    indices: set[int] = set()
-    for token in filter(None, (t.strip() for t in text.split(","))):
-        try:
-            bounds = [int(v) for v in token.split("-", 1)] if "-" in token.lstrip("-") else [int(token)] * 2
-        except ValueError:
-            raise ConfigError(f"npt.layers: cannot parse {token!r}; use e.g. '14,15', '8-15', "
-                              "'upper_half' or 'all'") from None
-        lo, hi = bounds
-        if lo > hi:
-            raise ConfigError(f"npt.layers: range {token!r} is reversed; write {hi}-{lo}")
-        indices.update(range(lo, hi + 1))
-    if not indices:
-        raise ConfigError(f"npt.layers: {spec!r} selects no layers; use e.g. '14,15', '8-15', "
-                          "'upper_half' or 'all'")
-    bad = sorted(i for i in indices if not 0 <= i < num_layers)
-    if bad:
-        raise ConfigError(f"npt.layers: layer {bad[0]} is out of range; the model has {num_layers} "
-                          f"layers (valid 0-{num_layers - 1})")
-    return sorted(indices)
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

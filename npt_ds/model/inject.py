@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..parallel.zero import gathered
 from .convert import decoder_layers, npt_layers, set_mode
 from .np_component import Modulation
 from .npt_layer import NPTDecoderLayer
@@ -191,8 +192,6 @@ def context_deltas(model: nn.Module, input_ids: torch.Tensor, *, layers: list[in
 
 def inject(model: nn.Module, input_ids: torch.Tensor, record: dict, **kwargs) -> dict[str, torch.Tensor]:
     """context_deltas, applied to the model and added to its Injections (with `record` saying what it was)."""
-    from .io import gathered  # io imports this module
-
     deltas = context_deltas(model, input_ids, **kwargs)
     params = dict(model.named_parameters())
     with gathered([params[n] for n in deltas]):

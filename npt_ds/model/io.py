@@ -1,32 +1,23 @@
 """Save/load the NP weights alone (safetensors + conversion spec) and fold modulation into W_gate."""
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..config import NPTConfig
+from ..parallel.zero import gathered
 from .convert import convert_model, np_named_parameters, npt_layers
 from .inject import Injections, _refuse_quantised, apply_deltas, inject
 from .np_component import Modulation
 from .npt_layer import NPTDecoderLayer
 
 WEIGHTS, SPEC = "np_weights.safetensors", "npt_spec.json"
-
-
-def gathered(params):
-    """Full tensors of (possibly ZeRO-3 partitioned) params inside the context."""
-    params = [p for p in params if hasattr(p, "ds_id")]
-    if not params:
-        return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
 
 
 def base_signature(model: nn.Module) -> dict:
@@ -64,8 +55,6 @@ def load_np_weights(model: nn.Module, src: str | Path, injections: bool = True) 
         raise FileNotFoundError(f"no NP weights at {path}; expected a directory written by `npt-ds convert`/training")
     spec = json.loads((path.parent / SPEC).read_text()) if (path.parent / SPEC).is_file() else None
     if spec is None:
-        from safetensors import safe_open
-
         with safe_open(str(path), "pt") as f:
             spec = json.loads(f.metadata()["npt_spec"])
     if spec["base"] != base_signature(model):

@@ -1,19 +1,20 @@
 """Load the frozen base: the SmolLM2 asset, an HF directory, a safetensors or GGUF file, or a tiny random Llama."""
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_model
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, LlamaConfig
 
 from ..assets import smollm2_hf_dir
-from ..config import ConfigError, ModelConfig
+from ..config import TINY_DEFAULTS, ConfigError, ModelConfig
+from ..parallel.groups import local_rank
+from .quant import nf4_unaligned_linears, prepare_quantized_model, without_hf_zero3
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-TINY_DEFAULTS = dict(vocab_size=320, hidden_size=64, intermediate_size=160, num_hidden_layers=4,
-                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                     tie_word_embeddings=True, rms_norm_eps=1e-5,
-                     initializer_range=0.1)  # activations of a realistic scale, so NP gradients are too
 
 
 class ByteTokenizer:
@@ -38,8 +39,6 @@ class ByteTokenizer:
 
 
 def tiny_llama_config(overrides: dict | None = None):
-    from transformers import LlamaConfig
-
     params = {**TINY_DEFAULTS, **(overrides or {})}
     unknown = [k for k in params if not hasattr(LlamaConfig(), k)]
     if unknown:
@@ -49,8 +48,6 @@ def tiny_llama_config(overrides: dict | None = None):
 
 def tiny_llama(overrides: dict | None = None, seed: int = 0) -> nn.Module:
     """A small random LlamaForCausalLM (deterministic for a seed) for tests and dry runs."""
-    from transformers import AutoModelForCausalLM
-
     config = tiny_llama_config(overrides)
     config._attn_implementation = "sdpa"
     with torch.random.fork_rng(devices=[]):
@@ -93,8 +90,6 @@ def resolve_model_path(path: str) -> tuple[Path, str | None]:
 def load_tokenizer(cfg: ModelConfig):
     if cfg.path == "tiny":
         return ByteTokenizer()
-    from transformers import AutoTokenizer
-
     directory, gguf = resolve_model_path(cfg.path)
     return AutoTokenizer.from_pretrained(str(directory), gguf_file=gguf) if gguf else \
         AutoTokenizer.from_pretrained(str(directory))
@@ -104,22 +99,18 @@ def quantization_config(cfg: ModelConfig, compute_dtype: torch.dtype, model_conf
     """transformers' BitsAndBytesConfig for cfg.quantization (None for "none").
 
     int8: LLM.int8() weights (bitsandbytes casts the matmul inputs to fp16 on CPU).  nf4: 4-bit
-    NormalFloat (one fp32 absmax per 64-weight block, as npt_ds.plan assumes), computed in the model
+    NormalFloat (one fp32 absmax per 64-weight block, as npt_ds.planning assumes), computed in the model
     dtype, the packed 4-bit codes stored in that dtype too (``bnb_4bit_quant_storage``: every base
     parameter then has one floating dtype, which ZeRO-3 can partition).  With ``model_config`` given,
     nf4 leaves linears whose input width is not a multiple of 64 unquantised (bitsandbytes' CPU kernel
-    dequantises them wrongly; see npt_ds.quant.nf4_unaligned_linears).
+    dequantises them wrongly; see npt_ds.model.quant.nf4_unaligned_linears).
     """
     if cfg.quantization == "none":
         return None
-    from transformers import BitsAndBytesConfig
-
     if cfg.quantization == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)
     skip = None
     if model_config is not None:
-        from ..quant import nf4_unaligned_linears
-
         unaligned = nf4_unaligned_linears(model_config)
         if unaligned:
             skip = ["lm_head", *unaligned]  # a given list replaces transformers' default skip (lm_head)
@@ -132,8 +123,6 @@ def quantized_device_map() -> dict:
     ``cuda:0`` on every rank; on a CPU-only machine nothing (bitsandbytes' CPU path)."""
     if not torch.cuda.is_available():
         return {}
-    from ..distributed import local_rank
-
     return {"device_map": {"": local_rank()}}
 
 
@@ -141,21 +130,13 @@ def load_base_model(cfg: ModelConfig, seed: int = 0) -> nn.Module:
     """The frozen base as a LlamaForCausalLM in cfg.dtype (call under HfDeepSpeedConfig for ZeRO-3).
 
     A quantised base (cfg.quantization int8 / nf4) is loaded through bitsandbytes, never partitioned;
-    see npt_ds.quant for the DeepSpeed stages and precisions that work with it.
+    see npt_ds.model.quant for the DeepSpeed stages and precisions that work with it.
     """
-    from transformers import AutoModelForCausalLM
-
     dtype = DTYPES[cfg.dtype]
     if cfg.path == "tiny" and cfg.quantization == "none":
         return tiny_llama(cfg.tiny, seed).to(dtype)
     kwargs = dict(dtype=dtype)
     if cfg.path == "tiny":  # quantised tiny model: materialise it in a temp dir, then load via bnb
-        import tempfile
-
-        from safetensors.torch import save_model
-
-        from ..quant import prepare_quantized_model, without_hf_zero3
-
         with tempfile.TemporaryDirectory(prefix="npt-tiny-") as tmp:
             with without_hf_zero3():  # full tensors, not ZeRO-3 placeholders, go into the checkpoint
                 tiny = tiny_llama(cfg.tiny, seed)
@@ -172,8 +153,6 @@ def load_base_model(cfg: ModelConfig, seed: int = 0) -> nn.Module:
         kwargs["gguf_file"] = gguf
     qcfg = None
     if cfg.quantization != "none":
-        from transformers import AutoConfig
-
         if gguf:  # transformers refuses a quantization_config together with gguf_file
             raise ConfigError(f"model.quantization: {cfg.quantization} cannot re-quantise the GGUF file {gguf!r}; "
                               "point model.path at an HF directory (or use path: smollm2)")
@@ -186,7 +165,5 @@ def load_base_model(cfg: ModelConfig, seed: int = 0) -> nn.Module:
     if getattr(model.config, "model_type", None) != "llama":
         raise ConfigError(f"model.path {cfg.path!r} is a {model.config.model_type!r} model; NPT needs a Llama")
     if qcfg is not None:
-        from ..quant import prepare_quantized_model
-
         prepare_quantized_model(model)
     return model.eval()

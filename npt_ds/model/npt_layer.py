@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 from .np_component import ModulatedMLPInputs, NPComponent, NO_EXTRAS, NPExtras, modulated_mlp
@@ -88,8 +89,6 @@ class NPTDecoderLayer(LlamaDecoderLayer):
             h_in = h_s if ratio == 1.0 else (1.0 - ratio) * h_t + ratio * h_s
             attn = self.attention(h_in, **attn_kwargs)
         if self.checkpoint_student and torch.is_grad_enabled():
-            from torch.utils.checkpoint import checkpoint
-
             y, np_out, x = checkpoint(self.student_mlp, h_in, attn, extras, use_reentrant=False)
         else:
             y, np_out, x = self.student_mlp(h_in, attn, extras)

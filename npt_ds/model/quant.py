@@ -31,8 +31,9 @@ import logging
 from typing import Iterator
 
 from torch import nn
+from transformers.integrations import deepspeed as hf_ds
 
-from .config import ConfigError, TrainConfig
+from ..config import ConfigError, TrainConfig
 
 ZERO_STAGES = {"int8": (0, 1, 2), "nf4": (0, 1, 2, 3)}  # stages that train with a quantised base
 _INT8_CAST_LOGGER = "bitsandbytes.autograd._functions"
@@ -70,8 +71,6 @@ def without_hf_zero3() -> Iterator[None]:
     reloaded through bitsandbytes must be materialised in full too (under ZeRO-3 its parameters would be
     0-size placeholders and the saved checkpoint empty).
     """
-    from transformers.integrations import deepspeed as hf_ds
-
     ref = hf_ds._hf_deepspeed_config_weak_ref
     hf_ds._hf_deepspeed_config_weak_ref = None
     try:
@@ -115,7 +114,7 @@ def prepare_quantized_model(model: nn.Module) -> nn.Module:
     * int8: see :func:`quiet_int8_cast_warning`.
     """
     try:
-        import bitsandbytes as bnb
+        import bitsandbytes as bnb  # lazy: only a quantised base needs it, and its import costs seconds
     except ImportError:  # pragma: no cover - quantised loading needs it anyway
         return model
     for module in model.modules():
@@ -148,7 +147,7 @@ def nf4_unaligned_linears(model_config, blocksize: int = NF4_BLOCKSIZE) -> list[
 def quantized_linear_names(model: nn.Module) -> list[str]:
     """Names of the bitsandbytes linear layers in ``model`` (empty for an unquantised model)."""
     try:
-        import bitsandbytes as bnb
+        import bitsandbytes as bnb  # lazy: as above
     except ImportError:  # pragma: no cover
         return []
     kinds = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)

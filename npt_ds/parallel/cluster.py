@@ -1,7 +1,7 @@
 """Before a multi-node launch: the environment every node needs, and an ssh check of every host.
 
-    python -m npt_ds.cluster env FILE            # write the managed block of FILE (.deepspeed_env)
-    python -m npt_ds.cluster preflight HOST ... --repo DIR --python EXE [--ssh-config F]
+    python -m npt_ds.parallel.cluster env FILE            # write the managed block of FILE (.deepspeed_env)
+    python -m npt_ds.parallel.cluster preflight HOST ... --repo DIR --python EXE [--ssh-config F]
 
 DeepSpeed's pdsh launcher exports only a few variable prefixes to the remote ranks, plus the KEY=VALUE lines
 of `.deepspeed_env` (in ~ and in the launch dir).  `env` writes the variables a run needs (offline hub
@@ -88,7 +88,7 @@ def preflight(hosts: list[str], repo: str, python: str, ssh_config: str | None =
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m npt_ds.cluster", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m npt_ds.parallel.cluster", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     env = sub.add_parser("env", help="write the npt-ds block of a .deepspeed_env file")
     env.add_argument("file")

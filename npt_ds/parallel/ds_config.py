@@ -9,14 +9,17 @@ import copy
 import json
 from pathlib import Path
 
-from .config import ConfigError, TrainConfig
+from ..config import ConfigError, TrainConfig
+from .devices import resolve_precision
+from .groups import ranks_per_node
+from .zero import apply_frozen_base
 
-PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]  # ds_configs/ lives beside the package
 
 
 def _resolve(path: str) -> Path:
     p = Path(path)
-    for candidate in (p, PACKAGE_ROOT / p):
+    for candidate in (p, REPO_ROOT / p):
         if candidate.is_file():
             return candidate
     raise ConfigError(f"deepspeed.config: {path!r} not found; use one of ds_configs/*.json "
@@ -38,10 +41,8 @@ def template_zero_stage(cfg: TrainConfig) -> int:
 
 def build_ds_config(cfg: TrainConfig, world_size: int) -> dict:
     """The DeepSpeed config for `cfg` on `world_size` ranks.  `deepspeed.frozen_base` and
-    `deepspeed.precision` should be resolved first (npt_ds.hardware.resolve_hardware); an unresolved
+    `deepspeed.precision` should be resolved first (npt_ds.parallel.resolve.resolve_hardware); an unresolved
     'auto' frozen base builds plain partitioned ZeRO-3."""
-    from .hardware import apply_frozen_base, ranks_per_node
-
     path, template = _template(cfg)
     ds = copy.deepcopy(template)
     fill = {
@@ -64,8 +65,6 @@ def build_ds_config(cfg: TrainConfig, world_size: int) -> dict:
     ds.pop("bf16", None)
     ds.pop("fp16", None)
     if precision == "auto":
-        from .hardware import resolve_precision
-
         precision = resolve_precision(precision)[0]
     if precision == "bf16":
         ds["bf16"] = {"enabled": True}

@@ -1,4 +1,5 @@
-"""Process-group setup for one process or a DeepSpeed launch, and the few collectives the loop needs."""
+"""Process groups: set-up for one process or a launch, the few collectives the loop needs, and the clock of
+their waits (a rank's own step time is its wall time less that: :mod:`npt_ds.metrics.rank_stats`)."""
 from __future__ import annotations
 
 import contextlib
@@ -11,7 +12,23 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .rank_stats import WAIT
+
+
+class WaitClock:
+    """Seconds this process spent blocked in collectives (a host float, no device sync)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def timed(self, fn, *args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - t
+
+
+WAIT = WaitClock()
 
 
 def free_port() -> int:
@@ -24,7 +41,7 @@ def init_distributed(timeout_s: float | None = None) -> tuple[int, int]:
     """Initialise torch.distributed via DeepSpeed; works with or without the launcher. -> (rank, world).
 
     `timeout_s` bounds every collective (distributed.timeout_s): a rank waiting on a lost peer raises then."""
-    import deepspeed
+    import deepspeed  # lazy: ~2 s and accelerator chatter, paid only by a process that joins a group
 
     if "RANK" not in os.environ:  # plain `python -m npt_ds.train`: a world of one on loopback
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
@@ -41,6 +58,11 @@ def init_distributed(timeout_s: float | None = None) -> tuple[int, int]:
 def local_rank() -> int:
     """This process's GPU index on its node (the launcher's LOCAL_RANK; 0 without a launcher)."""
     return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def ranks_per_node(world: int) -> int:
+    """GPUs (ranks) per node: the launcher's LOCAL_WORLD_SIZE when set, else every rank on one node."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", world))
 
 
 def any_rank_flags(flags: torch.Tensor) -> list[bool]:
@@ -75,7 +97,7 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return values
     t = torch.tensor(values, dtype=torch.float64, device=_device())
-    WAIT.timed(dist.all_reduce, t)  # a peer still computing is its time, not ours (rank_stats)
+    WAIT.timed(dist.all_reduce, t)  # a peer still computing is its time, not ours (metrics.rank_stats)
     return t.tolist()
 
 

@@ -1,6 +1,6 @@
 """Check a DeepSpeed hostfile (`host slots=N` per line) before a multi-node launch.
 
-    python -m npt_ds.hostfile HOSTFILE [--num-nodes N] [--resolve]
+    python -m npt_ds.parallel.hostfile HOSTFILE [--num-nodes N] [--resolve]
 
 Exits 0 and prints `host slots` pairs, or prints one line naming the problem and the fix, exit 2.
 """
@@ -59,7 +59,7 @@ def check_hostfile(path: str | Path, num_nodes: int | None = None, resolve: bool
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m npt_ds.hostfile", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m npt_ds.parallel.hostfile", description=__doc__.splitlines()[0])
     parser.add_argument("hostfile")
     parser.add_argument("--num-nodes", type=int)
     parser.add_argument("--resolve", action="store_true", help="check that every host name resolves")

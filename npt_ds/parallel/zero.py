@@ -1,10 +1,25 @@
-"""ZeRO-3 with a resident frozen base: gathered once, never released or re-gathered.
+"""ZeRO-3 and the frozen base: which ``deepspeed.frozen_base`` mode, its DeepSpeed settings, the resident
+base kept gathered, and gathered views of partitioned parameters.
 
-DeepSpeed's parameter persistence alone does not do it: ZeRO-3's optimizer step releases *every*
-parameter (``partition_all_parameters``) and re-gathers the persistent ones after the step, so a
-persistent base is still all-gathered once per optimizer step (measured: 0.54 GB/step on SmolLM2 in
-fp32, the whole model).  A frozen weight never changes, so there is nothing to re-partition.
-:func:`keep_frozen_resident` narrows both to the trainable parameters on a built engine:
+Under plain ZeRO-3 every rank all-gathers every frozen base weight on every forward, although the
+base never changes.  ``deepspeed.frozen_base``:
+
+* ``partitioned`` -- plain ZeRO-3: the base is partitioned and re-gathered every micro-batch.
+* ``resident``    -- every parameter is ZeRO-3-*persistent* (``stage3_param_persistence_threshold`` and
+  ``stage3_model_persistence_threshold`` above the model size) and :func:`keep_frozen_resident` keeps
+  the frozen ones from ever being released: gathered once, so a step gathers only the trainable
+  parameters; gradients and optimizer state stay partitioned.  Memory: the whole
+  base on every rank, as ZeRO-2.  ``auto`` picks it when the planner says it fits.
+* ``hpz``         -- ZeRO++ hierarchical partitioning (``zero_hpz_partition_size`` = GPUs per node): a
+  secondary copy of the partitions within each node, so the re-gathers stay on the intra-node link.
+* ``quantized``   -- ZeRO++ ``zero_quantized_nontrainable_weights``: the frozen weights are held and
+  all-gathered as int8.  Needs DeepSpeed's CUDA quantizer kernels: refused on CPU with one line.
+
+Why :func:`keep_frozen_resident` is needed: DeepSpeed's parameter persistence alone does not do it.
+ZeRO-3's optimizer step releases *every* parameter (``partition_all_parameters``) and re-gathers the
+persistent ones after the step, so a persistent base is still all-gathered once per optimizer step
+(measured: 0.54 GB/step on SmolLM2 in fp32, the whole model).  A frozen weight never changes, so there
+is nothing to re-partition.  The function narrows both to the trainable parameters on a built engine:
 
 * the coordinator's release (after a module's forward/backward, and the step's "release all") skips
   frozen persistent parameters: they stay AVAILABLE (while recording its trace, ZeRO-3 would otherwise
@@ -13,16 +28,29 @@ fp32, the whole model).  A frozen weight never changes, so there is nothing to r
 
 Gradients, optimizer state and the trainable parameters' fp32 masters stay partitioned as before.
 This reaches into DeepSpeed 0.19.8's ZeRO-3 internals (pinned in pyproject.toml); the 2-rank test
-``tests/test_distributed.py::test_frozen_base_modes_give_the_same_losses`` checks the losses against plain
-ZeRO-3 and the bytes moved.
+``tests/parallel/test_distributed.py::test_frozen_base_modes_give_the_same_losses`` checks the losses against
+plain ZeRO-3 and the bytes moved.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+
+import torch
 from torch import nn
+
+from ..config import ConfigError, TrainConfig
+from ..planning.inputs import inputs_from_config
+from ..planning.memory import plan_memory
+from .devices import device_memory_gib
+from .groups import ranks_per_node
+
+PERSIST_ALL = 10**15  # elements: above any model, so every parameter is persistent
 
 
 def keep_frozen_resident(engine) -> int:
     """Patch a ZeRO-3 engine built with every parameter persistent; -> number of resident frozen params."""
+    # lazy: an engine exists, so deepspeed is loaded already (module import stays free of it)
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
     opt = engine.optimizer
@@ -58,3 +86,56 @@ def keep_frozen_resident(engine) -> int:
     if resident:  # gather them now, once
         resident[0].all_gather(resident)
     return len(resident)
+
+
+def resolve_frozen_base(cfg: TrainConfig, world: int, zero_stage: int) -> tuple[str, str]:
+    """-> (partitioned | resident | hpz | quantized, why); only ZeRO-3 partitions parameters at all."""
+    mode = cfg.deepspeed.frozen_base
+    if zero_stage != 3:
+        return "partitioned", f"ZeRO-{zero_stage} does not partition parameters (the base is resident anyway)"
+    if mode == "quantized" and not torch.cuda.is_available():
+        raise ConfigError("deepspeed.frozen_base: quantized needs DeepSpeed's CUDA quantizer kernels; on this "
+                          "CPU-only machine use resident, hpz or partitioned")
+    if mode != "auto":
+        return mode, "as configured"
+    if cfg.model.quantization != "none":
+        return "partitioned", "a bitsandbytes base is partitioned as loaded (see npt_ds.model.quant)"
+    per_node = ranks_per_node(world)
+    nodes = max(1, world // per_node)
+    mem = device_memory_gib(per_node)
+    try:
+        inputs = inputs_from_config(cfg, nodes=nodes, gpus_per_node=per_node, gpu_mem_gib=mem, zero_stage=3)
+    except ConfigError as exc:  # no config.json to plan from (e.g. a bare .gguf): stay on the safe side
+        return "partitioned", f"the planner cannot read this model's shape ({exc})"
+    resident = plan_memory(dataclasses.replace(inputs, frozen_base="resident"))
+    if resident.fits:
+        return "resident", f"the whole base fits on every rank ({resident.total / 2**30:.1f} of {mem:.0f} GiB)"
+    if nodes > 1 and per_node > 1:
+        return "hpz", (f"the base does not fit resident ({resident.total / 2**30:.1f} > {mem:.0f} GiB); "
+                       "re-gathers stay within a node")
+    return "partitioned", f"the base does not fit resident ({resident.total / 2**30:.1f} > {mem:.0f} GiB)"
+
+
+def apply_frozen_base(ds: dict, mode: str, gpus_per_node: int) -> dict:
+    """The zero_optimization settings of `mode` written into DeepSpeed config `ds` (in place; returned)."""
+    zero = ds.setdefault("zero_optimization", {})
+    if zero.get("stage") != 3 or mode == "partitioned":
+        return ds
+    if mode == "resident":
+        zero["stage3_param_persistence_threshold"] = PERSIST_ALL
+        zero["stage3_model_persistence_threshold"] = PERSIST_ALL
+    elif mode == "hpz":
+        zero["zero_hpz_partition_size"] = gpus_per_node
+    elif mode == "quantized":
+        zero["zero_quantized_nontrainable_weights"] = True
+    return ds
+
+
+def gathered(params):
+    """Full tensors of (possibly ZeRO-3 partitioned) params inside the context."""
+    params = [p for p in params if hasattr(p, "ds_id")]
+    if not params:
+        return contextlib.nullcontext()
+    import deepspeed  # lazy: ZeRO-3 params (ds_id) exist only once deepspeed is loaded; plain models skip it
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=0)

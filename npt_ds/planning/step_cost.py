@@ -1,33 +1,13 @@
-"""What one optimizer step costs per GPU under each ZeRO-3 frozen-base mode: bytes on each link, time.
-
-Message bytes per GPU per optimizer step (what ``npt_ds.comm_stats`` counts), with m = gradient
-accumulation steps, S = frozen base storage bytes, T = trainable parameter bytes (param dtype):
-
-    mode          gathered (per step)           link of the gathers      reduced (grads)
-    partitioned   m (S + T)  every forward      the whole world          m T
-    resident      T          trainables, after  the whole world          m T
-                             the optimizer step
-    hpz           m (S + T)  from the node's    intra-node only          m T
-                  + T        secondary copy;    (+ T across the world)
-                             trainables after the step
-    quantized     m (S/2 + T) int8 frozen       the whole world          m T
-
-(measured on 2 CPU ranks: partitioned gathers exactly S + T per step -- the backward re-gathers
-nothing while ``stage3_max_live_parameters`` holds the model -- and resident exactly T.)  A
-collective over W = N·G ranks moves, per GPU, (G−1)/W of its message over the intra-node link and
-(W−G)/W over the inter-node link (one within a node: (G−1)/G intra).  Link time = bytes / bandwidth;
-the two links work in parallel.  Compute: the FLOPs of the NPT step (:func:`step_flops`) at a stated
-MFU of the GPU's peak.  Predicted step time = compute + communication (no overlap: an upper bound;
-ZeRO-3's prefetch hides part of the gathers), tokens/s per GPU from it.
-
-Defaults: intra 3600 Gbit/s (NVLink 4, 450 GB/s per direction per H100), inter 400 Gbit/s (one
-400G InfiniBand NDR port per GPU), peak 989 TFLOP/s (H100 dense bf16), MFU 0.4.
+"""What one optimizer step costs per GPU under each ZeRO-3 frozen-base mode: bytes on each link, compute
+(the NPT step's FLOPs at a stated MFU) and time; the byte model and its measurements are in
+``docs/planner.md`` ("Step cost").
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from .plan import PARAM_BYTES, PlanInputs, base_elem_bytes, np_params_per_layer, plan_memory
+from .memory import PARAM_BYTES, PlanInputs, base_elem_bytes, plan_memory
+from .shape import np_params_per_layer
 
 MODES = ("partitioned", "resident", "hpz", "quantized")
 DEFAULT_LINK_GBPS = (3600.0, 400.0)

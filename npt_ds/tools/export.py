@@ -8,12 +8,15 @@ W_gate / W_up), the tokenizer files, generation_config.json and a model card (RE
 """
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 from pathlib import Path
 
 from safetensors.torch import save_file
 from torch import nn
+
+from .session import add_np_arguments, load_npt
 
 TEMPLATE = Path(__file__).parent / "export_template" / "modeling_npt.py"
 AUTO_MAP = {"AutoConfig": "modeling_npt.NPTLlamaConfig", "AutoModelForCausalLM": "modeling_npt.NPTLlamaForCausalLM"}
@@ -102,3 +105,16 @@ def export(model: nn.Module, tokenizer, out_dir: str | Path, *, base: str, np_di
         tokenizer.save_pretrained(str(out))
     (out / "README.md").write_text(model_card(model, base, np_dir, training_provenance(np_dir)))
     return out
+
+
+def add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    add_np_arguments(parser)
+    parser.add_argument("--out", required=True, help="output directory")
+
+
+def run_export(args) -> int:
+    model, tokenizer, layers = load_npt(args.np, args.model)
+    out = export(model, tokenizer, args.out, base=args.model, np_dir=args.np)
+    print(f"exported NPT layers {layers} ({len(model.npt_injections.records)} injection(s) folded in) -> {out}; "
+          f"load with AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)")
+    return 0

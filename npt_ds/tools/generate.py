@@ -1,17 +1,18 @@
 """`npt-ds generate`: greedy or sampled decoding with the NPT model, streamed to the terminal.
 
 NPT layers run their attention through the model's KV cache (``NPTDecoderLayer.forward`` passes the cache
-to ``self_attn``), so cached decoding gives the tokens of full recomputation (tests/test_generate.py).
+to ``self_attn``), so cached decoding gives the tokens of full recomputation (tests/tools/test_generate.py).
 """
 from __future__ import annotations
 
+import argparse
 import sys
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .session import encode
+from .session import add_np_arguments, encode, load_npt
 
 
 @dataclass
@@ -94,3 +95,29 @@ def interactive(model: nn.Module, tokenizer, opts: DecodeOptions, read=input) ->
             return
         if line.strip():
             generate_text(model, tokenizer, line, opts, stream=True)
+
+
+def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
+    add_np_arguments(parser)
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt", help="one prompt")
+    what.add_argument("--interactive", action="store_true", help="a prompt loop (EOF or 'exit' ends)")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-chat", action="store_true",
+                        help="do not wrap the prompt in the tokenizer's chat template")
+
+
+def run_generate(args) -> int:
+    opts = DecodeOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                         seed=args.seed, chat=not args.no_chat)
+    if args.prompt is not None and not args.prompt.strip():
+        raise ValueError("--prompt: the prompt is empty; give some text (or --interactive)")
+    model, tokenizer, _ = load_npt(args.np, args.model)
+    if args.interactive:
+        interactive(model, tokenizer, opts)
+    else:
+        generate_text(model, tokenizer, args.prompt, opts, stream=True)
+    return 0

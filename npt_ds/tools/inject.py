@@ -6,9 +6,11 @@ W_gate / W_up deltas) and injections.json (context, baseline, layers, positions,
 """
 from __future__ import annotations
 
-from ..config import ConfigError
-from ..model import decoder_layers, inject, parse_layer_spec, save_np_weights
-from .session import encode, load_npt
+import argparse
+
+from ..config import ConfigError, parse_layer_spec
+from ..model import decoder_layers, inject, save_np_weights
+from .session import add_np_arguments, encode, load_npt
 
 
 def layer_list(model, spec: str | None) -> list[int] | None:
@@ -40,6 +42,18 @@ def inject_text(model, tokenizer, context: str, *, layers: str | None = None, po
               "positions": positions, "alpha": alpha, "tokens": int(ids.shape[1])}
     inject(model, ids, record, layers=chosen, positions=positions, alpha=alpha, baseline_ids=base_ids)
     return record
+
+
+def add_inject_arguments(parser: argparse.ArgumentParser) -> None:
+    add_np_arguments(parser)
+    parser.add_argument("--context", help="the text whose modulation to commit")
+    parser.add_argument("--layers", help="NPT layers to inject into ('26,27', '26-29'); default: every NPT layer")
+    parser.add_argument("--positions", default="last",
+                        help="tokens whose modulation folds: last, all (sum), mean, or i:j (mean over tokens i..j-1)")
+    parser.add_argument("--alpha", type=float, default=1.0, help="strength of the update")
+    parser.add_argument("--baseline", help="differential injection: fold context minus this text's modulation")
+    parser.add_argument("--reset", action="store_true", help="drop the injections saved in --np first")
+    parser.add_argument("--out", required=True, help="NP dir to write (may be --np itself)")
 
 
 def run_inject(args) -> int:

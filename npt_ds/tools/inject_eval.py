@@ -3,10 +3,11 @@
 For each fact and alpha (each injection starts from the loaded model): the answer's log-probability (sum over
 its tokens) and rank (of its first token, 1 = top) on the question and paraphrase prompts, before and after;
 the control prompts' answer log-probability change (locality); and held-out perplexity of the NPT model
-(:func:`npt_ds.evaluate.evaluate`) before and after (damage).
+(:func:`npt_ds.train.evaluate.evaluate`) before and after (damage).
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import statistics
@@ -16,10 +17,11 @@ import torch
 from torch import nn
 
 from ..config import DataConfig
-from ..data import eval_batches
-from ..evaluate import evaluate
+from ..data.sources import eval_batches
 from ..model.inject import injections_of
+from ..train.evaluate import evaluate
 from .inject import inject_text
+from .session import add_np_arguments, load_npt, parse_floats
 
 FACT_KEYS = {"id": str, "context": str, "prompts": list, "paraphrases": list, "answer": str, "controls": list}
 
@@ -167,3 +169,31 @@ def table(results: dict) -> list[str]:
     lines.append(f"best answer-rank gain at <= 2 % perplexity damage: "
                  + ("none of these alphas" if best is None else f"alpha {best:g}"))
     return lines
+
+
+def add_inject_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("facts", nargs="+", help="facts JSONL files (data/facts/*.jsonl)")
+    add_np_arguments(parser)
+    parser.add_argument("--alpha", default="0.25,0.5,1,2", help="comma-separated alphas")
+    parser.add_argument("--layers", help="NPT layers to inject into; default: every NPT layer")
+    parser.add_argument("--positions", default="last", help="as for inject")
+    parser.add_argument("--ppl-batches", type=int, default=2, help="held-out windows for the perplexity damage")
+    parser.add_argument("--ppl-seq-len", type=int, default=128)
+    parser.add_argument("--out", help="write the results as JSON here")
+
+
+def run_inject_eval_command(args) -> int:
+    alphas = parse_floats(args.alpha, "--alpha")
+    facts = load_facts(args.facts)
+    model, tokenizer, layers = load_npt(args.np, args.model)
+    results = run_inject_eval(model, tokenizer, facts, alphas, layers=args.layers, positions=args.positions,
+                              ppl_batches=args.ppl_batches, ppl_seq_len=args.ppl_seq_len)
+    results["np"] = args.np
+    print(f"{len(facts)} facts, NPT layers {layers}, injected into {args.layers or 'all NPT layers'}, "
+          f"positions {args.positions}; ppl on {results['ppl_tokens']} held-out tokens")
+    print("\n".join(table(results)))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=2)
+        print(f"wrote {args.out}")
+    return 0

@@ -20,6 +20,7 @@ row with its error (the last meaningful stderr line); the sweep goes on.
 """
 from __future__ import annotations
 
+import argparse
 import itertools
 import json
 import os
@@ -29,7 +30,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
 from ..config import ConfigError, load_config
+from .sweep_report import collect, final_eval, write_reports
 
 REPO = Path(__file__).resolve().parents[2]
 SWEEP_KEYS = ("base", "sweep_dir", "num_ranks", "seeds", "set", "variants", "grid")
@@ -122,8 +126,6 @@ def expand_variants(entries: list | None, grid: dict | None) -> list[Variant]:
 
 def load_sweep(path: str | Path) -> Sweep:
     """Read and validate a sweep file; every run's config is validated with load_config before any runs."""
-    import yaml
-
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"sweep file {str(p)!r} not found; pass one such as sweeps/demo_ablation.yaml")
@@ -159,27 +161,6 @@ def load_sweep(path: str | Path) -> Sweep:
 
 
 # ------------------------------------------------------------------------------------------ running
-
-def metric_rows(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            continue  # a line cut by a kill
-    return rows
-
-
-def final_eval(sweep: Sweep, variant: Variant, seed: int) -> dict | None:
-    """The eval line at step == total_steps, or None while the run is not finished."""
-    total = load_config(sweep.base, sweep.overrides(variant, seed)).schedule.total_steps
-    evals = [r for r in metric_rows(sweep.run_dir(variant, seed)) if r.get("event") == "eval"
-             and r.get("step") == total]
-    return evals[-1] if evals else None
-
 
 LAUNCHER_NOISE = ("npt-ds: the job failed", "[INFO]", "[WARNING]", "+ deepspeed", "+ bash")
 
@@ -221,9 +202,12 @@ def run_one(sweep: Sweep, variant: Variant, seed: int) -> dict:
     return status
 
 
-def run_sweep(args) -> int:
-    from .sweep_report import collect, write_reports
+def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("sweep_file", help="sweep YAML (sweeps/*.yaml)")
+    parser.add_argument("--dry-run", action="store_true", help="list the runs and their commands, run nothing")
 
+
+def run_sweep(args) -> int:
     sweep = load_sweep(args.sweep_file)
     runs = [(v, s) for v in sweep.variants for s in sweep.seeds]
     if args.dry_run:

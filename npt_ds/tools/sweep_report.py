@@ -16,12 +16,35 @@ import math
 import statistics
 from pathlib import Path
 
+import plotext as plt
+
+from ..config import load_config
+
 SCALARS = ("ppl_ratio", "fidelity_mse", "tokens_per_s", "wall_s")
 
 
-def run_numbers(sweep, variant, seed) -> dict:
-    from .sweep import final_eval, metric_rows
+def metric_rows(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue  # a line cut by a kill
+    return rows
 
+
+def final_eval(sweep, variant, seed: int) -> dict | None:
+    """The eval line at step == total_steps, or None while the run is not finished."""
+    total = load_config(sweep.base, sweep.overrides(variant, seed)).schedule.total_steps
+    evals = [r for r in metric_rows(sweep.run_dir(variant, seed)) if r.get("event") == "eval"
+             and r.get("step") == total]
+    return evals[-1] if evals else None
+
+
+def run_numbers(sweep, variant, seed) -> dict:
     run_dir = sweep.run_dir(variant, seed)
     status_file = run_dir / "sweep_status.json"
     status = json.loads(status_file.read_text()) if status_file.is_file() else {}
@@ -123,14 +146,12 @@ def plot(out_dir: Path, results: dict) -> Path | None:
     if not done:
         return None
     names, ratios = [r["name"] for r in done], [r["ppl_ratio"] for r in done]
-    try:
+    try:  # lazy: matplotlib is optional (not a dependency); plotext draws the text chart without it
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as mpl
     except ImportError:
-        import plotext as plt
-
         fig = plt.figure
         fig.clear()
         fig.plot_size(max(40, 6 * len(names) + 10), 16)

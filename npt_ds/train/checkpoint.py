@@ -1,5 +1,5 @@
 """Checkpoints: RUN_DIR/checkpoints/step-{N:08d}/ with DeepSpeed state (frozen base excluded),
-portable NP weights, portable.pt (the trainable state in a world-size-independent form, see npt_ds/elastic.py),
+portable NP weights, portable.pt (the trainable state in a world-size-independent form, see npt_ds/train/elastic.py),
 meta.json (config, loop state, global data cursor) and per-rank RNG state.
 
 A step dir is written under a temp name and renamed into place; the `latest` pointer is written
@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .distributed import barrier, local_rank
+from ..model.io import save_np_weights
+from ..parallel.groups import barrier, local_rank
 from .elastic import load_portable_state, save_portable_state
-from .model.io import save_np_weights
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 TMP_PREFIX = ".tmp-"  # in-progress saves and replaced step dirs (never matched by STEP_DIR)

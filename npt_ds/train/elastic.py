@@ -1,6 +1,6 @@
 """Elastic resume: a checkpoint written on N ranks continues on M ranks with the same global batch.
 
-The data order is world-size independent already (npt_ds/data.py's global cursor); what remains is the
+The data order is world-size independent already (npt_ds/data/sources.py's global cursor); what remains is the
 optimizer state and the batch shape.
 
 DeepSpeed's own checkpoint holds per-rank ZeRO shards of the fp32 masters and Adam moments: it loads only on
@@ -15,10 +15,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
+import dataclasses
 
-from .config import ConfigError, TrainConfig
-from .model.io import gathered
+import torch
+from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_state, safe_set_full_fp32_param,
+                             safe_set_full_optimizer_state)
+
+from ..config import ConfigError, TrainConfig
+from ..parallel.zero import gathered
 from .optim import _state_keys
 
 FILE = "portable.pt"
@@ -30,8 +34,6 @@ def trainable(engine) -> list[tuple[str, torch.nn.Parameter]]:
 
 
 def _full(param, key: str | None) -> torch.Tensor:
-    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-
     value = safe_get_full_fp32_param(param) if key is None else safe_get_full_optimizer_state(param, key)
     if value is None:
         raise RuntimeError(f"portable state: no ZeRO-managed {key or 'fp32 master'} for a trainable parameter; "
@@ -80,8 +82,6 @@ def save_portable_state(engine, out_dir: Path, write: bool) -> None:
 @torch.no_grad()
 def load_portable_state(engine, src_dir: Path) -> None:
     """Restore masters, moments and step counts from src_dir/portable.pt into an engine of any world size."""
-    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
     file = Path(src_dir) / FILE
     if not file.is_file():
         raise ConfigError(f"checkpoint.resume: {src_dir} has no {FILE} (written before elastic resume existed); "
@@ -107,8 +107,6 @@ def load_portable_state(engine, src_dir: Path) -> None:
 def keep_global_batch(cfg: TrainConfig, meta: dict, world: int) -> tuple[TrainConfig, str | None]:
     """`cfg` with optim.grad_accum set so that world x micro-batch x accumulation equals the saved run's global
     batch when the world size changed (and a note saying so); a one-line error when no integer value does."""
-    import dataclasses
-
     saved_world = int(meta.get("world_size", world))
     saved = meta.get("config", {})
     if saved_world == world or "data" not in saved:

@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .distributed import all_reduce_sum
+from ..model.fused import fused_forward
+from ..model.np_component import NPExtras
+from ..parallel.groups import all_reduce_sum
 from .losses import direct_mse, next_token_ce
-from .model.fused import fused_forward
-from .model.np_component import NPExtras
 
 
 @torch.no_grad()

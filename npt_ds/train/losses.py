@@ -7,7 +7,7 @@
   component without forming the vectors); ``loss.reg_lambda``.
 * ``loss/fidelity`` = :func:`fidelity_loss` on hidden states / logits / both; ``loss.fidelity_weight``.
 * ``loss/kd`` = T² · KL(p_T ‖ p_S) (:func:`kd`; ``kd/kl`` is the KL before T²); the ``kd_weight``
-  argument, i.e. the warmed-up α_kd from :func:`npt_ds.schedules.kd_weight_at`.  KD is enabled by
+  argument, i.e. the warmed-up α_kd from :func:`npt_ds.train.schedules.kd_weight_at`.  KD is enabled by
   ``loss.kd_weight`` (α_kd) > 0.
 * ``loss/guidance/<name>`` = guidance term averaged over NPT layers; its ``loss.*`` weight (see GUIDANCE).
 
@@ -27,17 +27,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from npt_ds.config import ConfigError, LossConfig
-from npt_ds.model.diagnostics import vector_stats
-from npt_ds.model.np_component import NPExtras
-from npt_ds.model.outputs import LayerOutput, NPTForwardOutput
+from ..config import GUIDANCE, ConfigError, LossConfig
+from ..model.diagnostics import vector_stats
+from ..model.np_component import NPExtras
+from ..model.outputs import LayerOutput, NPTForwardOutput
 
-GUIDANCE = {  # component name -> LossConfig weight field
-    "modulation": "modulation_guidance",
-    "info_bottleneck": "info_bottleneck",
-    "orthogonality": "orthogonality",
-    "projection_consistency": "projection_consistency",
-}
 ADAPTIVE_TERMS = ("direct", "fidelity", "kd")
 SCALE_FLOOR = 1e-6  # lower clamp of mean|target| in layer-wise scaling
 

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..model.fused import fused_forward
+from ..model.projector import LogitProjector
 from .losses import NPTLoss, next_token_ce
-from .model.fused import fused_forward
-from .projector import LogitProjector
 
 
 @dataclass

@@ -13,7 +13,7 @@ from fnmatch import fnmatchcase
 import torch
 from torch import nn
 
-from npt_ds.config import OptimConfig
+from ..config import OptimConfig
 
 
 def build_param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:

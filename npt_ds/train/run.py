@@ -9,7 +9,11 @@ import argparse
 import os
 import sys
 
-from .config import ConfigError, load_config
+import torch.distributed as dist
+
+from ..config import ConfigError, load_config
+from ..parallel.groups import shutdown_distributed
+from .trainer import Trainer, TrainingDiverged
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,9 +34,6 @@ def run_train(args: argparse.Namespace) -> int:
         path = None
     try:
         cfg = load_config(path, overrides)
-        from .distributed import shutdown_distributed
-        from .trainer import Trainer, TrainingDiverged
-
         trainer = Trainer(cfg)
     except (ConfigError, FileNotFoundError) as exc:
         print(f"npt-ds train: {exc}", file=sys.stderr)
@@ -57,8 +58,6 @@ def run_train(args: argparse.Namespace) -> int:
 
 def lost_peer(exc: BaseException, world: int) -> bool:
     """A collective failed because another rank went away (or timed out: distributed.timeout_s)."""
-    import torch.distributed as dist
-
     if world < 2:
         return False
     text = str(exc).lower()
@@ -70,7 +69,3 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="npt_ds.train", description=__doc__.splitlines()[0])
     add_train_arguments(parser)
     return run_train(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

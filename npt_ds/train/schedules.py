@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from npt_ds.config import ConfigError
+from ..config import ConfigError
 
 STAGE_RATIOS = {"teacher": 0.0, "student": 1.0}  # fixed mixing ratio of the non-"mixed" stages
 
@@ -48,7 +48,7 @@ def difficulty_keep_at(step: int, total_steps: int, start: float = 0.5, ramp_fra
     """Fraction of tokens the difficulty curriculum keeps in the direct loss (1 = all).
 
     Linear from ``start`` at step 0 to 1.0 at ``ramp_frac * total_steps``, then 1.0.  The loss keeps
-    the easiest ``ceil(keep * N)`` tokens (see :func:`npt_ds.losses.difficulty_token_weights`).
+    the easiest ``ceil(keep * N)`` tokens (see :func:`npt_ds.train.losses.difficulty_token_weights`).
     """
     ramp = ramp_frac * total_steps
     if step >= ramp:

@@ -16,28 +16,33 @@ import time
 from fnmatch import fnmatchcase
 from pathlib import Path
 
+import deepspeed
 import torch
+from deepspeed.utils import set_z3_leaf_module
+from transformers.integrations import HfDeepSpeedConfig
+from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
+from ..config import ConfigError, ModelConfig, TrainConfig
+from ..data.sources import PackedBatches, eval_batches
+from ..metrics.comm import COUNTER
+from ..metrics.rank_stats import RankStats
+from ..metrics.writer import MetricsWriter
+from ..model import NPTDecoderLayer, convert_model, decoder_layers, load_base_model, load_tokenizer, npt_layers
+from ..model.projector import LogitProjector
+from ..model.quant import check_quantization_support
+from ..parallel.ds_config import build_ds_config
+from ..parallel.groups import (all_reduce_sum, any_rank_flags, barrier, init_distributed, missing_ranks,
+                               release_shm_buffer)
+from ..parallel.resolve import resolve_hardware
+from ..parallel.zero import keep_frozen_resident
 from .checkpoint import list_steps, load_checkpoint, read_meta, resolve_resume, save_checkpoint
-from .comm_stats import COUNTER
-from .config import ConfigError, ModelConfig, TrainConfig
-from .data import PackedBatches, eval_batches
-from .distributed import all_reduce_sum, any_rank_flags, barrier, init_distributed
-from .ds_config import build_ds_config
 from .elastic import keep_global_batch
 from .evaluate import evaluate, layer_table
 from .faults import FaultHook, PreemptionFlag
-from .hardware import resolve_hardware
 from .losses import NPTLoss
-from .metrics import MetricsWriter
-from .model import NPTDecoderLayer, convert_model, decoder_layers, load_base_model, load_tokenizer, npt_layers
+from .module import NPTTrainModule, StepControls
 from .optim import build_param_groups, reset_optimizer_state, set_lr
-from .projector import LogitProjector
-from .quant import check_quantization_support
-from .rank_stats import RankStats
-from .resident_base import keep_frozen_resident
 from .schedules import difficulty_keep_at, kd_weight_at, lr_at, parse_curriculum
-from .train_module import NPTTrainModule, StepControls
 
 
 @contextlib.contextmanager
@@ -50,9 +55,6 @@ def zero3_construction(ds_config: dict):
     if ds_config["zero_optimization"].get("stage", 0) != 3:
         yield
         return
-    from transformers.integrations import HfDeepSpeedConfig
-    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-
     keep = HfDeepSpeedConfig(ds_config)  # noqa: F841 - transformers holds only a weak reference
     try:
         yield
@@ -68,8 +70,6 @@ def mark_frozen_layers_as_zero3_leaves(model, resident: bool = False) -> None:
     hooks of an NPT layer's frozen parts only cost time: attention, MLP and norms become leaves too, and
     only the NP component keeps per-module hooks.
     """
-    from deepspeed.utils import set_z3_leaf_module
-
     for layer in decoder_layers(model):
         if not isinstance(layer, NPTDecoderLayer):
             set_z3_leaf_module(layer, True)
@@ -102,8 +102,6 @@ class TrainingDiverged(RuntimeError):
 
 class Trainer:
     def __init__(self, cfg: TrainConfig):
-        import deepspeed
-
         self.rank, self.world = init_distributed(cfg.distributed.timeout_s)
         self.preemption = PreemptionFlag()  # SIGTERM/SIGINT -> checkpoint at the next step boundary, exit 0
         self.fault = FaultHook.from_env(self.rank)  # test aid (NPT_DS_TEST_FAULT)
@@ -463,8 +461,6 @@ class Trainer:
 
     def abort(self, exc: BaseException) -> str:
         """A peer is gone: find which ranks answer no roll call, log an `abort` event, and say so in one line."""
-        from .distributed import missing_ranks, release_shm_buffer
-
         missing = missing_ranks()
         who = ("rank 0 (it hosts the rendezvous store)" if missing is None else
                f"rank {', '.join(map(str, missing))}" if missing else "a peer")

@@ -6,7 +6,8 @@ from rich.text import Text
 from textual.reactive import reactive
 from textual.widget import Widget
 
-from ..stream import HeaderInfo, fmt_num, format_eta, format_rate
+from ..formatting import fmt_num, format_eta, format_rate
+from ..state import HeaderInfo
 
 
 class RunHeader(Widget):

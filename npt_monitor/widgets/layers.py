@@ -8,7 +8,8 @@ import math
 from rich.text import Text
 from textual.widgets import DataTable
 
-from ..stream import LAYER_FIELDS, fmt_num
+from ..formatting import fmt_num
+from ..state import LAYER_FIELDS
 
 COLUMNS = (
     ("layer", "layer"),

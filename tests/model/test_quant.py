@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from npt_ds.config import ConfigError, ModelConfig, NPTConfig, load_config
 from npt_ds.model import convert_model, load_base_model, npt_layers, set_mode
 from npt_ds.model.loading import quantization_config, tiny_llama_config
-from npt_ds.quant import check_quantization_support, nf4_unaligned_linears, quantized_linear_names
+from npt_ds.model.quant import check_quantization_support, nf4_unaligned_linears, quantized_linear_names
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -135,8 +135,8 @@ def test_nf4_bf16_base_stores_codes_in_bf16():
 # ---------------------------------------------------------------- training through the real Trainer
 @pytest.mark.parametrize("quant,stage", [("int8", 2), ("nf4", 3)])
 def test_quantized_base_trains_np(tmp_path, quant, stage):
-    from npt_ds.data import PackedBatches
-    from npt_ds.trainer import Trainer
+    from npt_ds.data.sources import PackedBatches
+    from npt_ds.train.trainer import Trainer
 
     cfg = _cfg(tmp_path, f"model.quantization={quant}", f"deepspeed.zero_stage={stage}", "schedule.total_steps=40")
     trainer = Trainer(cfg)
@@ -172,10 +172,10 @@ def test_quantized_base_trains_np(tmp_path, quant, stage):
 def test_trainer_refuses_int8_under_zero3(tmp_path):
     import inspect
 
-    import npt_ds.trainer as trainer_module
+    import npt_ds.train.trainer as trainer_module
 
     if "check_quantization_support" not in inspect.getsource(trainer_module):
-        pytest.skip("npt_ds.trainer does not call npt_ds.quant.check_quantization_support yet")
+        pytest.skip("npt_ds.train.trainer does not call npt_ds.model.quant.check_quantization_support yet")
     cfg = _cfg(tmp_path, "model.quantization=int8", "deepspeed.zero_stage=3", "schedule.total_steps=1")
     with pytest.raises(ConfigError, match="deepspeed.zero_stage: 2"):
         trainer_module.Trainer(cfg)

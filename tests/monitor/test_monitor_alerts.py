@@ -8,9 +8,9 @@ import pytest
 
 import numpy as np
 
-from monitor.alerts import AlertConfig, AlertEngine, periodicity
-from monitor.stream import Batch, parse_lines
-from monitor.synth import synth_lines, synth_records
+from npt_monitor.alerts import AlertConfig, AlertEngine, periodicity
+from npt_monitor.parsing import Batch, parse_lines
+from npt_monitor.synth import synth_lines, synth_records
 
 
 def alerts_for(records, **cfg):
@@ -381,7 +381,7 @@ def test_grad_spike_bound_by_the_trailing_minimum_is_exact_when_every_line_is_a_
 def test_check_exits_1_on_warnings_and_errors_only(tmp_path):
     import json
 
-    from monitor.cli import run_check
+    from npt_monitor.cli import run_check
 
     info = tmp_path / "info.jsonl"
     info.write_text("".join(json.dumps(r) + "\n" for r in spike_run([10.0] * 6)))

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from monitor.app import MonitorApp, make_app
-from monitor.synth import synth_lines
-from monitor.widgets import AlertsPanel, HelpScreen, MetricPickerScreen, MetricPlot, RunHeader, RunView
+from npt_monitor.app import MonitorApp, make_app
+from npt_monitor.synth import synth_lines
+from npt_monitor.widgets import AlertsPanel, HelpScreen, MetricPickerScreen, MetricPlot, RunHeader, RunView
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -20,7 +20,7 @@ FAST = dict(poll_interval=0.03, refresh_interval=0.03)
 
 
 def write_run(path: Path, n: int, tail: str = "", **faults) -> Path:
-    """A realistic converging run of ``n`` steps (see monitor.synth), plus optional faults."""
+    """A realistic converging run of ``n`` steps (see npt_monitor.synth), plus optional faults."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(synth_lines(n, **faults)) + "\n" + tail)
     return path
@@ -291,7 +291,7 @@ def test_nonfinite_values_render(tmp_path):
 
     async def body(pilot):
         await wait_for(pilot, lambda: shown_step(app) == 3)
-        from monitor.widgets import LayerTable
+        from npt_monitor.widgets import LayerTable
 
         table = app.query_one(LayerTable)
         assert str(table.get_cell("1", "direct_mse")) == "NaN"
@@ -378,7 +378,7 @@ def test_svg_screenshot_key_and_palette_entries(tmp_path):
 
 
 def test_once_prints_ranks_sparklines_and_alerts(tmp_path, capsys):
-    from monitor.cli import main
+    from npt_monitor.cli import main
 
     recs = [{"step": 0, "event": "start", "run/name": "r", "run/total_steps": 20}]
     for s in range(1, 21):
@@ -399,7 +399,7 @@ def test_once_prints_ranks_sparklines_and_alerts(tmp_path, capsys):
 
 
 def test_smoothing_key_draws_the_ema_over_a_faint_raw_line(tmp_path):
-    from monitor.widgets.plot import FAINT, ema, render_plot
+    from npt_monitor.widgets.plot import FAINT, ema, render_plot
 
     assert ema([1.0, 3.0, 3.0], 0.5) == [1.0, 2.0, 2.5]
     path = write_run(tmp_path / "m.jsonl", 200)
@@ -423,7 +423,7 @@ def test_smoothing_key_draws_the_ema_over_a_faint_raw_line(tmp_path):
 
 
 def test_x_axis_key_plots_against_wall_time_and_tokens(tmp_path):
-    from monitor.widgets.plot import x_mapper
+    from npt_monitor.widgets.plot import x_mapper
 
     path = write_run(tmp_path / "m.jsonl", 100)  # synth: 0.8 s and 16384 tokens per step
     app = make_app([path], **FAST)
@@ -443,7 +443,7 @@ def test_x_axis_key_plots_against_wall_time_and_tokens(tmp_path):
 
 
 def test_overlay_key_draws_every_run_in_its_fixed_colour(tmp_path):
-    from monitor.widgets.plot import PALETTE, OverlayPlot, render_plot
+    from npt_monitor.widgets.plot import PALETTE, OverlayPlot, render_plot
 
     paths = [write_run(tmp_path / f"r{i}.jsonl", 60, seed=i) for i in range(3)]
     app = make_app(paths, **FAST)

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from monitor.cli import build_parser, config_from_args, main
-from monitor.synth import synth_lines
+from npt_monitor.cli import build_parser, config_from_args, main
+from npt_monitor.synth import synth_lines
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def write(path: Path, lines: list[str], tail: str = "") -> Path:
@@ -86,7 +86,7 @@ def test_parser_maps_flags_to_config():
 def test_module_entry_point_check(tmp_path):
     path = write(tmp_path / "m.jsonl", synth_lines(100, kl_at={7: 9.4}))
     proc = subprocess.run(
-        [sys.executable, "-m", "monitor", "--check", str(path)],
+        [sys.executable, "-m", "npt_monitor", "--check", str(path)],
         cwd=REPO,
         capture_output=True,
         text=True,

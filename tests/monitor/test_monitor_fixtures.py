@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from monitor.alerts import FAILING, AlertConfig
-from monitor.cli import run_check
-from monitor.run import check_file
-from monitor.synth import synth_lines
+from npt_monitor.alerts import FAILING, AlertConfig
+from npt_monitor.cli import run_check
+from npt_monitor.run import check_file
+from npt_monitor.synth import synth_lines
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 DEMOS = ["demo_single_layer.jsonl", "demo_multi_layer.jsonl"]

@@ -5,7 +5,7 @@ import random
 import numpy as np
 import pytest
 
-from monitor.rolling import first_true, run_length, trailing, window_sums
+from npt_monitor.rolling import first_true, run_length, trailing, window_sums
 
 
 @pytest.mark.parametrize("n,w", [(0, 3), (1, 3), (2, 1), (5, 3), (40, 7), (40, 100)])

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from monitor.app import make_app
-from monitor.synth import synth_lines
-from monitor.widgets import MetricPlot, RunHeader, RunView
+from npt_monitor.app import make_app
+from npt_monitor.synth import synth_lines
+from npt_monitor.widgets import MetricPlot, RunHeader, RunView
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -74,7 +74,7 @@ def test_two_runs_jumped_to_alert(snap_compare, tmp_path):
 
 
 def with_ranks(lines: list[str], slow_rank: int, from_step: int) -> list[str]:
-    """Add the trainer's per-rank keys (npt_ds.rank_stats) to the train lines: 4 ranks, one slowed."""
+    """Add the trainer's per-rank keys (npt_ds.metrics.rank_stats) to the train lines: 4 ranks, one slowed."""
     import json
 
     out = []

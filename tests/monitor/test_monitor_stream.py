@@ -7,19 +7,16 @@ import math
 
 import pytest
 
-from monitor.stream import (
+from npt_monitor.formatting import fmt_num, format_eta, format_rate
+from npt_monitor.state import RunState, Series
+from npt_monitor.parsing import (
     Batch,
     CorruptLine,
-    RunState,
-    Series,
-    fmt_num,
-    format_eta,
-    format_rate,
     metrics_path,
     parse_line,
     parse_lines,
 )
-from monitor.synth import synth_lines, synth_records
+from npt_monitor.synth import synth_lines, synth_records
 
 
 def test_parse_line_accepts_nan_and_infinity_tokens():
@@ -280,7 +277,7 @@ def test_parse_lines_matches_stdlib_json_line_by_line():
 
 
 def test_orjson_parses_and_the_stdlib_json_only_sees_the_lines_it_rejects(monkeypatch):
-    import monitor.stream as stream
+    import npt_monitor.parsing as stream
 
     calls = []
     loads = json.loads
@@ -294,7 +291,7 @@ def test_orjson_parses_and_the_stdlib_json_only_sees_the_lines_it_rejects(monkey
 
 
 def test_model_from_parsed_lines_matches_model_from_stdlib_json_records():
-    from monitor.run import Run
+    from npt_monitor.run import Run
 
     lines = _faulty_lines()
     models = []

@@ -6,9 +6,9 @@ import os
 import threading
 import time
 
-from monitor.run import Run, check_file
-from monitor.synth import synth_lines
-from monitor.tailer import FileTailer, TailerThread
+from npt_monitor.run import Run, check_file
+from npt_monitor.synth import synth_lines
+from npt_monitor.tailer import FileTailer, TailerThread
 
 
 def lines_of(chunk):
@@ -164,7 +164,7 @@ def test_overlong_line_is_one_corrupt_line_and_memory_stays_bounded(tmp_path):
         fh.write(b"yyy\n" + b'{"step": 2}\n')
     while (chunk := t.poll()) is not None:
         got.extend(chunk.lines)
-    from monitor.stream import parse_lines
+    from npt_monitor.parsing import parse_lines
 
     batch, corrupt = parse_lines(got)
     assert [r["step"] for r in batch.records] == [1, 2]

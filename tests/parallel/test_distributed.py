@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
 
 COMMON = ["schedule.total_steps=20", "checkpoint.every=10", "checkpoint.keep_last=3",
@@ -55,7 +55,7 @@ def windows_seen(run_dir: Path) -> list[int]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     from npt_ds.cli import main as npt_ds
-    from npt_ds.distributed import free_port
+    from npt_ds.parallel.groups import free_port
 
     base = tmp_path_factory.mktemp("dist")
     for split in ("train", "eval"):
@@ -171,10 +171,10 @@ def test_frozen_base_modes_give_the_same_losses(runs, mode, free_port):
     assert max(steady) <= 2.01 * trainable_bytes and statistics.median(steady) == pytest.approx(trainable_bytes, rel=1e-3)
     partitioned = [r["comm/gather_gb_per_step"] * 1e9 for r in other if r["event"] == "train"][2:]
     assert min(partitioned) > 20 * trainable_bytes  # the base's layers, every step
-    # the planner's byte model (npt_ds.step_time) is exact for these runs
+    # the planner's byte model (npt_ds.planning.step_cost) is exact for these runs
     from npt_ds.config import load_config
-    from npt_ds.plan import inputs_from_config
-    from npt_ds.step_time import mode_bytes
+    from npt_ds.planning.inputs import inputs_from_config
+    from npt_ds.planning.step_cost import mode_bytes
 
     inputs = inputs_from_config(load_config(REPO / "configs" / "tiny_debug.yaml", []), nodes=1, gpus_per_node=2,
                                 gpu_mem_gib=24)
@@ -187,7 +187,7 @@ def test_frozen_base_modes_give_the_same_losses(runs, mode, free_port):
 
 
 def test_quantized_frozen_base_is_refused_on_cpu(tmp_path):
-    from npt_ds.train import main
+    from npt_ds.train.run import main
 
     assert main(["configs/tiny_debug.yaml", f"logging.run_dir={tmp_path}", "deepspeed.frozen_base=quantized"]) == 2
 
@@ -357,7 +357,7 @@ def test_an_unreachable_host_is_named_before_anything_starts(runs, hosts, free_p
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and f"host {subnet}.9: not reachable over ssh" in errors[0], proc.stderr
     assert not (tmp_path / "run").exists()  # nothing started
-    lacks = subprocess.run(["ip", "netns", "exec", env["NETNS_A"], sys.executable, "-m", "npt_ds.cluster", "preflight",
+    lacks = subprocess.run(["ip", "netns", "exec", env["NETNS_A"], sys.executable, "-m", "npt_ds.parallel.cluster", "preflight",
                             f"{subnet}.2", "--repo", "/no/such/repo", "--python", sys.executable, "--ssh-config",
                             env["SSH_CONFIG"]], cwd=REPO, capture_output=True, text=True, timeout=30)
     assert lacks.returncode == 2 and lacks.stderr.strip() == \
@@ -423,7 +423,7 @@ def step_dirs(root: Path) -> list[str]:
 
 
 def check_output(path: Path) -> str:
-    proc = subprocess.run([sys.executable, "-m", "monitor", "--check", str(path)], cwd=REPO, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "npt_monitor", "--check", str(path)], cwd=REPO, capture_output=True,
                           text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
     return proc.stdout
 

@@ -9,8 +9,10 @@ import pytest
 import yaml
 
 from npt_ds.config import NPTConfig, config_from_dict
-from npt_ds.plan import (GIB, PlanInputs, add_plan_subparser, activation_bytes, inputs_from_config, load_shape,
-                         make_plan, model_state_bytes, np_params_per_layer, plan_memory, run_plan)
+from npt_ds.planning.cli import add_plan_subparser, run_plan
+from npt_ds.planning.inputs import inputs_from_config
+from npt_ds.planning.memory import GIB, PlanInputs, activation_bytes, make_plan, model_state_bytes, plan_memory
+from npt_ds.planning.shape import load_shape, np_params_per_layer
 
 NPT_RECIPE = {
     "model": {"path": "llama-3.1-8b", "quantization": "none"},
@@ -252,8 +254,8 @@ def test_activation_formula_bounds_measured_autograd_tensors(student_stream, che
             kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
     measured = sum(kept.values())
 
-    from npt_ds.model.loading import TINY_DEFAULTS
-    from npt_ds.plan import ModelShape
+    from npt_ds.config import TINY_DEFAULTS
+    from npt_ds.planning.shape import ModelShape
 
     shape = ModelShape.from_hf_config({**TINY_DEFAULTS, **over})
     est = activation_bytes(shape, [2, 3], seq_len=64, micro_batch_size=2, rank=16, num_ranks=3, act_bytes=4,
@@ -316,13 +318,13 @@ def test_cli_zero_stage_from_deepspeed_json(tmp_path, capsys):
 def test_shipped_deepspeed_json_found_from_any_cwd(tmp_path, monkeypatch, capsys):
     from pathlib import Path
 
-    template = Path(__file__).resolve().parent.parent / "ds_configs" / "zero2_bf16.json"
+    template = Path(__file__).resolve().parents[2] / "ds_configs" / "zero2_bf16.json"
     if not template.is_file():
         pytest.skip("ds_configs/zero2_bf16.json not in this checkout")
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump({**NPT_RECIPE, "deepspeed": {"precision": "bf16",
                                                                 "config": "ds_configs/zero2_bf16.json"}}))
-    monkeypatch.chdir(tmp_path)  # resolved under the repository root, as npt_ds.ds_config does
+    monkeypatch.chdir(tmp_path)  # resolved under the repository root, as npt_ds.parallel.ds_config does
     rc, out = _run([str(path), "--gpus-per-node", "8", "--json"], capsys)
     data = json.loads(out)
     assert data["inputs"]["zero_stage"] == 2 and data["inputs"]["deepspeed"]["source"].endswith("zero2_bf16.json")
@@ -383,11 +385,11 @@ def test_step_flops_match_flop_counter_on_the_tiny_model():
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from npt_ds.losses import NPTLoss
+    from npt_ds.train.losses import NPTLoss
     from npt_ds.config import LossConfig
     from npt_ds.model import convert_model, tiny_llama
-    from npt_ds.step_time import step_flops
-    from npt_ds.train_module import NPTTrainModule, StepControls
+    from npt_ds.planning.step_cost import step_flops
+    from npt_ds.train.module import NPTTrainModule, StepControls
 
     model = tiny_llama()
     convert_model(model, NPTConfig(layers="1,2", rank=8))

@@ -59,7 +59,7 @@ def test_bad_inputs_name_the_fix():
 
 def test_evaluate_per_window_sums_add_up_to_its_perplexities(tiny_model):
     from npt_ds.config import NPTConfig
-    from npt_ds.evaluate import evaluate
+    from npt_ds.train.evaluate import evaluate
     from npt_ds.model import convert_model
 
     torch.manual_seed(0)
@@ -78,7 +78,7 @@ def test_cli_eval_data_on_files_and_a_prepared_dir(tmp_path, capsys):
     import json
 
     from npt_ds.cli import main
-    from npt_ds.data import shakespeare_split
+    from npt_ds.data.sources import shakespeare_split
 
     play = str(shakespeare_split(["tempest"])[1][0])
     assert main(["prepare", play, "--tokenizer", "tiny", "--workers", "1", "--no-progress",

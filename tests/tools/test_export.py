@@ -19,7 +19,6 @@ from test_inject import strong_npt
 CHILD = r"""
 import json, sys
 sys.modules["npt_ds"] = None  # the venv's editable install would find it otherwise
-sys.modules["monitor"] = None
 try:
     import npt_ds
 except ImportError:

@@ -16,9 +16,10 @@ import pytest
 
 from npt_ds.cli import main
 from npt_ds.config import ConfigError
-from npt_ds.tools.sweep import expand_variants, last_error, load_sweep, metric_rows
+from npt_ds.tools.sweep import expand_variants, last_error, load_sweep
+from npt_ds.tools.sweep_report import metric_rows
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 SWEEP = """\
 base: {repo}/configs/tiny_debug.yaml

@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from npt_ds.config import ModelConfig, NPTConfig, load_config
-from npt_ds.losses import NPTLoss
+from npt_ds.train.losses import NPTLoss
 from npt_ds.model import convert_model, fused_forward, load_base_model, npt_layers
 
 
 def _run(tmp_path, checkpointing: bool, *overrides) -> tuple[list[dict], dict, int]:
-    from npt_ds.trainer import Trainer
+    from npt_ds.train.trainer import Trainer
 
     run_dir = tmp_path / f"ckpt-{checkpointing}"
     cfg = load_config(None, ["model.path=tiny", "npt.layers=1,2,3", "npt.rank=8", "data.seq_len=32",

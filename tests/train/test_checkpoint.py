@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from npt_ds import checkpoint
+from npt_ds.train import checkpoint
 from npt_ds.config import ConfigError
 from test_trainer import make_trainer, run
 
@@ -64,7 +64,7 @@ def test_resume_on_another_world_size_without_a_portable_state_is_refused_in_one
     before = sorted(p.name for p in step.iterdir())
     with pytest.raises(ConfigError, match=r"has no portable.pt .*; resume it on the world size that wrote it"):
         make_trainer(tmp_path, "schedule.total_steps=4", "checkpoint.resume=auto")
-    from npt_ds.train import main
+    from npt_ds.train.run import main
 
     args = ["configs/tiny_debug.yaml", f"logging.run_dir={tmp_path}", "logging.console=false",
             "schedule.total_steps=4", "checkpoint.resume=auto", "data.micro_batch_size=3"]

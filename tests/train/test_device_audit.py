@@ -1,5 +1,5 @@
 """Device audit (no GPU needed): every code path a GPU run takes, with the model on `meta`, makes no host
-tensor and mixes no devices.  See tests/device_audit.py for how `meta` stands in for CUDA."""
+tensor and mixes no devices.  See tests/support/device_audit.py for how `meta` stands in for CUDA."""
 from __future__ import annotations
 
 import importlib.util
@@ -9,17 +9,17 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from device_audit import DeviceAudit
-from npt_ds import evaluate as evaluate_module
+from support.device_audit import DeviceAudit
+from npt_ds.train import evaluate as evaluate_module
 from npt_ds.config import LossConfig, NPTConfig
-from npt_ds.distributed import any_rank_flags
-from npt_ds.evaluate import evaluate
-from npt_ds.losses import NPTLoss
+from npt_ds.parallel.groups import any_rank_flags
+from npt_ds.train.evaluate import evaluate
+from npt_ds.train.losses import NPTLoss
 from npt_ds.model import convert_model, tiny_llama
 from npt_ds.model.io import fold_context
-from npt_ds.projector import LogitProjector
-from npt_ds.train_module import NPTTrainModule, StepControls
-from npt_ds.trainer import Trainer
+from npt_ds.model.projector import LogitProjector
+from npt_ds.train.module import NPTTrainModule, StepControls
+from npt_ds.train.trainer import Trainer
 
 META = torch.device("meta")
 ALL_TERMS = LossConfig(fidelity_weight=1.0, fidelity_on="both", kd_weight=0.5, modulation_guidance=0.1,
@@ -66,9 +66,9 @@ def test_audit_catches_a_host_tensor_reintroduced_in_evaluate():
     source = inspect.getsource(evaluate_module)
     fixed = 'counts["tokens"] += labels.numel()'
     assert fixed in source
-    spec = importlib.util.spec_from_loader("npt_ds._evaluate_regressed", loader=None)
+    spec = importlib.util.spec_from_loader("npt_ds.train._evaluate_regressed", loader=None)
     regressed = importlib.util.module_from_spec(spec)
-    regressed.__package__ = "npt_ds"
+    regressed.__package__ = "npt_ds.train"
     exec(compile(source.replace(fixed, 'add("tokens", torch.tensor(labels.numel()))'), "evaluate_regressed.py",
                  "exec"), regressed.__dict__)
     with pytest.raises(AssertionError, match=r"tensor\(\) makes a host tensor"):
@@ -128,7 +128,7 @@ def test_fold_and_cached_decoding():
 
 def test_each_rank_computes_on_its_own_gpu(monkeypatch):
     """Without set_device every rank's CUDA work (and bitsandbytes' quantising load) lands on cuda:0."""
-    from npt_ds import distributed
+    from npt_ds.parallel import groups as distributed
     from npt_ds.model import loading
 
     picked = []

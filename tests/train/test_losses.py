@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from npt_ds.config import ConfigError, LossConfig
-from npt_ds.losses import (AdaptiveWeighter, NPTLoss, difficulty_token_weights, direct_mse, fidelity_loss,
+from npt_ds.train.losses import (AdaptiveWeighter, NPTLoss, difficulty_token_weights, direct_mse, fidelity_loss,
                            info_bottleneck_loss, kd, modulation_guidance_loss, np_regularization,
                            orthogonality_loss, parse_layer_weights, principal_directions,
                            projection_consistency_loss)

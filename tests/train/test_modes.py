@@ -61,7 +61,7 @@ def test_mixing_ratio_sets_the_student_input_and_outputs_propagate(ratio):
 
 def test_held_out_layer_metrics_use_fixed_protocols():
     """eval/layer/{i}/direct_mse_{teacher,student}_in against hand-written streams at ρ = 0 and ρ = 1."""
-    from npt_ds.evaluate import evaluate, layer_table
+    from npt_ds.train.evaluate import evaluate, layer_table
     from npt_ds.model.diagnostics import attn_alignment
 
     torch.manual_seed(0)
@@ -113,7 +113,7 @@ def test_sequential_forward_carries_earlier_layers():
 
 
 def tiny_run(tmp_path, *overrides):
-    from npt_ds.trainer import Trainer
+    from npt_ds.train.trainer import Trainer
 
     cfg = load_config("configs/tiny_debug.yaml", [f"logging.run_dir={tmp_path}", "logging.console=false",
                                                   "checkpoint.resume=none", *overrides])
@@ -193,9 +193,9 @@ def test_cross_width_kl_falls_because_the_student_moves(tmp_path):
 
 def test_projector_learns_only_from_its_own_objective():
     """The KD term sees a detached teacher: the projector's gradient is that of its next-token CE alone."""
-    from npt_ds.losses import NPTLoss, next_token_ce
-    from npt_ds.projector import LogitProjector
-    from npt_ds.train_module import NPTTrainModule, StepControls
+    from npt_ds.train.losses import NPTLoss, next_token_ce
+    from npt_ds.model.projector import LogitProjector
+    from npt_ds.train.module import NPTTrainModule, StepControls
     from npt_ds.config import LossConfig
 
     torch.manual_seed(0)
@@ -228,7 +228,7 @@ def test_cross_width_kd_with_a_bf16_base_and_fp32_training(tmp_path):
 def test_sequential_layers_start_with_fresh_adam_and_their_own_lr_schedule(tmp_path):
     """Each layer's stage gets warm-up + cosine of its own, and its first Adam update is ~ its LR (not the stale
     moments and step count left by its idle stage, nor a slice of a global decay)."""
-    from npt_ds.schedules import lr_at
+    from npt_ds.train.schedules import lr_at
 
     _, rows = tiny_run(tmp_path, "schedule.mode=sequential", "schedule.total_steps=12", "checkpoint.every=1",
                        "checkpoint.keep_last=0", "schedule.curriculum=student:12", "schedule.warmup_steps=2")
@@ -250,7 +250,7 @@ def test_sequential_layers_start_with_fresh_adam_and_their_own_lr_schedule(tmp_p
 @pytest.mark.slow
 def test_no_layer_runs_that_no_loss_reads(tmp_path):
     """multi_layer without fidelity / KD: nothing after the last NPT layer runs; at ρ = 0 no student stream."""
-    from npt_ds.trainer import Trainer
+    from npt_ds.train.trainer import Trainer
 
     cfg = load_config("configs/tiny_debug.yaml", [f"logging.run_dir={tmp_path}", "logging.console=false",
                                                   "schedule.mode=multi_layer", "npt.layers=1,2"])

@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from npt_ds.config import OptimConfig
-from npt_ds.optim import build_param_groups, set_lr
+from npt_ds.train.optim import build_param_groups, set_lr
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 class Block(nn.Module):
@@ -87,8 +87,8 @@ def test_set_lr_applies_multipliers():
 DS_SCRIPT = """
 import json, sys, torch, deepspeed
 sys.path.insert(0, {repo!r})
-from tests.test_optim import Tiny, config
-from npt_ds.optim import build_param_groups, set_lr
+from tests.train.test_optim import Tiny, config
+from npt_ds.train.optim import build_param_groups, set_lr
 deepspeed.init_distributed(dist_backend="gloo")
 model = Tiny()
 ds_config = {{"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
@@ -123,7 +123,7 @@ def test_deepspeed_accepts_groups(tmp_path, free_port):
 
 def first_update_over_lr(reset: bool, idle_steps: int) -> float:
     """Two layers in one AdamW; layer B idles (LR 0, zero grads, as ZeRO gives it) and then trains: max |Δw| / LR."""
-    from npt_ds.optim import reset_optimizer_state
+    from npt_ds.train.optim import reset_optimizer_state
 
     torch.manual_seed(0)
     a, b = nn.Parameter(torch.randn(64)), nn.Parameter(torch.randn(64))

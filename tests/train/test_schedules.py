@@ -6,7 +6,7 @@ import math
 import pytest
 
 from npt_ds.config import ConfigError
-from npt_ds.schedules import (Curriculum, CurriculumError, Stage, difficulty_keep_at, kd_weight_at, lr_at,
+from npt_ds.train.schedules import (Curriculum, CurriculumError, Stage, difficulty_keep_at, kd_weight_at, lr_at,
                               parse_curriculum)
 
 SPEC = "teacher:5000,mixed:3000:0.3,mixed:3000:0.7,student:15000"

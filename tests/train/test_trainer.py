@@ -7,14 +7,14 @@ from pathlib import Path
 import pytest
 
 from npt_ds.config import ConfigError, load_config
-from npt_ds.metrics import MetricsWriter, read_metrics
+from npt_ds.metrics.writer import MetricsWriter, read_metrics
 
-REPO = Path(__file__).resolve().parent.parent
-GOLDEN = REPO / "tests" / "golden" / "tiny_debug_losses.json"
+REPO = Path(__file__).resolve().parents[2]
+GOLDEN = REPO / "tests" / "train" / "golden" / "tiny_debug_losses.json"
 
 
 def make_trainer(run_dir, *overrides):
-    from npt_ds.trainer import Trainer
+    from npt_ds.train.trainer import Trainer
 
     cfg = load_config(REPO / "configs" / "tiny_debug.yaml",
                       [f"logging.run_dir={run_dir}", "logging.console=false", *overrides])
@@ -70,7 +70,7 @@ def test_diagnostics_averaged_over_the_steps_that_formed_them(tmp_path):
 
 
 def test_consecutive_nan_stops_with_last_good_checkpoint(tmp_path):
-    from npt_ds.trainer import TrainingDiverged
+    from npt_ds.train.trainer import TrainingDiverged
 
     trainer = make_trainer(tmp_path, "checkpoint.every=2", "inject_nan={step: 5, rank: 0, repeat: 10}",
                            "logging.max_consecutive_nan=3")
