@@ -6,7 +6,8 @@
 
 Documents are read in order (any source `train` reads), cut at line ends into pieces of at most
 PIECE_CHARS characters (so a worker's share does not depend on the worker count), tokenised by K worker
-processes (`imap`, order kept: the shards are byte-identical for any K) and joined with EOS.  Everything is
+processes (`imap`, order kept: the shards are byte-identical for any K); each document is BOS (where the
+tokenizer starts a text with one) + its tokens + EOS, however many pieces it was cut into.  Everything is
 written into a temp dir beside --out and renamed into place at the end, so an interrupted run leaves no index.
 """
 from __future__ import annotations
@@ -26,7 +27,7 @@ from tqdm import tqdm
 
 from ..config import ConfigError, DataConfig, ModelConfig
 from ..model.loading import load_tokenizer
-from .sources import document_source
+from .sources import document_markers, document_source
 from .prepared import FORMAT, INDEX, VERSION, token_dtype, tokenizer_name, vocab_hash
 
 PIECE_CHARS = 1 << 15  # a piece of a document tokenised by itself (cut at a line end)
@@ -80,8 +81,8 @@ def pieces(text: str) -> Iterator[str]:
         yield text[start:]
 
 
-def tasks(docs, text_key: str) -> Iterator[list[tuple[str, bool]]]:
-    """Worker tasks of ~TASK_CHARS characters: (piece, ends its document) pairs, in document order."""
+def tasks(docs, text_key: str) -> Iterator[list[tuple[str, bool, bool]]]:
+    """Worker tasks of ~TASK_CHARS characters: (piece, starts its document, ends it) triples, in document order."""
     task, size = [], 0
     for row in docs:
         text = row.get(text_key)
@@ -89,7 +90,7 @@ def tasks(docs, text_key: str) -> Iterator[list[tuple[str, bool]]]:
             continue
         parts = list(pieces(text))
         for i, part in enumerate(parts):
-            task.append((part, i == len(parts) - 1))
+            task.append((part, i == 0, i == len(parts) - 1))
             size += len(part)
             if size >= TASK_CHARS:
                 yield task
@@ -99,23 +100,26 @@ def tasks(docs, text_key: str) -> Iterator[list[tuple[str, bool]]]:
 
 
 _TOKENIZER = None
+_MARKERS: tuple[list[int], list[int]] = ([], [])
 
 
 def _init_worker(model: str) -> None:
-    global _TOKENIZER
+    global _TOKENIZER, _MARKERS
     _TOKENIZER = load_tokenizer(ModelConfig(path=model))
+    _MARKERS = document_markers(_TOKENIZER)
 
 
-def tokenise_task(task: list[tuple[str, bool]]) -> tuple[np.ndarray, int]:
-    """(tokens with EOS after each document end, documents ended) of one task."""
-    ids = _TOKENIZER([text for text, _ in task])["input_ids"]
-    eos = _TOKENIZER.eos_token_id
+def tokenise_task(task: list[tuple[str, bool, bool]]) -> tuple[np.ndarray, int]:
+    """(tokens: BOS before each document start and EOS after each end, as the tokenizer uses them; documents
+    ended) of one task.  The pieces are tokenised without special tokens, so a long document gets one BOS."""
+    ids = _TOKENIZER([text for text, _, _ in task], add_special_tokens=False)["input_ids"]
+    head, tail = _MARKERS
     out: list[int] = []
-    for piece_ids, (_, ends) in zip(ids, task):
+    for piece_ids, (_, starts, ends) in zip(ids, task):
+        out.extend(head if starts else ())
         out.extend(piece_ids)
-        if ends and eos is not None:
-            out.append(eos)
-    return np.asarray(out, dtype=np.int64), sum(ends for _, ends in task)
+        out.extend(tail if ends else ())
+    return np.asarray(out, dtype=np.int64), sum(ends for _, _, ends in task)
 
 
 class ShardWriter:

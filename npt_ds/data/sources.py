@@ -72,7 +72,7 @@ def document_source(cfg: DataConfig, split: str):
         train, held = shakespeare_split(cfg.eval_holdout)
         return _stream_files(train if split == "train" else held, "text")
     if cfg.source == "files":
-        files = cfg.files if split == "train" else (cfg.eval_files or cfg.files[-1:])
+        files = train_files(cfg) if split == "train" else held_out_files(cfg)
         return _stream_files(_check_files("data.files" if split == "train" else "data.eval_files", files),
                              cfg.text_key)
     try:
@@ -84,20 +84,43 @@ def document_source(cfg: DataConfig, split: str):
     return ds, cfg.text_key
 
 
+def train_files(cfg: DataConfig) -> list:
+    """source 'files': what training reads; without data.eval_files the last file is held out for evaluation."""
+    return cfg.files if cfg.eval_files or len(cfg.files) < 2 else cfg.files[:-1]
+
+
+def held_out_files(cfg: DataConfig) -> list:
+    """source 'files': the held-out text (data.eval_files, else the last file, which training then skips)."""
+    if cfg.eval_files:
+        return cfg.eval_files
+    if len(cfg.files) < 2:
+        raise ConfigError("data.eval_files: with one file in data.files, evaluation would read the training text; "
+                          "add data.eval_files: [held-out files] (or a second file, which is then held out)")
+    return cfg.files[-1:]
+
+
+def document_markers(tokenizer) -> tuple[list[int], list[int]]:
+    """(ids before a document, ids after it): the BOS the tokenizer puts at a text's start (when it uses one)
+    and its EOS, added once per document whatever the pieces it is tokenised in."""
+    bos, eos = getattr(tokenizer, "bos_token_id", None), tokenizer.eos_token_id
+    starts_with_bos = bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
+    return ([bos] if starts_with_bos else []), ([eos] if eos is not None else [])
+
+
 def token_windows(ds, text_key: str, tokenizer, seq_len: int, seed: int = 0, epoch: int = 0,
                   shuffle_buffer: int = 0) -> Iterator[list[int]]:
-    """Pack documents (joined by EOS) into windows of exactly seq_len tokens."""
+    """Pack documents (each BOS + text + EOS, see :func:`document_markers`) into windows of exactly seq_len tokens."""
     if shuffle_buffer:
         ds = ds.shuffle(seed=seed + epoch, buffer_size=shuffle_buffer)
-    eos = tokenizer.eos_token_id
+    head, tail = document_markers(tokenizer)
     buf: list[int] = []
     for row in ds:
         text = row.get(text_key)
         if not text:
             continue
-        buf.extend(tokenizer(text)["input_ids"])
-        if eos is not None:
-            buf.append(eos)
+        buf.extend(head)
+        buf.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        buf.extend(tail)
         while len(buf) >= seq_len:
             yield buf[:seq_len]
             del buf[:seq_len]
@@ -268,13 +291,21 @@ class _Prefetcher:
             self.thread.join(timeout=5)
 
 
-def eval_batches(cfg: DataConfig, tokenizer, rank: int = 0, world_size: int = 1,
-                 batch_size: int = 1) -> list[torch.Tensor]:
-    """The first eval_batches·world_size windows of the held-out text, this rank's share.
+class EvalBatches(list):
+    """This rank's share of the held-out batches; ``steps`` is how many forwards every rank runs (ZeRO-3 needs
+    every rank in every forward: a rank with a smaller share pads with ``pad``, whose results are dropped)."""
 
-    Every rank gets the same number of batches (ZeRO-3 needs every rank in every forward).  With
-    `data.eval_path` the windows come from that prepared dir, in corpus order."""
-    want = cfg.eval_batches * world_size * batch_size
+    def __init__(self, batches: list[torch.Tensor], steps: int, pad: torch.Tensor):
+        super().__init__(batches)
+        self.steps, self.pad = steps, pad
+
+
+def eval_batches(cfg: DataConfig, tokenizer, rank: int = 0, world_size: int = 1,
+                 batch_size: int = 1) -> EvalBatches:
+    """The first data.eval_batches windows of the held-out text (the same set on any world size), split over the
+    ranks: rank r takes windows r, r + W, ...  With `data.eval_path` they come from that prepared dir, in corpus
+    order."""
+    want = cfg.eval_batches * batch_size
     if cfg.eval_path:
         source = PreparedWindows(dataclasses.replace(cfg, shuffle=False), tokenizer, 0, cfg.eval_path,
                                  "data.eval_path", cfg.eval_seq_len)
@@ -293,4 +324,6 @@ def eval_batches(cfg: DataConfig, tokenizer, rank: int = 0, world_size: int = 1,
         raise ConfigError(f"data: held-out text has only {len(windows)} windows of {cfg.eval_seq_len} tokens; "
                           "lower data.eval_batches or data.eval_seq_len")
     mine = windows[rank::world_size]
-    return [torch.tensor(mine[i:i + batch_size], dtype=torch.long) for i in range(0, len(mine), batch_size)]
+    per_rank = -(-len(windows) // world_size)  # the largest share
+    return EvalBatches([torch.tensor(mine[i:i + batch_size], dtype=torch.long) for i in range(0, len(mine), batch_size)],
+                       steps=-(-per_rank // batch_size), pad=torch.tensor(windows[:1], dtype=torch.long))

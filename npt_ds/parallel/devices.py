@@ -8,13 +8,15 @@ it runs at 2.7x fp32's (199 vs 74 GFLOP/s, 1024², one thread, measured on this 
 from __future__ import annotations
 
 import os
+import re
 
 import torch
 
 
-# dense bf16 tensor-core peak, TFLOP/s, by a name fragment of torch.cuda.get_device_name() (first match wins)
+# dense bf16 tensor-core peak, TFLOP/s, by a model name in torch.cuda.get_device_name() (first match wins; matched
+# as whole words, so "L4" is not found inside "NVIDIA L40S" nor "A10" inside "A100")
 BF16_PEAK_TFLOPS = (("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("H800", 989.0), ("A100", 312.0),
-                    ("A800", 312.0), ("L40S", 362.0), ("L4", 121.0), ("A10", 125.0))
+                    ("A800", 312.0), ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0), ("A10", 125.0))
 
 
 def resolve_precision(requested: str) -> tuple[str, str]:
@@ -46,7 +48,7 @@ def peak_tflops(configured: float = 0.0, device_name: str | None = None) -> tupl
             return None, "no peak known for a CPU; set perf.peak_tflops for an MFU"
         device_name = torch.cuda.get_device_name()
     for fragment, peak in BF16_PEAK_TFLOPS:
-        if fragment in device_name:
+        if re.search(rf"(?<![A-Za-z0-9]){re.escape(fragment)}(?![A-Za-z0-9])", device_name):
             return peak, f"{device_name} bf16 dense"
     return None, f"no peak known for {device_name}; set perf.peak_tflops for an MFU"
 

@@ -121,6 +121,16 @@ def list_steps(root: Path) -> list[int]:
     return sorted(int(m.group(1)) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir())
 
 
+def latest_step_dir(root: Path) -> Path | None:
+    """The step dir `latest` names (what `resume: auto` continues from; after a resume from an earlier step it
+    is not the highest step dir), or None when there is none."""
+    latest = Path(root) / "latest"
+    if not latest.is_file():
+        return None
+    target = Path(root) / latest.read_text().strip()
+    return target if target.is_dir() else None
+
+
 def resolve_resume(root: Path, resume: str) -> Path | None:
     """`auto` -> the dir named by `latest` (None if there is none); `none` -> None; else a step dir."""
     if resume == "none":

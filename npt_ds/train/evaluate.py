@@ -32,8 +32,9 @@ def evaluate(model: nn.Module, batches: list[torch.Tensor], device: torch.device
     """Perplexity of the teacher (base) and the NPT student (all NPT layers active) on `batches`.
 
     `batches` may live on the host: each is moved to `device` (default: where the model's embedding
-    is).  Sums stay on that device until one host read at the end; they are all-reduced, so every
-    rank must call this with the same number of batches.
+    is).  Sums stay on that device until one host read at the end; they are all-reduced.  Every rank runs the
+    same number of forwards: ``batches.steps`` for an :class:`~npt_ds.data.sources.EvalBatches` (a rank with
+    fewer windows runs its ``pad`` batch and drops the result), else ``len(batches)``.
     """
     device = torch.device(device) if device is not None else model.model.embed_tokens.weight.device
     sums: dict[str, torch.Tensor] = {}
@@ -50,9 +51,13 @@ def evaluate(model: nn.Module, batches: list[torch.Tensor], device: torch.device
         if per_window:
             rows[key].append(per_token.sum(dim=1))
 
-    for ids in batches:
-        ids = ids.to(device, non_blocking=True)
+    for k in range(getattr(batches, "steps", len(batches))):
+        padding = k >= len(batches)
+        ids = (batches.pad if padding else batches[k]).to(device, non_blocking=True)
         out = fused_forward(model, ids, mixing_ratio=1.0, student_stream=True, want_logits=True)
+        teacher_in = fused_forward(model, ids, mixing_ratio=0.0, extras=NPExtras(diagnostics=True))
+        if padding:
+            continue
         labels = ids[:, 1:]
         add_nll("nll_base", out.teacher_logits, ids)
         add_nll("nll_npt", out.student_logits, ids)
@@ -62,7 +67,7 @@ def evaluate(model: nn.Module, batches: list[torch.Tensor], device: torch.device
         counts["batches"] += 1
         for layer in out.layers:
             add(f"layer/{layer.index}/direct_mse_student_in", direct_mse(layer.student_out, layer.target))
-        for layer in fused_forward(model, ids, mixing_ratio=0.0, extras=NPExtras(diagnostics=True)).layers:
+        for layer in teacher_in.layers:
             add(f"layer/{layer.index}/direct_mse_teacher_in", direct_mse(layer.student_out, layer.target))
             add(f"layer/{layer.index}/v_a_attn_sim", layer.stats["v_a_attn_sim"])
     keys = sorted(sums)

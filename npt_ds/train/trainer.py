@@ -23,7 +23,7 @@ from transformers.integrations import HfDeepSpeedConfig
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 from ..config import ConfigError, ModelConfig, TrainConfig
-from ..data.sources import PackedBatches, eval_batches
+from ..data.sources import PackedBatches, eval_batches, held_out_files
 from ..metrics.comm import COUNTER
 from ..metrics.rank_stats import RankStats
 from ..metrics.writer import MetricsWriter
@@ -35,7 +35,7 @@ from ..parallel.groups import (all_reduce_sum, any_rank_flags, barrier, init_dis
                                release_shm_buffer)
 from ..parallel.resolve import resolve_hardware
 from ..parallel.zero import keep_frozen_resident
-from .checkpoint import list_steps, load_checkpoint, read_meta, resolve_resume, save_checkpoint
+from .checkpoint import latest_step_dir, list_steps, load_checkpoint, read_meta, resolve_resume, save_checkpoint
 from .elastic import keep_global_batch
 from .evaluate import evaluate, layer_table
 from .faults import FaultHook, PreemptionFlag
@@ -106,7 +106,7 @@ class Trainer:
         self.preemption = PreemptionFlag()  # SIGTERM/SIGINT -> checkpoint at the next step boundary, exit 0
         self.fault = FaultHook.from_env(self.rank)  # test aid (NPT_DS_TEST_FAULT)
         self.preempt_seen = False
-        cfg, self.hardware_notes = resolve_hardware(cfg, self.world)  # 'auto' precision / frozen base
+        cfg, self.start_notes = resolve_hardware(cfg, self.world)  # 'auto' precision / frozen base
         self.run_dir = Path(cfg.logging.run_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
         self.resume_target = self._resume_target(cfg)
@@ -116,7 +116,7 @@ class Trainer:
             cfg, note = keep_global_batch(cfg, meta, self.world)
             if int(meta.get("world_size", self.world)) != self.world:
                 self.resharded_from = int(meta["world_size"])
-            self.hardware_notes += [note] if note else []
+            self.start_notes += [note] if note else []
         self.cfg = cfg
         self.curriculum = parse_curriculum(cfg.schedule.curriculum or default_curriculum(cfg))
         self.ds_config = build_ds_config(cfg, self.world)
@@ -151,6 +151,9 @@ class Trainer:
         self.engine.train()  # load_base_model returns eval mode; bitsandbytes int8 computes differently there
         self.data = PackedBatches(cfg.data, self.tokenizer, self.rank, self.world, cfg.seed)
         self.eval_data = eval_batches(cfg.data, self.tokenizer, self.rank, self.world)
+        if cfg.data.source == "files" and not cfg.data.eval_files:
+            self.start_notes.append(f"data: {held_out_files(cfg.data)[0]} is held out of training for evaluation "
+                                       "(data.eval_files names other held-out files)")
         self.metrics = MetricsWriter(self.run_dir, enabled=self.rank == 0, console=cfg.logging.console,
                                      wandb_cfg={"project": cfg.logging.wandb_project, "name": cfg.run_name,
                                                 "config": cfg.to_dict()} if cfg.logging.wandb else None)
@@ -163,7 +166,7 @@ class Trainer:
         self.first_eval: dict | None = None
         self._poison_left = int(cfg.inject_nan.get("repeat", 1)) if cfg.inject_nan else 0
         self._window_start, self._window_tokens, self._window_wait = time.time(), 0, 0.0
-        for note in self.hardware_notes:
+        for note in self.start_notes:
             self.metrics.message(note)
         self.comm = COUNTER.install()
         self.rank_stats = RankStats(cfg, self.rank, self.world)
@@ -375,8 +378,8 @@ class Trainer:
                              f"({self.skipped} skipped so far)")
         limit = self.cfg.logging.max_consecutive_nan
         if self.consecutive_bad >= limit:
-            steps = list_steps(self.ckpt_root)
-            last = f"last good checkpoint: {self.ckpt_root}/step-{steps[-1]:08d}" if steps else "no checkpoint was saved"
+            latest = latest_step_dir(self.ckpt_root)
+            last = f"last good checkpoint: {latest}" if latest else "no checkpoint was saved"
             raise TrainingDiverged(f"{limit} consecutive non-finite micro-batches at step {self.step}; stopping "
                                    f"({last}). Lower optim.lr or check the data.")
 
@@ -464,8 +467,8 @@ class Trainer:
         missing = missing_ranks()
         who = ("rank 0 (it hosts the rendezvous store)" if missing is None else
                f"rank {', '.join(map(str, missing))}" if missing else "a peer")
-        steps = list_steps(self.ckpt_root)
-        resume = f"step-{steps[-1]:08d}" if steps else "the start (no checkpoint yet)"
+        latest = latest_step_dir(self.ckpt_root)
+        resume = latest.name if latest else "the start (no checkpoint yet)"
         self.metrics.log({"step": self.step, "event": "abort", "missing_ranks": missing,
                           "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"})
         self.metrics.close()

@@ -205,7 +205,7 @@ def test_prefetch_gives_the_same_batches_and_reports_errors(prepared, corpus_fil
 
 def test_eval_windows_come_from_the_prepared_held_out_dir(prepared):
     cfg = config_from_dict({"data": {"source": "prepared", "path": str(prepared), "eval_path": str(prepared),
-                                     "eval_seq_len": 16, "eval_batches": 2}}).data
+                                     "eval_seq_len": 16, "eval_batches": 4}}).data  # 4 windows in all
     rank1 = eval_batches(cfg, ByteTokenizer(), rank=1, world_size=2)
     tokens = np.load(prepared / "shard-00000.npy")
     assert [b.tolist() for b in rank1] == [[tokens[16:32].tolist()], [tokens[48:64].tolist()]]

@@ -97,3 +97,24 @@ def test_resume_with_adaptive_weighting_is_exact(tmp_path):
     resumed = train_losses(run(tmp_path / "resumed", *args, "checkpoint.resume=auto"))
     for step in range(5, 9):
         assert resumed[step] == pytest.approx(full[step], rel=1e-6, abs=1e-9), step
+
+
+def test_messages_name_the_latest_checkpoint_not_the_highest_step(tmp_path):
+    """After a resume from an earlier step, `latest` names it; the divergence and abort messages must too."""
+    from types import SimpleNamespace
+
+    from npt_ds.train.trainer import Trainer, TrainingDiverged
+
+    ckpt = tmp_path / "checkpoints"
+    for step in (10, 20, 30):
+        (ckpt / checkpoint.step_tag(step)).mkdir(parents=True)
+    (ckpt / "latest").write_text("step-00000010")
+    assert checkpoint.latest_step_dir(ckpt) == ckpt / "step-00000010"
+    logged = []
+    fake = SimpleNamespace(skipped=0, consecutive_bad=0, step=12, ckpt_root=ckpt,
+                           cfg=SimpleNamespace(logging=SimpleNamespace(max_consecutive_nan=1)),
+                           metrics=SimpleNamespace(log=logged.append, message=lambda text: None))
+    with pytest.raises(TrainingDiverged, match=r"last good checkpoint: .*step-00000010\)"):
+        Trainer.on_bad_batch(fake, {})
+    (ckpt / "latest").unlink()
+    assert checkpoint.latest_step_dir(ckpt) is None
