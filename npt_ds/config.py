@@ -224,10 +224,16 @@ class CheckpointConfig:
 @dataclass
 class DistributedConfig:
     timeout_s: float = 900.0  # bounds every collective: a lost rank ends the others' wait after this long
+    # a rank whose loop makes no progress this long (or sends no heartbeat) is named and the job exits 4
+    # (npt_ds.parallel.watchdog); 0 turns the watchdog off.  300 s: see the README ("A hung or lost rank")
+    heartbeat_timeout_s: float = 300.0
 
     def __post_init__(self):
         if not self.timeout_s > 0:
             raise ConfigError("distributed.timeout_s: must be > 0 seconds (e.g. 900 on GPUs, 20 in tests)")
+        if self.heartbeat_timeout_s < 0:
+            raise ConfigError("distributed.heartbeat_timeout_s: must be >= 0 seconds (0 turns the watchdog off; "
+                              "e.g. 300)")
 
 
 @dataclass

@@ -14,7 +14,6 @@ time less that.
 from __future__ import annotations
 
 import functools
-import time
 
 import deepspeed.comm.comm as ds_comm
 import torch
@@ -92,9 +91,8 @@ class CommCounter:
             else:
                 payload = next(iter(kwargs.values()), None)
             counter.bytes[kind] += _nbytes(payload)
-            t = time.perf_counter()
-            result = method(*args, **kwargs)
-            WAIT.seconds += time.perf_counter() - t
+            with WAIT.blocked():
+                result = method(*args, **kwargs)
             return _TimedHandle(result) if hasattr(result, "wait") else result
 
         counted._npt_counted = True

@@ -15,17 +15,31 @@ import torch.distributed as dist
 
 
 class WaitClock:
-    """Seconds this process spent blocked in collectives (a host float, no device sync)."""
+    """Seconds this process spent blocked in collectives (a host float, no device sync), and whether it is blocked
+    in one right now (``inside_since``: the watchdog tells a rank that waits on its peers from a stuck one)."""
 
     def __init__(self) -> None:
         self.seconds = 0.0
+        self.inside_since: float | None = None
+        self._depth = 0
+
+    @contextlib.contextmanager
+    def blocked(self):
+        t = time.perf_counter()
+        self._depth += 1
+        if self._depth == 1:
+            self.inside_since = t
+        try:
+            yield
+        finally:
+            self._depth -= 1
+            if self._depth == 0:
+                self.inside_since = None
+            self.seconds += time.perf_counter() - t
 
     def timed(self, fn, *args, **kwargs):
-        t = time.perf_counter()
-        try:
+        with self.blocked():
             return fn(*args, **kwargs)
-        finally:
-            self.seconds += time.perf_counter() - t
 
 
 WAIT = WaitClock()
@@ -37,10 +51,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(timeout_s: float | None = None) -> tuple[int, int]:
+def flight_recorder_env(run_dir: str | Path) -> dict[str, str]:
+    """PyTorch's NCCL flight recorder, on by default on CUDA: a ring of the last 2000 collectives per rank, dumped
+    into RUN_DIR/nccl-trace/rank_<r> when NCCL's watchdog times out (both the older TORCH_NCCL_* and the newer
+    TORCH_FR_* names); `torchfrtrace RUN_DIR/nccl-trace --prefix rank_` names the ranks a collective waited for."""
+    prefix = str(Path(run_dir) / "nccl-trace" / "rank_")
+    return {"TORCH_NCCL_TRACE_BUFFER_SIZE": "2000", "TORCH_FR_BUFFER_SIZE": "2000",
+            "TORCH_NCCL_DUMP_ON_TIMEOUT": "1", "TORCH_NCCL_DEBUG_INFO_TEMP_FILE": prefix,
+            "TORCH_FR_DUMP_TEMP_FILE": prefix}
+
+
+def flight_recorder_command(run_dir: str | Path) -> str:
+    return f"torchfrtrace {Path(run_dir) / 'nccl-trace'} --prefix rank_ --allow-incomplete-ranks"
+
+
+def init_distributed(timeout_s: float | None = None, run_dir: str | Path | None = None) -> tuple[int, int]:
     """Initialise torch.distributed via DeepSpeed; works with or without the launcher. -> (rank, world).
 
-    `timeout_s` bounds every collective (distributed.timeout_s): a rank waiting on a lost peer raises then."""
+    `timeout_s` bounds every collective (distributed.timeout_s): a rank waiting on a lost peer raises then.
+    On CUDA with a `run_dir`, the NCCL flight recorder is switched on (:func:`flight_recorder_env`; a user's own
+    setting of any of its variables wins)."""
     import deepspeed  # lazy: ~2 s and accelerator chatter, paid only by a process that joins a group
 
     if "RANK" not in os.environ:  # plain `python -m npt_ds.train`: a world of one on loopback
@@ -48,6 +78,10 @@ def init_distributed(timeout_s: float | None = None) -> tuple[int, int]:
         os.environ.setdefault("MASTER_PORT", str(free_port()))
     if torch.cuda.is_available():  # before any CUDA allocation: rank r computes (and bitsandbytes loads) on GPU r
         torch.cuda.set_device(local_rank())
+        if run_dir is not None:  # read when the NCCL process group is made, below
+            for key, value in flight_recorder_env(run_dir).items():
+                os.environ.setdefault(key, value)
+            (Path(run_dir) / "nccl-trace").mkdir(parents=True, exist_ok=True)
     if not dist.is_initialized():
         backend = "gloo" if not torch.cuda.is_available() else None
         kwargs = {"timeout": datetime.timedelta(seconds=timeout_s)} if timeout_s else {}
@@ -68,29 +102,11 @@ def ranks_per_node(world: int) -> int:
 def any_rank_flags(flags: torch.Tensor) -> list[bool]:
     """Element-wise: is the flag set on any rank?  One small MAX all-reduce and one host read for all flags."""
     t = flags.detach().reshape(-1).float()
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        WAIT.timed(dist.all_reduce, t, op=dist.ReduceOp.MAX)
-    return [v > 0 for v in t.tolist()]
-
-
-def missing_ranks(wait_s: float = 3.0) -> list[int] | None:
-    """After a failed collective: which ranks do not answer a roll call through the rendezvous store.
-
-    Every surviving rank checks in and waits `wait_s`; None when the store itself is gone (it lives in
-    rank 0's process, so rank 0 is the lost one)."""
-    try:
-        store = dist.distributed_c10d._get_default_store()
-        rank, world = dist.get_rank(), dist.get_world_size()
-        store.set(f"npt-ds/rollcall/{rank}", "here")
-        deadline = time.time() + wait_s
-        while time.time() < deadline:
-            missing = [r for r in range(world) if not store.check([f"npt-ds/rollcall/{r}"])]
-            if not missing:
-                return []
-            time.sleep(0.2)
-        return missing
-    except Exception:  # noqa: BLE001 - the store host is gone
-        return None
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [v > 0 for v in t.tolist()]
+    with WAIT.blocked():  # the host read included: under NCCL that is where a rank waits for a slow peer
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return [v > 0 for v in t.tolist()]
 
 
 def all_reduce_sum(values: list[float]) -> list[float]:

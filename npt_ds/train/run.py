@@ -9,8 +9,6 @@ import argparse
 import os
 import sys
 
-import torch.distributed as dist
-
 from ..config import ConfigError, load_config
 from ..parallel.groups import shutdown_distributed
 from .trainer import Trainer, TrainingDiverged
@@ -46,23 +44,15 @@ def run_train(args: argparse.Namespace) -> int:
         print(f"\nnpt-ds train: {exc}", file=sys.stderr)
         return 3
     except Exception as exc:
-        if not lost_peer(exc, trainer.world):
+        missing = trainer.lost_peers(exc)
+        if missing is None:  # this rank's own failure (its peers still beat): the traceback says what
             raise
-        print(f"\nnpt-ds train: {trainer.abort(exc)}", file=sys.stderr, flush=True)
+        print(f"\nnpt-ds train: {trainer.abort(exc, missing)}", file=sys.stderr, flush=True)
         # the process group is broken: its teardown (and the interpreter's) could wait on the lost peer
         os._exit(4)
     trainer.close()
     shutdown_distributed()
     return 0
-
-
-def lost_peer(exc: BaseException, world: int) -> bool:
-    """A collective failed because another rank went away (or timed out: distributed.timeout_s)."""
-    if world < 2:
-        return False
-    text = str(exc).lower()
-    return isinstance(exc, dist.DistError) or any(k in text for k in (
-        "connection closed by peer", "connection reset", "gloo", "nccl", "timed out", "broken pipe"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,6 +12,7 @@ import dataclasses
 import math
 import os
 import re
+import sys
 import time
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -31,14 +32,15 @@ from ..model import NPTDecoderLayer, convert_model, decoder_layers, load_base_mo
 from ..model.projector import LogitProjector
 from ..model.quant import check_quantization_support
 from ..parallel.ds_config import build_ds_config
-from ..parallel.groups import (all_reduce_sum, any_rank_flags, barrier, init_distributed, missing_ranks,
+from ..parallel.groups import (all_reduce_sum, any_rank_flags, barrier, flight_recorder_command, init_distributed,
                                release_shm_buffer)
+from ..parallel.watchdog import Verdict, Watchdog
 from ..parallel.resolve import resolve_hardware
 from ..parallel.zero import keep_frozen_resident
 from .checkpoint import latest_step_dir, list_steps, load_checkpoint, read_meta, resolve_resume, save_checkpoint
 from .elastic import keep_global_batch
 from .evaluate import evaluate, layer_table
-from .faults import FaultHook, PreemptionFlag
+from .faults import FaultHook, PreemptionFlag, communication_failure, dump_flight_recorder
 from .losses import NPTLoss
 from .module import NPTTrainModule, StepControls
 from .optim import build_param_groups, reset_optimizer_state, set_lr
@@ -102,7 +104,8 @@ class TrainingDiverged(RuntimeError):
 
 class Trainer:
     def __init__(self, cfg: TrainConfig):
-        self.rank, self.world = init_distributed(cfg.distributed.timeout_s)
+        self.rank, self.world = init_distributed(cfg.distributed.timeout_s, cfg.logging.run_dir)
+        self.watchdog = Watchdog(self.rank, self.world, cfg.distributed.heartbeat_timeout_s, on_abort=self.on_stall)
         self.preemption = PreemptionFlag()  # SIGTERM/SIGINT -> checkpoint at the next step boundary, exit 0
         self.fault = FaultHook.from_env(self.rank)  # test aid (NPT_DS_TEST_FAULT)
         self.preempt_seen = False
@@ -213,6 +216,7 @@ class Trainer:
     def train(self) -> dict:
         cfg = self.cfg
         total = cfg.schedule.total_steps
+        self.watchdog.start()
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             cfg.save(self.run_dir / "config.json")
@@ -262,7 +266,9 @@ class Trainer:
         self.run_eval()
         if cfg.checkpoint.save_final:
             self.save()
-        self.metrics.log({"step": self.step, "event": "end", "skipped_steps": self.skipped})
+        pause, phase = self.watchdog.longest_pause
+        self.metrics.log({"step": self.step, "event": "end", "skipped_steps": self.skipped,
+                          "watchdog/longest_pause_s": round(pause, 3), "watchdog/longest_pause_phase": phase})
         self.summary()
         return self.last_eval
 
@@ -343,9 +349,13 @@ class Trainer:
                                                               if g.get("layer") in controls.active_layers])
         self._lr, self._controls = lr, controls
         good = 0
+        mark = self.watchdog.progress
         while good < cfg.optim.grad_accum:
+            mark(self.step, "data")
             ids = next(self.data).to(self.engine.device)
+            mark(self.step, "forward")
             loss, comps = self.engine(ids, controls)
+            mark(self.step, "flags")
             # the one host sync of a non-log step: a non-finite loss on any rank, a preemption signal on any rank
             nonfinite = (~torch.isfinite(loss.detach())).any().float()
             bad, preempted = any_rank_flags(torch.stack([nonfinite, nonfinite.new_full((), float(self.preemption.set))]))
@@ -358,7 +368,9 @@ class Trainer:
                     controls.poison = self._poison_left > 0
                 self.on_bad_batch(comps)
                 continue
+            mark(self.step, "backward")
             self.engine.backward(loss)
+            mark(self.step, "optimizer")
             self.engine.step()
             self.consecutive_bad = 0
             good += 1
@@ -385,6 +397,7 @@ class Trainer:
 
     # ---------------------------------------------------------------- logging, eval, checkpoints
     def log_train(self, start_step: int, t0: float) -> None:
+        self.watchdog.progress(self.step, "log")
         cfg = self.cfg
         now = time.time()
         tps = self._window_tokens / max(now - self._window_start, 1e-9)
@@ -438,6 +451,7 @@ class Trainer:
         return per_step
 
     def run_eval(self) -> dict:
+        self.watchdog.progress(self.step, "eval")
         self.engine.eval()
         result = evaluate(self.engine.module.model, self.eval_data, self.engine.device)
         self.engine.train()
@@ -455,6 +469,7 @@ class Trainer:
                 "data": self.data.state_dict(), "config": self.cfg.to_dict(), "world_size": self.world}
         if self.module.loss_fn.adaptive is not None:
             meta["adaptive_norms"] = self.module.loss_fn.adaptive.state_dict()
+        self.watchdog.progress(self.step, "checkpoint")
         hook = None if self.fault is None else (lambda: self.fault.in_save(self.step, self.run_dir))
         target = save_checkpoint(self.engine, self.ckpt_root, self.step, meta, self.rank, self.cfg.checkpoint.keep_last,
                                  before_publish=hook, node_local=self.cfg.checkpoint.node_local)
@@ -462,22 +477,55 @@ class Trainer:
         self.metrics.log({"step": self.step, "event": "checkpoint", "path": str(target)})
         return target
 
-    def abort(self, exc: BaseException) -> str:
-        """A peer is gone: find which ranks answer no roll call, log an `abort` event, and say so in one line."""
-        missing = missing_ranks()
-        who = ("rank 0 (it hosts the rendezvous store)" if missing is None else
-               f"rank {', '.join(map(str, missing))}" if missing else "a peer")
-        latest = latest_step_dir(self.ckpt_root)
-        resume = latest.name if latest else "the start (no checkpoint yet)"
-        self.metrics.log({"step": self.step, "event": "abort", "missing_ranks": missing,
-                          "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"})
+    # ---------------------------------------------------------------- failures: a lost or stalled peer
+    def lost_peers(self, exc: BaseException) -> list[int] | None:
+        """Whether `exc` means that peers are gone: None when it does not (a local error, raised as such: every
+        peer still sends heartbeats), else the ranks gone ([] when they cannot be told, the watchdog being off)."""
+        if self.world < 2 or not communication_failure(exc):
+            return None
+        gone = self.watchdog.lost_peers()
+        if gone == []:
+            return None
+        return gone or []
+
+    def abort(self, exc: BaseException, missing: list[int]) -> str:
+        """A peer is gone: log the `abort` event (the lowest live rank writes it) and say so in one line."""
+        error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        self.write_abort({"step": self.step, "event": "abort", "reason": "lost", "missing_ranks": missing or None,
+                          "error": error}, missing)
+        who = f"rank {', '.join(map(str, missing))}" if missing else "a peer"
+        return f"lost {who} at step {self.step} ({type(exc).__name__}); rank {self.rank} stops. {self.relaunch_hint()}"
+
+    def on_stall(self, verdict: Verdict) -> None:
+        """The watchdog named stalled ranks (from its thread; the loop may be stuck): report, then it exits 4."""
+        self.write_abort({"step": self.step, "event": "abort", "reason": verdict.reason,
+                          "missing_ranks": verdict.stalled, "rank_steps": {str(r): s for r, s in verdict.steps.items()},
+                          "rank_phases": {str(r): p for r, p in verdict.phases.items()},
+                          "error": verdict.describe()}, verdict.stalled)
+        print(f"\nnpt-ds train: {verdict.describe()}; rank {self.rank} (step {self.step}, "
+              f"{self.watchdog.phase}) stops with exit 4. {self.relaunch_hint()}", file=sys.stderr, flush=True)
+
+    def write_abort(self, record: dict, missing: list[int]) -> None:
+        """The lowest live rank appends the abort event (rank 0 through its writer; another rank opens the stream
+        for this one line), closes the stream and frees its shm buffer; on CUDA each rank dumps its flight record."""
+        if self.rank == min((r for r in range(self.world) if r not in missing), default=self.rank):
+            writer = self.metrics if self.rank == 0 else MetricsWriter(self.run_dir, console=False)
+            writer.log(record)
+            writer.close()
+        if torch.cuda.is_available() and dump_flight_recorder(self.run_dir, self.rank):
+            print(f"npt-ds train: NCCL flight records in {self.run_dir / 'nccl-trace'}; analyse them with: "
+                  f"{flight_recorder_command(self.run_dir)}", file=sys.stderr, flush=True)
         self.metrics.close()
         release_shm_buffer(self.rank)
-        return (f"lost {who} at step {self.step} ({type(exc).__name__}); rank {self.rank} stops. Relaunch "
-                f"(MAX_RESTARTS=N in launch/*.sh does) to resume from {resume}")
+
+    def relaunch_hint(self) -> str:
+        latest = latest_step_dir(self.ckpt_root)
+        resume = latest.name if latest else "the start (no checkpoint yet)"
+        return f"Relaunch (MAX_RESTARTS=N in launch/*.sh does) to resume from {resume}"
 
     def close(self) -> None:
         self.preemption.restore()
         self.data.close()
         self.metrics.close()
         barrier()
+        self.watchdog.stop()

@@ -258,6 +258,68 @@ def test_sigkill_during_a_save_keeps_the_previous_checkpoint(runs, free_port):
         assert resumed[step] == pytest.approx(full[step], abs=1e-6), step
 
 
+HEARTBEAT = 6  # distributed.heartbeat_timeout_s of the watchdog runs (their collective timeout is far longer)
+
+
+def run_with_fault(run_dir: Path, fault: str, port: int, **env) -> tuple[subprocess.CompletedProcess, float, dict]:
+    """A job with NPT_DS_TEST_FAULT=`fault`: (the launch, seconds from the fault to the job's end, the abort event)."""
+    proc = launch("train_local.sh", run_dir, "distributed.timeout_s=120", f"distributed.heartbeat_timeout_s={HEARTBEAT}",
+                  port=port, check=False, NPT_DS_TEST_FAULT=fault, **env)
+    took = time.time() - fault_time(run_dir)
+    aborts = [r for r in metric_rows(run_dir) if r.get("event") == "abort"]
+    assert len(aborts) == 1, proc.stderr[-3000:]
+    return proc, took, aborts[0]
+
+
+@pytest.mark.parametrize("stopped, live", [(1, 0), (0, 1)])
+def test_a_stopped_rank_is_named_and_the_job_exits_4(runs, free_port, stopped, live):
+    """SIGSTOP (a hang without death, its threads too) on rank 1, then on rank 0, which hosts the rendezvous store:
+    the other rank names it within the heartbeat timeout, the abort event is in the stream, the job exits 4."""
+    base, *_ = runs
+    proc, took, abort = run_with_fault(base / f"stopped-{stopped}", f"stop:rank={stopped}:step=7", free_port,
+                                       NPT_DS_TEST_SLEEP_RANK=f"{stopped}:0.3")  # steps long enough to be seen
+    assert proc.returncode == 4 and took < HEARTBEAT + 30, (took, proc.stderr[-2000:])
+    assert abort["reason"] == "stalled" and abort["missing_ranks"] == [stopped]
+    named = f"npt-ds train: rank {stopped} "
+    assert named in proc.stderr and f"rank {live} (step 7" in proc.stderr
+    if stopped:
+        assert abort["rank_steps"][str(stopped)] in (6, 7) and "sent no heartbeat" in abort["error"]
+    else:
+        assert "hosts the rendezvous store" in abort["error"]
+
+
+def test_a_rank_stuck_in_its_loop_is_named_not_the_rank_waiting_for_it(runs, free_port):
+    """The loop of rank 1 sleeps for good while its threads run on (a stuck kernel or read): rank 0, blocked in a
+    collective for it, names rank 1 (not itself) and ends the job; rank 1 is killed, not waited for."""
+    base, *_ = runs
+    proc, took, abort = run_with_fault(base / "hung", "hang:rank=1:step=7", free_port)
+    assert proc.returncode == 4 and took < HEARTBEAT + 30
+    assert abort["missing_ranks"] == [1] and abort["rank_steps"] == {"1": 7}
+    assert "made no progress" in abort["error"] and "while not waiting on its peers" in abort["error"]
+
+
+def test_a_local_error_is_not_reported_as_a_lost_peer(runs, free_port):
+    """Rank 1 raises its own error (its text mentions NCCL and CUDA): it exits with its traceback, naming no peer;
+    rank 0 then really loses rank 1 and names it."""
+    base, *_ = runs
+    proc, _, abort = run_with_fault(base / "local-error", "raise:rank=1:step=7", free_port)
+    assert proc.returncode == 1
+    assert "Traceback" in proc.stderr and "injected by NPT_DS_TEST_FAULT" in proc.stderr
+    assert "lost rank 0" not in proc.stderr and "lost a peer" not in proc.stderr
+    assert abort["reason"] == "lost" and abort["missing_ranks"] == [1] and "lost rank 1 at step 7" in proc.stderr
+
+
+def test_eval_is_the_same_on_one_and_two_ranks(runs):
+    """The held-out windows do not depend on the world size: the final eval of the 2-rank run equals that of its
+    1-rank elastic continuation (the models agree to the gradient summation order)."""
+    base, *_ = runs
+    full = [r for r in metric_rows(base / "full") if r.get("event") == "eval"][-1]
+    one = [r for r in metric_rows(base / "resumed-1rank") if r.get("event") == "eval"][-1]
+    assert full["step"] == one["step"] == 20 and full["eval/tokens"] == one["eval/tokens"]
+    for key in ("eval/ppl_base", "eval/ppl_npt", "eval/fidelity_mse"):
+        assert one[key] == pytest.approx(full[key], rel=1e-5), key
+
+
 # ---------------------------------------------------------------- two real hosts: network namespaces + sshd + pdsh
 def netns_available() -> str | None:
     """None when this machine can create network namespaces and has sshd and pdsh, else the reason."""

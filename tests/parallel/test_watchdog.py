@@ -1,0 +1,86 @@
+"""The watchdog's judgement (which ranks stalled), without processes; the real SIGSTOP / hang / local-error runs
+are in test_distributed.py."""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch.distributed as dist
+
+from npt_ds.parallel.groups import flight_recorder_command, flight_recorder_env
+from npt_ds.parallel.watchdog import Watchdog, interval_for
+from npt_ds.train.faults import communication_failure
+
+
+def watchdog(rank=0, world=3, timeout=10.0) -> Watchdog:
+    dog = Watchdog(rank, world, timeout)
+    now = time.monotonic()
+    for r, peer in dog.peers.items():
+        peer.record = {"beat": 5, "step": 12, "phase": "forward", "idle_s": 0.1, "waiting": False, "done": False}
+        peer.beat_moved_at = now
+    dog.last_round_trip = now
+    return dog
+
+
+def test_healthy_peers_are_not_named():
+    assert watchdog().verdict() is None
+
+
+def test_a_peer_whose_beat_stops_is_named_with_its_step_and_phase():
+    dog = watchdog()
+    now = time.monotonic()
+    dog.peers[2].beat_moved_at = now - 11
+    found = dog.verdict(now)
+    assert found.stalled == [2] and found.steps == {2: 12} and found.phases == {2: "forward"}
+    assert "sent no heartbeat for 11 s" in found.describe() and "step 12, phase forward" in found.describe()
+
+
+def test_a_stuck_loop_is_named_and_its_waiting_victims_are_not():
+    dog = watchdog()
+    dog.peers[1].record.update(idle_s=12.0, waiting=False)  # stuck in a kernel or a read
+    dog.peers[2].record.update(idle_s=11.5, waiting=True)  # blocked in the collective that waits for rank 1
+    found = dog.verdict()
+    assert found.stalled == [1] and "made no progress for 12 s while not waiting" in found.describe()
+
+
+def test_an_unreachable_store_names_rank_0_and_a_finished_peer_is_never_named():
+    dog = watchdog(rank=1)
+    now = time.monotonic()
+    dog.last_round_trip = now - 10.5
+    dog.peers[2].record["done"] = True
+    dog.peers[2].beat_moved_at = now - 60
+    found = dog.verdict(now)
+    assert found.stalled == [0] and "hosts the rendezvous store" in found.describe()
+    assert watchdog(rank=0).verdict(now + 0.5) is None  # rank 0 is the store: it never names itself
+
+
+def test_a_world_of_one_or_a_zero_timeout_starts_no_threads():
+    assert not Watchdog(0, 1, 10).start()._threads
+    assert not Watchdog(0, 2, 0).start()._threads
+    assert Watchdog(0, 2, 0).lost_peers() is None
+
+
+@pytest.mark.parametrize("timeout, world, interval", [(300, 2, 1.0), (6, 2, 0.6), (1, 2, 0.2), (300, 512, 8.0)])
+def test_the_heartbeat_interval(timeout, world, interval):
+    assert interval_for(timeout, world) == pytest.approx(interval)
+
+
+@pytest.mark.parametrize("exc, peer", [
+    (RuntimeError("[../gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:5018"), True),
+    (RuntimeError("[../gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 5000ms for recv operation to "
+                  "complete"), True),
+    (dist.DistBackendError("NCCL communicator was aborted"), True),  # a candidate: the heartbeats decide
+    (RuntimeError("NCCL error in: ProcessGroupNCCL.cpp, unhandled cuda error"), False),
+    (RuntimeError("CUDA error: an illegal memory access was encountered"), False),
+    (ValueError("timed out reading the shard"), False),
+])
+def test_only_collective_failures_are_candidates_for_a_lost_peer(exc, peer):
+    assert communication_failure(exc) is peer
+
+
+def test_the_flight_recorder_settings(tmp_path):
+    env = flight_recorder_env(tmp_path)
+    assert env["TORCH_NCCL_TRACE_BUFFER_SIZE"] == env["TORCH_FR_BUFFER_SIZE"] == "2000"
+    assert env["TORCH_NCCL_DUMP_ON_TIMEOUT"] == "1"
+    assert env["TORCH_NCCL_DEBUG_INFO_TEMP_FILE"] == env["TORCH_FR_DUMP_TEMP_FILE"] == str(tmp_path / "nccl-trace" / "rank_")
+    assert flight_recorder_command(tmp_path) == f"torchfrtrace {tmp_path / 'nccl-trace'} --prefix rank_ --allow-incomplete-ranks"
