@@ -11,10 +11,14 @@
 #      DRY_RUN=1 prints the command.
 # Before launching: every host must answer password-less ssh and see this repo and this Python at the same
 # paths (one line per failing host, exit 2, nothing started).  The variables the ranks need are written to
-# the npt-ds block of $REPO_ROOT/.deepspeed_env (0600, git-ignored; your own lines there are kept).
+# the npt-ds block of $REPO_ROOT/.deepspeed_env (git-ignored; your own lines there are kept); secrets (WANDB_API_KEY,
+# *_KEY, *_TOKEN, *_SECRET, *_PASSWORD) and values with $ ` " \ go to $REPO_ROOT/.npt_ds_sealed_env (0600) instead,
+# which every rank reads at start, and are unset for DeepSpeed's runner: none appears on a command line or in a log.
+# A preempted job (SIGTERM to this script, the runner, a node launcher or a rank) exits 0 with no relaunch.
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 need_config "$@"
 CONFIG="$1"; shift
+JOB_CONFIG="$CONFIG"; JOB_ARGS=("$@")
 HOSTFILE="${HOSTFILE:-$LAUNCH_DIR/hostfile}"
 HOSTS="$("$PYTHON" -m npt_ds.parallel.hostfile "$HOSTFILE" ${NUM_NODES:+--num-nodes "$NUM_NODES"} --resolve)" || exit 2
 NUM_NODES="${NUM_NODES:-$(echo "$HOSTS" | wc -l)}"
@@ -29,8 +33,15 @@ if [[ "${DRY_RUN:-0}" != "1" ]]; then
 fi
 export PATH="$(dirname "$PYTHON_EXE"):$PATH"
 if [[ -n "${SSH_CONFIG:-}" ]]; then export PDSH_SSH_ARGS_APPEND="${PDSH_SSH_ARGS_APPEND:-} -F $SSH_CONFIG"; fi
-write_env() { "$PYTHON" -m npt_ds.parallel.cluster env "$REPO_ROOT/.deepspeed_env"; }  # per attempt: NPT_DS_RESTART
+write_env() {  # per attempt (NPT_DS_RESTART); secrets and values a shell would change go to a 0600 file instead
+  "$PYTHON" -m npt_ds.parallel.cluster env "$REPO_ROOT/.deepspeed_env" >/dev/null
+}
+# ... and out of DeepSpeed's runner's environment, which it copies onto the pdsh command line (PYTHON*, NCCL*, ...)
+SEALED=()
+while IFS= read -r name; do [[ -n "$name" ]] && SEALED+=(-u "$name"); done \
+    < <("$PYTHON" -m npt_ds.parallel.cluster env "$REPO_ROOT/.deepspeed_env" || echo "__npt_ds_env_failed__")
+if [[ " ${SEALED[*]} " == *" -u __npt_ds_env_failed__ "* ]]; then exit 2; fi
 BEFORE_ATTEMPT=write_env
-run_job deepspeed --hostfile "$HOSTFILE" --num_nodes "$NUM_NODES" ${GPUS_PER_NODE:+--num_gpus "$GPUS_PER_NODE"} \
+run_job env "${SEALED[@]}" deepspeed --hostfile "$HOSTFILE" --num_nodes "$NUM_NODES" ${GPUS_PER_NODE:+--num_gpus "$GPUS_PER_NODE"} \
     --no_ssh_check --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
     --module npt_ds.train --config "$CONFIG" "$@"

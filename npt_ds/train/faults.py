@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +53,54 @@ def dump_flight_recorder(run_dir: Path, rank: int) -> bool:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"rank_{rank}").write_bytes(data)
     return True
+
+
+class SurvivingOutput:
+    """A rank's stdout / stderr that outlives its reader.  When DeepSpeed's pdsh runner is signalled it kills pdsh
+    at once, closing the ssh sessions whose pipes are the remote ranks' output, and only then signals the remote
+    launchers: a preempted rank must not die of EPIPE on its next progress line before it has saved.  Once the
+    reader is gone, the file descriptor is pointed at /dev/null (for every writer, native code included)."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text):
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._to_devnull()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._to_devnull()
+
+    def _to_devnull(self) -> None:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self._stream.fileno())
+        os.close(devnull)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+    @classmethod
+    def install(cls) -> None:
+        for name in ("stdout", "stderr"):
+            stream = getattr(sys, name)
+            if not isinstance(stream, cls):
+                setattr(sys, name, cls(stream))
+
+
+def record_env_for_test(run_dir: Path, rank: int, names: str | None = None) -> None:
+    """Test aid: NPT_DS_TEST_RECORD_ENV="A,B" makes each rank write RUN_DIR/env-rank<r>.json with those variables
+    as it sees them (the secrets test checks they arrive byte for byte)."""
+    names = os.environ.get("NPT_DS_TEST_RECORD_ENV", "") if names is None else names
+    if names:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        (Path(run_dir) / f"env-rank{rank}.json").write_text(
+            json.dumps({k: os.environ.get(k) for k in names.split(",")}))
 
 
 ACTIONS = ("term", "kill", "stop", "hang", "raise", "kill-in-save")

@@ -10,7 +10,9 @@ import os
 import sys
 
 from ..config import ConfigError, load_config
+from ..parallel.cluster import load_sealed_env
 from ..parallel.groups import shutdown_distributed
+from .faults import SurvivingOutput
 from .trainer import Trainer, TrainingDiverged
 
 
@@ -31,6 +33,8 @@ def run_train(args: argparse.Namespace) -> int:
         overrides.insert(0, path)
         path = None
     try:
+        SurvivingOutput.install()  # a preempted rank whose launcher's pipes close still saves (npt_ds.train.faults)
+        load_sealed_env()  # secrets a multi-node launch keeps off command lines (npt_ds.parallel.cluster)
         cfg = load_config(path, overrides)
         trainer = Trainer(cfg)
     except (ConfigError, FileNotFoundError) as exc:

@@ -40,7 +40,8 @@ from ..parallel.zero import keep_frozen_resident
 from .checkpoint import latest_step_dir, list_steps, load_checkpoint, read_meta, resolve_resume, save_checkpoint
 from .elastic import keep_global_batch
 from .evaluate import evaluate, layer_table
-from .faults import FaultHook, PreemptionFlag, communication_failure, dump_flight_recorder
+from .faults import (FaultHook, PreemptionFlag, communication_failure, dump_flight_recorder,
+                     record_env_for_test)
 from .losses import NPTLoss
 from .module import NPTTrainModule, StepControls
 from .optim import build_param_groups, reset_optimizer_state, set_lr
@@ -108,6 +109,7 @@ class Trainer:
         self.watchdog = Watchdog(self.rank, self.world, cfg.distributed.heartbeat_timeout_s, on_abort=self.on_stall)
         self.preemption = PreemptionFlag()  # SIGTERM/SIGINT -> checkpoint at the next step boundary, exit 0
         self.fault = FaultHook.from_env(self.rank)  # test aid (NPT_DS_TEST_FAULT)
+        record_env_for_test(cfg.logging.run_dir, self.rank)  # test aid (NPT_DS_TEST_RECORD_ENV)
         self.preempt_seen = False
         cfg, self.start_notes = resolve_hardware(cfg, self.world)  # 'auto' precision / frozen base
         self.run_dir = Path(cfg.logging.run_dir)

@@ -309,6 +309,65 @@ def test_a_local_error_is_not_reported_as_a_lost_peer(runs, free_port):
     assert abort["reason"] == "lost" and abort["missing_ranks"] == [1] and "lost rank 1 at step 7" in proc.stderr
 
 
+def launcher_processes(root_pid: int) -> dict[str, int]:
+    """pids under a launch script: the node launcher (deepspeed.launcher.launch), the runner (bin/deepspeed) and
+    the first rank (the trainer)."""
+    import psutil
+
+    found: dict[str, int] = {}
+    for proc in psutil.Process(root_pid).children(recursive=True):
+        cmd = " ".join(proc.cmdline())
+        if "deepspeed.launcher.launch" in cmd:
+            found.setdefault("launcher", proc.pid)
+        elif "npt_ds.train" in cmd and "--local_rank" in cmd:
+            found.setdefault("rank", proc.pid)
+        elif "bin/deepspeed" in cmd:
+            found.setdefault("runner", proc.pid)
+    return found
+
+
+def preempt_through(script_proc: subprocess.Popen, run_dir: Path, who: str) -> tuple[int, str]:
+    """SIGTERM the launch script itself or one of its processes once step 3 is logged; -> (exit status, stderr)."""
+    import signal
+
+    deadline = time.time() + 300
+    while last_logged_step(run_dir) < 3:
+        assert time.time() < deadline and script_proc.poll() is None, script_proc.stderr.read()[-3000:]
+        time.sleep(0.2)
+    pid = script_proc.pid if who == "script" else launcher_processes(script_proc.pid)[who]
+    os.kill(pid, signal.SIGTERM)
+    _, err = script_proc.communicate(timeout=300)
+    return script_proc.returncode, err
+
+
+@pytest.mark.parametrize("who", ["launcher", "script"])
+def test_a_preempted_job_ends_the_launch_script_with_0_and_no_relaunch(runs, free_port, who):
+    """SIGTERM to DeepSpeed's node launcher (it forwards the signal to the ranks, which save, then it exits 1) or
+    to the launch script (it forwards to the whole job): every rank checkpoints, `preempted` is logged, the
+    script exits 0 and does not relaunch although MAX_RESTARTS allows it; `resume: auto` continues the losses."""
+    base, *_ = runs
+    run_dir = base / f"preempted-{who}"
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "MASTER_PORT": str(free_port),
+           "NUM_RANKS": "2", "OMP_NUM_THREADS": "1", "PYTHON": sys.executable, "MAX_RESTARTS": "2",
+           "NPT_DS_TEST_SLEEP_RANK": "0:0.2"}
+    env.pop("NPT_DS_RESTART", None)
+    script = subprocess.Popen(["bash", str(REPO / "launch" / "train_local.sh"), "configs/tiny_debug.yaml",
+                               f"logging.run_dir={run_dir}", *COMMON, *PREPARED], cwd=REPO, env=env, text=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    rc, err = preempt_through(script, run_dir, who)
+    rows = metric_rows(run_dir)
+    preempted = [r for r in rows if r.get("event") == "preempted"]
+    assert rc == 0 and len(preempted) == 1, err[-3000:]
+    stop = preempted[0]["step"]
+    assert (run_dir / "checkpoints" / "latest").read_text() == f"step-{stop:08d}"
+    assert not [r for r in rows if r.get("event") == "restart"] and "restart 1 of" not in err
+    assert "the job ended on purpose (preempted)" in err  # its launcher exited non-zero, yet no relaunch
+    launch("train_local.sh", run_dir, port=free_port)  # resume: auto
+    full, resumed = train_losses(base / "full"), last_losses(run_dir)
+    for step in range(stop + 1, 21):
+        assert resumed[step] == pytest.approx(full[step], abs=1e-6), step
+
+
 def test_eval_is_the_same_on_one_and_two_ranks(runs):
     """The held-out windows do not depend on the world size: the final eval of the 2-rank run equals that of its
     1-rank elastic continuation (the models agree to the gradient summation order)."""
@@ -455,6 +514,43 @@ def test_a_lost_node_stops_the_job_and_max_restarts_resumes_it(runs, hosts, free
     assert sorted(resumed) == list(range(1, 21))
     for step in range(11, 21):
         assert resumed[step] == pytest.approx(full[step], abs=1e-6), step
+
+
+SECRET = "sk-npt-test-5c1e7"  # a fake API key
+TRICKY = """a $(touch /tmp/npt-pwned) `id` "double" 'single' back\\slash $HOME end"""
+
+
+def test_secrets_stay_off_command_lines_and_the_pdsh_runner_preempts_cleanly(runs, hosts, free_port, tmp_path):
+    """Two ssh hosts: WANDB_API_KEY and a value with $(...), backticks and quotes reach both ranks byte for byte,
+    while neither the launch log nor any `ps` listing taken during the run holds the secret; then SIGTERM to
+    DeepSpeed's pdsh runner: every rank checkpoints, `preempted` is logged, the script exits 0, no relaunch."""
+    base, *_ = runs
+    root, env = hosts
+    run_dir = base / "netns-secrets"
+    job = launch_on_hosts(env, run_dir, port=free_port, background=True, MAX_RESTARTS="1", WANDB_API_KEY=SECRET,
+                          WANDB_NOTES=TRICKY, NCCL_DEBUG_SUBSYS=f"INIT {SECRET[:4]}$x", NPT_DS_TEST_SLEEP_RANK="0:0.3",
+                          NPT_DS_TEST_RECORD_ENV="WANDB_API_KEY,WANDB_NOTES,NCCL_DEBUG_SUBSYS")
+    listings = []
+    deadline = time.time() + 300
+    while last_logged_step(run_dir) < 3:
+        assert time.time() < deadline and job.poll() is None, job.communicate()[1][-3000:]
+        listings.append(subprocess.run(["ps", "-eww", "-o", "args"], capture_output=True, text=True).stdout)
+        time.sleep(0.3)
+    runner = launcher_processes(job.pid)["runner"]
+    listings.append(subprocess.run(["ps", "-eww", "-o", "args"], capture_output=True, text=True).stdout)
+    os.kill(runner, 15)
+    out, err = job.communicate(timeout=300)
+    assert job.returncode == 0, err[-3000:]
+    for r in (0, 1):
+        seen = json.loads((run_dir / f"env-rank{r}.json").read_text())
+        assert seen == {"WANDB_API_KEY": SECRET, "WANDB_NOTES": TRICKY, "NCCL_DEBUG_SUBSYS": f"INIT {SECRET[:4]}$x"}
+    assert not Path("/tmp/npt-pwned").exists()
+    assert all(SECRET not in text for text in listings + [out, err]) and any("pdsh" in text for text in listings)
+    sealed = REPO / ".npt_ds_sealed_env"
+    assert sealed.stat().st_mode & 0o777 == 0o600 and SECRET not in (REPO / ".deepspeed_env").read_text()
+    rows = metric_rows(run_dir)
+    assert [r["event"] for r in rows if r.get("event") in ("preempted", "restart")] == ["preempted"]
+    assert "the job ended on purpose (preempted)" in err
 
 
 def test_node_local_checkpoints_live_on_each_node_and_resume(runs, hosts, free_port):
