@@ -64,7 +64,7 @@ def run_app(app: MonitorApp, body, size=(120, 40)):
     [
         (dict(nan_at={120}), [(120, "nonfinite"), (120, "skipped")]),
         (dict(kl_at={150: 9.4}), [(150, "kl_high")]),
-        (dict(oscillate=(200, 260)), [("osc", "oscillation")]),
+        (dict(oscillate=(250, 390)), [("osc", "oscillation")]),
         ({}, []),  # a clean converging run raises nothing
     ],
     ids=["nan", "kl-9.4", "oscillation", "clean"],
@@ -78,7 +78,7 @@ def test_fixture_runs_raise_the_right_alerts(tmp_path, faults, expected):
         got = [(a.step, a.kind) for a in panel(app).alerts]
         if expected and expected[0][0] == "osc":
             assert [k for _, k in got] == ["oscillation"]
-            assert 200 < got[0][0] < 260
+            assert 250 < got[0][0] < 390
         else:
             assert got == expected
         assert panel(app).option_count == len(expected)

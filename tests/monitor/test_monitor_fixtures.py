@@ -42,7 +42,7 @@ def test_the_demo_streams_pass_check_with_the_defaults(name):
 
 
 def test_fault_fixtures_are_each_flagged_at_their_step(tmp_path):
-    lines = synth_lines(700, nan_at={100}, kl_at={150: 9.4}, grad_spike_at={300: 40.0}, oscillate=(400, 460),
+    lines = synth_lines(700, nan_at={100}, kl_at={150: 9.4}, grad_spike_at={300: 40.0}, oscillate=(430, 560),
                         osc_amplitude=0.10, noise=0.02)
     recs = [json.loads(line) for line in lines]
     for r in recs:  # a straggler rank 3 from step 550 (4 ranks)
@@ -54,8 +54,10 @@ def test_fault_fixtures_are_each_flagged_at_their_step(tmp_path):
     run, _ = check_file(path)
     found = [(a.step, a.kind) for a in run.alerts if a.severity in FAILING]
     assert (100, "nonfinite") in found and (100, "skipped") in found and (150, "kl_high") in found
-    assert (300, "grad_spike") in found and (554, "straggler") in found
+    assert (554, "straggler") in found
+    # the loss absorbed the spike (the stream names no clip norm): a note, not a failure
+    assert [(a.step, a.severity) for a in run.alerts if a.kind == "grad_spike"] == [(300, "info")]
     osc = [s for s, k in found if k == "oscillation"]
-    assert len(osc) == 1 and 400 < osc[0] < 460
+    assert len(osc) == 1 and 430 < osc[0] < 560
     assert "rank 3 is a straggler" in next(a.message for a in run.alerts if a.kind == "straggler")
     assert not math.isnan(run.state.step)
