@@ -324,6 +324,50 @@ def test_straggler_threshold_and_run_length_are_flags_and_healthy_ranks_stay_sil
     assert alerts_for(rank_lines(30, slow_rank=1, from_step=11), straggler_consecutive=25) == []
 
 
+def every_key_lines(n, slow_from=11):
+    """Two ranks' own step times under every key the trainer writes; rank 1 at 0.25 s from `slow_from` on."""
+    out = []
+    for s in range(1, n + 1):
+        own = [0.10, 0.25 if s >= slow_from else 0.104]
+        out.append({"step": s, "loss/total": 5.0, "time/step_max_s": max(own), "time/step_min_s": min(own),
+                    "time/step_median_s": sum(own) / 2, "time/slowest_rank": own.index(max(own)),
+                    "rank/0/step_s": own[0], "rank/1/step_s": own[1]})
+    return out
+
+
+@pytest.mark.parametrize("keep, message", [
+    (("time/step_max_s", "time/step_median_s", "time/slowest_rank"),
+     "rank 1 is a straggler: its step 0.25 s = 1.43x the median rank's 0.175 s for 5 log steps"),
+    (("time/step_max_s", "time/step_median_s"),
+     "a rank (not named) is a straggler: its step 0.25 s = 1.43x the median rank's 0.175 s for 5 log steps"),
+    (("time/step_max_s", "time/step_min_s"),
+     "a rank (not named) is a straggler: its step 0.25 s = 2.50x the fastest rank's 0.1 s for 5 log steps"),
+    (("time/step_max_s", "time/step_min_s", "time/slowest_rank"),
+     "rank 1 is a straggler: its step 0.25 s = 2.50x the fastest rank's 0.1 s for 5 log steps"),
+    (("rank/0/step_s", "rank/1/step_s"),
+     "rank 1 is a straggler: its step 0.25 s = 1.43x the median rank's 0.175 s for 5 log steps"),
+], ids=["max-median-rank", "max-median", "max-min", "max-min-rank", "ranks-only"])
+def test_straggler_is_judged_from_whatever_the_stream_has(keep, message):
+    recs = [{k: v for k, v in r.items() if k in keep or k in ("step", "loss/total")} for r in every_key_lines(40)]
+    alerts = alerts_for(recs)
+    assert summary(alerts) == [(15, "straggler")] and alerts[0].message == message
+    assert alerts_for(recs[:10]) == []  # 0.104 / 0.1 = 1.04x: healthy
+    engine = AlertEngine()  # fed line by line (a live tail) the verdict is the same
+    assert [a for k, r in enumerate(recs) for a in engine.feed(Batch.from_dicts([r], k + 1))] == alerts
+
+
+def test_straggler_fires_once_per_slow_stretch_even_when_the_slowest_rank_changes():
+    recs = every_key_lines(40)
+    for r in recs[20:30]:  # rank 0 is the slow one for a while: still the same stretch of slow lines
+        r.update({"time/slowest_rank": 0, "rank/0/step_s": 0.26})
+    for r in recs[30:32]:  # healthy again, then rank 1 slow again: a new stretch
+        r.update({"time/step_max_s": 0.104, "time/step_median_s": 0.102})
+    alerts = alerts_for(recs)
+    assert summary(alerts) == [(15, "straggler"), (37, "straggler")]
+    engine = AlertEngine()
+    assert [a for i in range(0, 40, 3) for a in engine.feed(Batch.from_dicts(recs[i : i + 3], i + 1))] == alerts
+
+
 def mem_run(values):
     recs = []
     for j, m in enumerate(values):

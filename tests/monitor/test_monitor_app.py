@@ -461,3 +461,35 @@ def test_overlay_key_draws_every_run_in_its_fixed_colour(tmp_path):
         await wait_for(pilot, lambda: not overlay.display, what="side by side again")
 
     run_app(app, body, size=(160, 44))
+
+
+def test_a_silent_run_raises_a_stall_error_with_the_bell_and_a_new_line_rearms_it(tmp_path):
+    """Live: no line for longer than the bound (--stall-s 2 here; the file and its lines 100 s old) is an error
+    alert, announced with the bell; lines written again end the silence, and the next silence is flagged again."""
+    import os
+
+    now = time.time()
+    path = tmp_path / "metrics.jsonl"
+    recs = [{"time": now - 130 + s, "step": s, "event": "train", "loss/total": 3.0} for s in range(1, 31)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    os.utime(path, (now - 100, now - 100))
+    app = make_app([path], stall_s=2.0, **FAST)
+    bells = []
+    app.bell = lambda: bells.append(time.monotonic())
+
+    def stalls():
+        return [a for a in panel(app).alerts if a.kind == "stall"]
+
+    async def body(pilot):
+        await wait_for(pilot, lambda: len(stalls()) == 1, timeout=5, what="a stall alert")
+        alert = stalls()[0]
+        assert (alert.step, alert.severity) == (30, "error") and len(bells) == 1
+        assert alert.message.startswith("no line for 1m") and alert.message.endswith(
+            "(bound 2s): last step 30, last event train")
+        append(path, json.dumps({"time": time.time(), "step": 31, "event": "train", "loss/total": 3.0}) + "\n")
+        await wait_for(pilot, lambda: shown_step(app) == 31, what="step 31")
+        assert not app.query_one(RunView).run.stalled
+        await wait_for(pilot, lambda: len(stalls()) == 2, timeout=6, what="the next silence")
+        assert stalls()[1].step == 31 and len(bells) == 2
+
+    run_app(app, body)
