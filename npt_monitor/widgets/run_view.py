@@ -23,7 +23,7 @@ from .alerts_panel import AlertsPanel
 from .header import RunHeader
 from .layers import LayerTable
 from .plot import MetricPlot
-from .ranks_panel import RanksPanel
+from .ranks_panel import TITLE as RANKS_TITLE, RanksPanel
 
 DEFAULT_JUMP_SPAN = 200
 LOADING_PLOT_INTERVAL = 1.0
@@ -77,7 +77,7 @@ class RunView(Vertical):
         self.query_one(".loss-plot", MetricPlot).border_title = "total loss"
         self.query_one(".components-plot", MetricPlot).border_title = "components (m: pick)"
         self.query_one(LayerTable).border_title = "layers"
-        self.query_one(RanksPanel).border_title = "ranks (* slowest)"
+        self.query_one(RanksPanel).border_title = RANKS_TITLE
         self.query_one(RanksPanel).display = False
         self.query_one(AlertsPanel).border_title = "Alerts (0)"
         self.query_one(RunHeader).info = self.run.state.header(waiting=True)

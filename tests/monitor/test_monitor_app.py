@@ -398,6 +398,27 @@ def test_once_prints_ranks_sparklines_and_alerts(tmp_path, capsys):
     assert out[-1] == "   step 13: WARNING straggler: rank 1 is a straggler: its step 0.3 s = 1.50x the median rank's 0.2 s for 5 log steps"
 
 
+def test_once_shows_each_ranks_system_figures_with_the_worst_marked(tmp_path, capsys):
+    from npt_monitor.cli import main
+    from npt_monitor.ranks import rank_rows
+
+    line = {"step": 1, "event": "train", "loss/total": 3.0, "rank/0/step_s": 0.5, "rank/1/step_s": 0.9,
+            "rank/0/mem_gb": 2.0, "rank/1/mem_gb": 2.1, "time/slowest_rank": 1,
+            "sys/0/gpu_util": 97.0, "sys/0/gpu_mem_gb": 34.2, "sys/0/gpu_power_w": 410.0, "sys/0/gpu_temp_c": 84.0,
+            "sys/1/gpu_util": 31.0, "sys/1/gpu_mem_gb": 36.8, "sys/1/gpu_power_w": 180.0, "sys/1/gpu_temp_c": 71.0}
+    rows = rank_rows(line)
+    assert [(r.rank, r.slowest, sorted(r.worst)) for r in rows] == [
+        (0, False, ["gpu_temp_c"]), (1, True, ["gpu_mem_gb", "gpu_power_w", "gpu_util"])]
+    path = tmp_path / "m.jsonl"
+    path.write_text(json.dumps(line) + "\n")
+    assert main(["--once", str(path)]) == 0
+    assert ("   ranks: r0 0.5s 2GB 97% 34.2GB 410W !84°C  *r1 0.9s 2.1GB !31% !36.8GB !180W 71°C   "
+            "(* slowest, ! worst)") in capsys.readouterr().out.splitlines()
+    cpu = {"step": 1, "rank/0/step_s": 0.5, "rank/1/step_s": 0.5, "sys/0/cpu_pct": 180.0, "sys/1/cpu_pct": 95.0}
+    assert [sorted(r.worst) for r in rank_rows(cpu)] == [[], ["cpu_pct"]]
+    assert [sorted(r.worst) for r in rank_rows({**cpu, "sys/1/cpu_pct": 180.0})] == [[], []]  # all alike
+
+
 def test_smoothing_key_draws_the_ema_over_a_faint_raw_line(tmp_path):
     from npt_monitor.widgets.plot import FAINT, ema, render_plot
 
