@@ -1,12 +1,20 @@
 """Benchmark npt-monitor: big-file open time and responsiveness while tailing.
 
     PYTHONPATH=. .venv/bin/python bench/monitor_bench.py [--lines 100000] [--rate 50] [--seconds 5] [--out F]
+    PYTHONPATH=. .venv/bin/python bench/monitor_bench.py --baseline $(git merge-base HEAD main) [--load-only]
 
 (a) generates a ``--lines`` metric file (synthetic converging run, 4 NPT
     layers logged every step, an eval line every 500 steps) and measures
     - ``model_load_s`` (and CPU seconds ``model_load_cpu_s``): parse + fold the
       whole file into the model, alerts included (no UI), the median of
-      ``--load-repeats`` fresh interpreters (``model_load_runs_s``: each one),
+      ``--load-repeats`` fresh interpreters (``model_load_runs_s``: each one);
+      with ``--baseline REV`` the same load of ``npt_monitor`` as it was at git
+      revision REV (exported with ``git archive`` into a temporary directory)
+      runs too, alternating with the current tree in fresh interpreters
+      (current, baseline, baseline, current, ...: a drift of the machine's
+      speed cancels): ``baseline_model_load_s`` (median), ``load_ratio`` =
+      current / baseline, ``load_target_met`` (< 2 s and ratio <= 1.1);
+      ``--load-only`` stops after the load,
     - in ``App.run_test()``: ``first_render_s`` (first data on screen) and
       ``full_load_s`` (last step shown, plots drawn) counted from app start.
 (b) while a writer thread appends ``--rate`` lines/s for ``--seconds`` s to that
@@ -40,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import json
 import os
 import resource
@@ -54,9 +63,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from npt_monitor.app import MonitorApp, make_app  # noqa: E402
 from npt_monitor.run import Run  # noqa: E402
-from npt_monitor.parsing import parse_lines  # noqa: E402
 from npt_monitor.synth import synth_records  # noqa: E402
-from npt_monitor.tailer import FileTailer  # noqa: E402
 from npt_monitor.widgets import MetricPlot, RunHeader, RunView  # noqa: E402
 
 
@@ -86,35 +93,102 @@ def generate(path: Path, n: int) -> tuple[list[str], int]:
     return rest, count
 
 
-LOAD_IN_FRESH_PROCESS = (
-    "import json, sys; sys.path.insert(0, sys.argv[2]); from pathlib import Path; "
-    "from bench.monitor_bench import model_load; print(json.dumps(model_load(Path(sys.argv[1]))))"
-)
+# the model load as `npt-monitor --check` does it (imports not timed), in a fresh interpreter, importing
+# npt_monitor from argv[2]
+MODEL_LOAD = """
+import json, sys, time
+from pathlib import Path
+sys.path.insert(0, sys.argv[2])
+import npt_monitor
+from npt_monitor.parsing import parse_lines
+from npt_monitor.run import Run
+from npt_monitor.tailer import FileTailer
+path = Path(sys.argv[1])
+t0, c0 = time.perf_counter(), time.process_time()  # after the imports: parse, fold and alerts only
+run = Run(path)
+tailer = FileTailer(path, read_size=1 << 20)
+while (chunk := tailer.poll()) is not None:
+    batch, corrupt = parse_lines(chunk.lines, chunk.first_line_no)
+    run.ingest(batch, corrupt)
+tailer.close()
+print(json.dumps([time.perf_counter() - t0, time.process_time() - c0, run.state.n_records, npt_monitor.__file__]))
+"""
+REPO = Path(__file__).resolve().parents[1]
+LOAD_TARGET_S, LOAD_RATIO_TARGET = 2.0, 1.1
+
+
+def load_once(path: Path, tree: Path) -> list:
+    """[wall s, CPU s, records, the npt_monitor/__init__.py it loaded] of one model load of `path` in a fresh
+    interpreter that imports npt_monitor from `tree` (its cwd and PYTHONPATH, so no other copy can shadow it)."""
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    proc = subprocess.run([sys.executable, "-c", MODEL_LOAD, str(path), str(tree)], cwd=tree, env=env, check=True,
+                          capture_output=True, text=True)
+    return json.loads(proc.stdout)
 
 
 def model_load_fresh(path: Path, repeats: int) -> dict:
-    """``model_load`` in ``repeats`` fresh interpreters, as ``npt-monitor`` opens a file: the median and
+    """The model load in ``repeats`` fresh interpreters, as ``npt-monitor`` opens a file: the median and
     every run (this 2-core VM's speed drifts by up to 1.5x between minutes, so one figure says little)."""
-    import subprocess
-
-    repo = str(Path(__file__).resolve().parents[1])
-    runs = [json.loads(subprocess.run([sys.executable, "-c", LOAD_IN_FRESH_PROCESS, str(path), repo], check=True,
-                                      capture_output=True, text=True).stdout) for _ in range(repeats)]
+    runs = [load_once(path, REPO) for _ in range(repeats)]
     wall, cpu = [r[0] for r in runs], [r[1] for r in runs]
     return {"model_load_s": round(statistics.median(wall), 3), "model_load_cpu_s": round(statistics.median(cpu), 3),
             "model_load_runs_s": [round(w, 3) for w in wall], "model_records": runs[0][2]}
 
 
-def model_load(path: Path) -> tuple[float, float, int]:
-    t0 = time.perf_counter()
-    c0 = time.process_time()
-    run = Run(path)
-    tailer = FileTailer(path, read_size=1 << 20)
-    while (chunk := tailer.poll()) is not None:
-        batch, corrupt = parse_lines(chunk.lines, chunk.first_line_no)
-        run.ingest(batch, corrupt)
-    tailer.close()
-    return time.perf_counter() - t0, time.process_time() - c0, run.state.n_records
+def fail(message: str) -> None:
+    print(f"monitor_bench: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def export_tree(rev: str, into: Path) -> str:
+    """``npt_monitor`` as it is at git revision `rev`, extracted under `into`; returns the commit hash."""
+    import subprocess
+    import tarfile
+
+    def git(*args: str, **kw) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, check=False, **kw)
+
+    found = git("rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}", text=True)
+    if found.returncode:
+        fail(f"--baseline {rev}: not a commit of {REPO} (try $(git merge-base HEAD main))")
+    commit = found.stdout.strip()
+    tar = git("archive", "--format=tar", commit, "npt_monitor")
+    if tar.returncode:
+        fail(f"--baseline {rev}: git archive failed: {tar.stderr.decode().strip()}")
+    with tarfile.open(fileobj=io.BytesIO(tar.stdout)) as archive:
+        archive.extractall(into, filter="data")
+    return commit
+
+
+def model_load_side_by_side(path: Path, repeats: int, rev: str) -> dict:
+    """The model load of the current tree and of `rev`'s, alternating in fresh interpreters (ABBA order)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        commit = export_tree(rev, Path(tmp))
+        trees = {"current": REPO, "baseline": Path(tmp)}
+        runs: dict[str, list] = {"current": [], "baseline": []}
+        for i in range(max(1, repeats)):
+            for name in (("current", "baseline") if i % 2 == 0 else ("baseline", "current")):
+                runs[name].append(load_once(path, trees[name]))
+    median = {name: statistics.median(r[0] for r in got) for name, got in runs.items()}
+    if runs["current"][0][2] != runs["baseline"][0][2]:
+        fail(f"the two trees read {runs['current'][0][2]} and {runs['baseline'][0][2]} records of the same file")
+    ratio = median["current"] / median["baseline"]
+    return {
+        "model_load_s": round(median["current"], 3),
+        "model_load_cpu_s": round(statistics.median(r[1] for r in runs["current"]), 3),
+        "model_load_runs_s": [round(r[0], 3) for r in runs["current"]],
+        "model_records": runs["current"][0][2],
+        "baseline_rev": commit,
+        "baseline_model_load_s": round(median["baseline"], 3),
+        "baseline_model_load_cpu_s": round(statistics.median(r[1] for r in runs["baseline"]), 3),
+        "baseline_model_load_runs_s": [round(r[0], 3) for r in runs["baseline"]],
+        "load_order": "current, baseline, baseline, current, ... (fresh interpreters)",
+        "load_ratio": round(ratio, 3),
+        "load_target_met": median["current"] < LOAD_TARGET_S and ratio <= LOAD_RATIO_TARGET,
+        "load_modules": {name: got[0][3] for name, got in runs.items()},
+    }
 
 
 def timed(cls, name: str, sink: list[float]) -> None:
@@ -351,6 +425,9 @@ def main(argv=None) -> int:
     ap.add_argument("--cost-seconds", type=float, default=10.0, help="CPU sampling time, idle and tailing")
     ap.add_argument("--tail-rate", type=float, default=5.0, help="lines/s appended while measuring tailing CPU")
     ap.add_argument("--load-repeats", type=int, default=5, help="fresh-process model loads (median reported)")
+    ap.add_argument("--baseline", metavar="REV", default=None,
+                    help="also load with npt_monitor as of git revision REV, alternating (e.g. $(git merge-base HEAD main))")
+    ap.add_argument("--load-only", action="store_true", help="only the model load (with --baseline: of both trees)")
     ap.add_argument("--train-steps", type=int, default=400, help="steps of each tiny training run")
     ap.add_argument("--no-train", action="store_true", help="skip the tokens/s with/without the monitor")
     ap.add_argument("--cost-only", action="store_true", help="only (c): the monitor's CPU cost")
@@ -368,9 +445,12 @@ def main(argv=None) -> int:
         }
         result["load_avg_before"] = [round(x, 2) for x in os.getloadavg()]
         if not args.cost_only:
-            result.update(model_load_fresh(path, args.load_repeats))
+            result.update(model_load_side_by_side(path, args.load_repeats, args.baseline) if args.baseline
+                          else model_load_fresh(path, args.load_repeats))
+        if not (args.cost_only or args.load_only):
             result["app"] = asyncio.run(bench_app(path, args.lines, rest, args.rate, args.seconds, size))
-        result["cost"] = cost(path, rest, args)
+        if not args.load_only:
+            result["cost"] = cost(path, rest, args)
         result["load_avg_after"] = [round(x, 2) for x in os.getloadavg()]
         result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     text = json.dumps(result, indent=2)

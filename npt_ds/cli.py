@@ -11,6 +11,7 @@
     npt-ds export --np NP_DIR --out HF_DIR
     npt-ds inject --np NP_DIR --context TEXT [--layers 26,27] [--positions last] [--alpha 1] --out DIR
     npt-ds inject-eval data/facts/*.jsonl --np NP_DIR [--alpha 0.25,0.5,1,2] [--out results.json]
+    npt-ds tb runs/demo [--out DIR]
 
 A command's module is imported only when that command runs (``importlib``): most of them pull in torch,
 transformers or deepspeed, which ``npt-ds --help`` and ``npt-ds plan`` never need.
@@ -57,6 +58,8 @@ COMMANDS = {
                       "fold a context's modulation into the NPT layers' weights (saved as deltas)"),
     "inject-eval": Command("npt_ds.tools.inject_eval", "add_inject_eval_arguments", "run_inject_eval_command",
                            "measure knowledge injection on facts (answer rank, locality, damage)"),
+    "tb": Command("npt_ds.metrics.tensorboard", "add_tb_arguments", "run_tb",
+                  "convert a run's metrics.jsonl into TensorBoard event files (RUN_DIR/tb)"),
 }
 
 

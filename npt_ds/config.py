@@ -244,6 +244,7 @@ class LoggingConfig:
     console: bool = True
     wandb: bool = False
     wandb_project: str = "npt-ds"
+    tensorboard: bool = False  # the same scalars to RUN_DIR/tb (needs the optional tensorboard package)
     max_consecutive_nan: int = 5
 
 

@@ -8,11 +8,14 @@
 prefixed with the file when several are given) on stdout, corrupt lines as
 warnings with their line number on stderr, and exits 1 if a warning or error
 alert fired (``info`` notes do not count), 2 if a file is missing, 0 otherwise.
+``--stall`` adds whether the run is stalled now (silent for longer than its bound, no end event).
+Output piped into a reader that stops early (``| head -1``, ``| grep -q``) ends quietly.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -36,6 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--check", action="store_true", help="headless: print alerts, exit 1 if a warning/error fired")
     ap.add_argument("--once", action="store_true",
                     help="print the dashboard as text (header, ranks, sparklines, alerts) and exit as --check does")
+    ap.add_argument("--stall", action="store_true",
+                    help="with --check/--once: also report a run that is stalled now (silent for longer than its "
+                         "bound, counted from the later of its last line's time and the file's modification time, "
+                         "and no end event): a cron job can page on exit 1")
     ap.add_argument("--no-bell", action="store_true", help="dashboard: no terminal bell on new error alerts")
     g = ap.add_argument_group("alert thresholds (every number of npt_monitor.alerts.AlertConfig; see docs/alerts.md)")
     for name, kind in threshold_fields():
@@ -60,13 +67,47 @@ def config_from_args(args: argparse.Namespace) -> AlertConfig:
     return AlertConfig(**{name: getattr(args, name) for name, _ in threshold_fields()})
 
 
-def _each_run(paths: Sequence[Path], config: AlertConfig, err, show) -> int:
+class PipeSafe:
+    """A text stream whose reader may stop early (``| head -1``): after a broken pipe its writes go to
+    /dev/null (so neither a later print nor the flush at exit raises), and the exit status stays meaningful."""
+
+    def __init__(self, stream) -> None:
+        self.stream = stream
+        self.broken = False
+
+    def write(self, text: str) -> int:
+        if not self.broken:
+            try:
+                return self.stream.write(text)
+            except BrokenPipeError:
+                self._silence()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.broken:
+            try:
+                self.stream.flush()
+            except BrokenPipeError:
+                self._silence()
+
+    def _silence(self) -> None:
+        self.broken = True
+        try:
+            fd = self.stream.fileno()
+        except (AttributeError, OSError, ValueError):  # not a real file (a test's StringIO)
+            return
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, fd)
+        os.close(devnull)
+
+
+def _each_run(paths: Sequence[Path], config: AlertConfig, err, show, stall: bool = False) -> int:
     """show(path, run, corrupt lines) for each file; a missing one is reported on `err`.  The exit status:
     2 if a file was missing, else 1 if a run has a warning/error alert, else 0."""
     status = 0
     for path in paths:
         try:
-            run, corrupt = check_file(path, config)
+            run, corrupt = check_file(path, config, stall=stall)
         except FileNotFoundError:
             print(f"npt-monitor: error: {path}: no such file", file=err)
             status = 2
@@ -77,7 +118,7 @@ def _each_run(paths: Sequence[Path], config: AlertConfig, err, show) -> int:
     return status
 
 
-def run_check(paths: Sequence[Path], config: AlertConfig, out=None, err=None) -> int:
+def run_check(paths: Sequence[Path], config: AlertConfig, out=None, err=None, stall: bool = False) -> int:
     """Headless check of complete files; returns the exit status."""
     out = out or sys.stdout
     err = err or sys.stderr
@@ -103,23 +144,26 @@ def run_check(paths: Sequence[Path], config: AlertConfig, out=None, err=None) ->
             file=err,
         )
 
-    return _each_run(paths, config, err, show)
+    return _each_run(paths, config, err, show, stall)
 
 
-def run_once(paths: Sequence[Path], config: AlertConfig, out=None, err=None) -> int:
+def run_once(paths: Sequence[Path], config: AlertConfig, out=None, err=None, stall: bool = False) -> int:
     """``--once``: each run's text dashboard; the exit status of ``--check``."""
     out = out or sys.stdout
-    return _each_run(paths, config, err or sys.stderr, lambda path, run, corrupt: print(render_once(run), file=out))
+    return _each_run(paths, config, err or sys.stderr, lambda path, run, corrupt: print(render_once(run), file=out),
+                     stall)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     config = config_from_args(args)
     paths = [metrics_path(p) for p in args.paths]
-    if args.check:
-        return run_check(paths, config)
-    if args.once:
-        return run_once(paths, config)
+    if args.check or args.once:
+        out, err = PipeSafe(sys.stdout), PipeSafe(sys.stderr)
+        status = (run_check if args.check else run_once)(paths, config, out, err, args.stall)
+        out.flush()
+        err.flush()
+        return status
     from .app import make_app  # lazy: Textual (~0.5 s) only for the live dashboard, not --check / --once
 
     app = make_app(paths, config, poll_interval=args.poll_interval, bell=not args.no_bell)

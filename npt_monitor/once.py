@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from .ranks import rank_rows, system_line
+from .ranks import rank_rows, system_columns, system_line
 from .run import Run
 from .formatting import fmt_num, format_eta, format_rate
 
@@ -38,9 +38,18 @@ def render_once(run: Run, width: int = 48) -> str:
         lines.append("   " + system)
     rows = rank_rows(state.latest)
     if rows:
+        columns = system_columns(rows)
+
+        def figures(row) -> str:
+            shown = [("!" if f in row.worst else "") + fmt.format(row.system[f]) for f, _, fmt in columns
+                     if f in row.system]
+            return "".join(" " + v for v in shown)
+
+        legend = [m for m, on in (("* slowest", any(r.slowest for r in rows)), ("! worst", any(r.worst for r in rows)))
+                  if on]
         lines.append("   ranks: " + "  ".join(
-            f"{'*' if slow else ''}r{r} {fmt_num(s, 3)}s {fmt_num(m, 3)}GB" for r, s, m, slow in rows)
-            + ("   (* slowest)" if any(slow for *_, slow in rows) else ""))
+            f"{'*' if row.slowest else ''}r{row.rank} {fmt_num(row.step_s, 3)}s {fmt_num(row.mem_gb, 3)}GB"
+            f"{figures(row)}" for row in rows) + (f"   ({', '.join(legend)})" if legend else ""))
     for key in SPARK_KEYS:
         series = state.series.get(key)
         if series is None or not len(series):

@@ -95,6 +95,8 @@ class Batch:
         self._cols: dict[str, list] = {}
         self._num: dict[str, tuple] = {}
         self._shape_cache: tuple | None = None
+        self._keys: frozenset[str] | None = None
+        self.memo: dict = {}  # values derived from the batch that several detectors need (computed once)
 
     @classmethod
     def from_dicts(cls, records: Iterable[dict], first_line_no: int = 1) -> "Batch":
@@ -124,9 +126,11 @@ class Batch:
         self.is_train = np.array([e == TRAIN_EVENT for e in self.events], dtype=bool)
         return self
 
-    def keys(self) -> set[str]:
-        """Every key that occurs in the batch (a fresh set)."""
-        return set().union(*self.records)
+    def keys(self) -> frozenset[str]:
+        """Every key that occurs in the batch (cached)."""
+        if self._keys is None:
+            self._keys = frozenset().union(*self.records)
+        return self._keys
 
     def precompute(self) -> "Batch":
         """Build every column now (the tailer thread does this, off the UI thread)."""
@@ -231,7 +235,14 @@ class Batch:
         return (None if len(idx) == n else idx), ys, last, text
 
     def train_finite_columns(self, key: str) -> tuple[Sequence[int], list]:
-        """``(indices, values)`` of the finite numeric ``key`` values on train lines.  Needs :meth:`prepare`."""
+        """``(indices, values)`` of the finite numeric ``key`` values on train lines (cached: do not change
+        them).  Needs :meth:`prepare`."""
+        got = self.memo.get(("train_finite", key))
+        if got is None:
+            got = self.memo[("train_finite", key)] = self._train_finite(key)
+        return got
+
+    def _train_finite(self, key: str) -> tuple[Sequence[int], list]:
         idx, ys, _, _ = self.numeric(key)
         idx = np.arange(len(self)) if idx is None else idx
         idx = idx[np.isfinite(ys) & self.is_train[idx]].tolist()

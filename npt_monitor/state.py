@@ -23,6 +23,9 @@ LAYER_FIELDS = ("direct_mse", "v_a_norm", "v_b_norm", "v_a_attn_sim", "eval/dire
                 "eval/direct_mse_student_in")
 
 _isfinite = math.isfinite
+END_EVENTS = frozenset({"end", "stop", "abort", "preempted"})  # the run ended: silence is no stall
+RUN_EVENTS = frozenset({"start", "train"})  # the run is (again) under way
+GAPS_KEPT = 256
 
 
 class Series:
@@ -159,6 +162,12 @@ class RunState:
         self.corrupt_samples: list[CorruptLine] = []
         self.first_time: tuple[float, int] | None = None  # (time, step) of first timed train line
         self.last_time: tuple[float, int] | None = None
+        self.last_line_time: float | None = None  # the `time` of the newest line that has one (any event)
+        self.train_gaps = np.empty(0)  # seconds between the last (up to 256) consecutive timed train lines
+        self.train_seen = False
+        self.last_event: str | None = None  # the newest line's event
+        self.last_phase: str | None = None  # its `phase` (or its `rank_phases`), where the stream carries one
+        self.ended = False  # the newest start/train/end-like line is an end event (end, stop, abort, preempted)
         self.version = 0  # bumped on every change; widgets compare it
         self._layer_cache: dict[str, tuple[int, str] | None] = {}
 
@@ -176,6 +185,7 @@ class RunState:
             self.events[e] = self.events.get(e, 0) + c
         if batch.last_step is not None:
             self.step = batch.last_step
+        self._fold_progress(batch)
         keys = batch.keys()
         if "run/total_steps" in keys:
             total = last_of(batch.column("run/total_steps"), lambda v: as_int(v) is not None)
@@ -202,13 +212,40 @@ class RunState:
             self.name = name
         self.version += 1
 
+    def _fold_progress(self, batch: Batch) -> None:
+        """What the stall judgement needs: the newest line's event and phase, whether the run ended."""
+        events = batch.events
+        self.train_seen = self.train_seen or bool(batch.is_train.any())
+        self.last_event = events[-1]
+        last = batch.records[-1]
+        phase, phases = last.get("phase"), last.get("rank_phases")
+        if type(phase) is str and phase:
+            self.last_phase = phase
+        elif type(phases) is dict and phases:
+            self.last_phase = ", ".join(f"rank {r} {p}" for r, p in phases.items())
+        else:
+            self.last_phase = None
+        for e in reversed(events):
+            if e in END_EVENTS or e in RUN_EVENTS:
+                self.ended = e in END_EVENTS
+                break
+
     def _fold_time(self, batch: Batch) -> None:
-        """The wall-time axis (``clock``) and the first/last timed train lines (ETA)."""
+        """The wall-time axis (``clock``), the first/last timed train lines (ETA), the newest line's time and
+        the gaps between train lines (the stall bound)."""
         idx, ts, _, _ = batch.numeric("time")
         self.clock.extend(batch.x if idx is None else batch.x[idx], ts)
         t = np.full(len(batch), math.nan)
         t[slice(None) if idx is None else idx] = ts
+        finite = np.isfinite(ts)
+        if finite.any():
+            self.last_line_time = float(ts[finite][-1])
         timed = (np.isfinite(t) & batch.is_train).nonzero()[0]
+        if len(timed):
+            times = t[timed[-(GAPS_KEPT + 1):]]
+            if self.last_time is not None:
+                times = np.concatenate([[self.last_time[0]], times])
+            self.train_gaps = np.concatenate([self.train_gaps, np.diff(times)])[-GAPS_KEPT:]
         train = batch.is_train.nonzero()[0]
         if len(timed) and timed[-1] == train[-1]:  # the newest train line has a time
             i = int(timed[-1])
@@ -233,6 +270,11 @@ class RunState:
         if self.path is None:
             return "run"
         return self.path.parent.name if self.path.name == "metrics.jsonl" and self.path.parent.name else self.path.stem
+
+    def median_train_gap(self) -> float | None:
+        """The median of the (last 256) intervals between consecutive train lines' ``time``, in seconds."""
+        gaps = self.train_gaps[np.isfinite(self.train_gaps) & (self.train_gaps >= 0)]
+        return float(np.median(gaps)) if len(gaps) else None
 
     def numeric_keys(self) -> list[str]:
         return sorted(self.series)

@@ -6,6 +6,11 @@ Used by the tests, ``bench/monitor_bench.py`` and for demos::
         --nan-at 300 --kl-at 500=9.4 --oscillate 800:900
 
 appends lines at ``--rate`` lines/s (0 = all at once).
+
+The loss shapes the alert fixtures need: ``jitter`` (the issue's "+-a %": loss = trend x (1 + u), u uniform in
+[-a, a], one draw per train line; piecewise, so the noise can jump), ``flip_flop`` (a swing of any period from 2,
+sampled once per step) and ``drift`` (slow waves that follow the order of the streamed text: smoothed white noise,
+no fixed period).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import random
 import sys
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 __all__ = ["synth_records", "synth_lines", "write_synth"]
 
@@ -41,6 +46,10 @@ def synth_records(
     oscillate: tuple[int, int] | None = None,
     osc_amplitude: float = 0.25,
     osc_period: int = 8,
+    jitter: Sequence[tuple[int, float]] = (),
+    flip_flop: tuple[int, int] | None = None,
+    flip_amplitude: float = 0.5,
+    drift: tuple[float, float] | None = None,
     t0: float = 1_700_000_000.0,
     step_time: float = 0.8,
 ) -> Iterator[dict]:
@@ -49,6 +58,16 @@ def synth_records(
 
     Loss converges as ``2 + 6 exp(-3 t / n)`` with multiplicative noise; the
     curriculum goes teacher -> mixed (ratio ramps 0..1) -> student.
+
+    * ``jitter``: ``((from_step, a), ...)``: from each ``from_step`` on, the noise is uniform +-a
+      (loss = trend x (1 + u), u in [-a, a], one draw per train line) instead of ``noise``'s Gaussian.
+    * ``flip_flop``: ``(from_step, period)``: loss x (1 + ``flip_amplitude`` x w), w the wave
+      sin(2 pi (k + phi) / period) at step k since from_step, phi = 1/4 for an even period (no sample on a zero
+      crossing), scaled so its extremes are +-1: period 2 is +a, -a, ...; period 3 is 0, +a, -a, ...
+    * ``drift``: ``(std, period)``: loss x (1 + d), d white noise smoothed by a Gaussian of width
+      period / (2 pi sqrt 2) steps (its waves' mean length, zero crossing to zero crossing twice, is then
+      ``period``), scaled to standard deviation ``std``: the difficulty of text streamed in order, which drifts
+      in waves of no fixed period.
     """
     rng = random.Random(seed)
     total = total_steps or n
@@ -56,6 +75,9 @@ def synth_records(
     grad_spike_at = grad_spike_at or {}
     nan_at = set(nan_at)
     tau = max(1.0, n / 3.0)
+    jitter = sorted(jitter)
+    flip = _flip_wave(flip_flop[1]) if flip_flop else ()
+    waves = _drift_waves(rng, n, *drift) if drift else None
     skipped = 0
     if start:
         yield {
@@ -76,7 +98,12 @@ def synth_records(
             yield {"time": now, "step": step, "event": "nan_step", "skipped_steps": skipped, "loss/total": math.nan}
             continue
         base = 2.0 + 6.0 * math.exp(-step / tau)
-        loss = base * (1.0 + noise * rng.gauss(0.0, 1.0))
+        amp = next((a for s, a in reversed(jitter) if s <= step), None)
+        loss = base * (1.0 + (noise * rng.gauss(0.0, 1.0) if amp is None else rng.uniform(-amp, amp)))
+        if flip_flop and step >= flip_flop[0]:
+            loss *= 1.0 + flip_amplitude * flip[(step - flip_flop[0]) % len(flip)]
+        if waves is not None:
+            loss *= 1.0 + waves[i]
         if oscillate and oscillate[0] <= step < oscillate[1]:
             loss *= 1.0 + osc_amplitude * math.sin(2 * math.pi * (step - oscillate[0]) / osc_period)
         if frac < 0.2:
@@ -137,6 +164,29 @@ def synth_records(
         yield {"time": round(t0 + n * step_time, 3), "step": n, "event": "end", "skipped_steps": skipped}
 
 
+def _flip_wave(period: int) -> list[float]:
+    """One period of the flip-flop wave, extremes +-1 (see :func:`synth_records`)."""
+    phase = 0.25 if period % 2 == 0 else 0.0
+    wave = [math.sin(2 * math.pi * (k + phase) / period) for k in range(period)]
+    top = max(abs(v) for v in wave)
+    return [v / top for v in wave]
+
+
+def _drift_waves(rng: random.Random, n: int, std: float, period: float) -> list[float]:
+    """``n`` values of white noise smoothed by a Gaussian kernel, scaled to standard deviation ``std``.
+
+    For a Gaussian kernel of width s the smoothed noise crosses zero 1 / (pi s sqrt 2) times per step (Rice's
+    formula), so its waves last 2 pi s sqrt 2 steps on average: s = period / (2 pi sqrt 2)."""
+    s = max(period / (2 * math.pi * math.sqrt(2)), 0.5)
+    half = int(4 * s) + 1
+    kernel = [math.exp(-0.5 * (j / s) ** 2) for j in range(-half, half + 1)]
+    white = [rng.gauss(0.0, 1.0) for _ in range(n + 2 * half)]
+    smooth = [sum(k * w for k, w in zip(kernel, white[i : i + len(kernel)])) for i in range(n)]
+    mean = sum(smooth) / n
+    sd = math.sqrt(sum((v - mean) ** 2 for v in smooth) / n) or 1.0
+    return [std * (v - mean) / sd for v in smooth]
+
+
 def synth_lines(n: int, **kwargs) -> list[str]:
     """Lines (without newline) of :func:`synth_records`."""
     return [json.dumps(r) for r in synth_records(n, **kwargs)]
@@ -169,6 +219,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kl-at", type=_kv, action="append", default=[], metavar="STEP=KL")
     ap.add_argument("--grad-spike-at", type=_kv, action="append", default=[], metavar="STEP=NORM")
     ap.add_argument("--oscillate", default=None, metavar="START:END")
+    ap.add_argument("--jitter", type=_kv, action="append", default=[], metavar="STEP=A",
+                    help="from STEP on, uniform +-A noise (A=0.4: +-40 %%)")
+    ap.add_argument("--flip-flop", default=None, metavar="STEP:PERIOD", help="a +-50 %% swing of PERIOD from STEP")
+    ap.add_argument("--drift", default=None, metavar="STD:PERIOD", help="slow waves that follow the data")
     ap.add_argument("--append", action="store_true", help="append instead of truncating OUT")
     args = ap.parse_args(argv)
     osc = tuple(int(x) for x in args.oscillate.split(":")) if args.oscillate else None
@@ -184,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
         kl_at=dict(args.kl_at),
         grad_spike_at=dict(args.grad_spike_at),
         oscillate=osc,  # type: ignore[arg-type]
+        jitter=args.jitter,
+        flip_flop=tuple(int(x) for x in args.flip_flop.split(":")) if args.flip_flop else None,  # type: ignore[arg-type]
+        drift=tuple(float(x) for x in args.drift.split(":")) if args.drift else None,  # type: ignore[arg-type]
     )
     with open(out, "a" if args.append else "w") as fh:
         t_next = time.monotonic()

@@ -208,3 +208,24 @@ def test_gloo_bandwidth_probe_measures_an_all_gather():
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["message_gb_per_s"] > 0 and result["message_mb"] == 4.0
+
+
+def test_monitor_bench_loads_a_git_revisions_monitor_side_by_side(tmp_path):
+    """`monitor_bench.py --baseline REV --load-only`: REV's npt_monitor (git archive) and the current one
+    each load the same file in fresh interpreters, alternating; both read every record. (No timing asserted:
+    speed targets are `make bench`'s.)"""
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "monitor_bench.py"), "--lines", "300",
+                           "--load-repeats", "2", "--baseline", "HEAD", "--load-only", "--out", str(tmp_path / "r.json")],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((tmp_path / "r.json").read_text())
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert result["baseline_rev"] == head and result["model_records"] == 301
+    assert len(result["model_load_runs_s"]) == len(result["baseline_model_load_runs_s"]) == 2
+    modules = result["load_modules"]
+    assert modules["current"] == str(ROOT / "npt_monitor" / "__init__.py")
+    assert modules["baseline"].endswith("/npt_monitor/__init__.py") and not modules["baseline"].startswith(str(ROOT))
+    assert result["load_ratio"] > 0 and "app" not in result and "cost" not in result
+    bad = subprocess.run([sys.executable, str(ROOT / "bench" / "monitor_bench.py"), "--lines", "10", "--load-only",
+                          "--baseline", "no-such-rev"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.startswith("monitor_bench: --baseline no-such-rev: not a commit")

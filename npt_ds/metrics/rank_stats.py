@@ -7,13 +7,15 @@ slow data) waits less for the others and shows the larger value, whereas the wal
 on every rank (the slowest one sets it).  That needs collectives that block the host (gloo: the CPU
 runs); under NCCL a wait for a slower peer happens on the device stream, outside this clock, so the own
 step times of the ranks come out about equal there and a straggler may go unnamed.  On a log step the ranks all-gather four numbers each (own
-step time, peak memory, reserved memory, wall step time), and rank 0 writes:
+step time, peak memory, reserved memory, wall step time) and their system figures
+(:mod:`npt_ds.metrics.system`), and rank 0 writes:
 
 * ``time/step_s`` (rank 0's wall time per optimizer step), ``time/step_max_s``, ``time/step_min_s``,
   ``time/step_median_s`` (over the ranks' own step times), ``time/slowest_rank``;
 * ``mem/peak_alloc_gb`` / ``mem/reserved_gb``: the max over ranks of ``torch.cuda.max_memory_allocated``
   / ``memory_reserved`` on GPU, of the process's peak / current RSS on CPU; ``mem/peak_rank`` holds it;
-* ``rank/{r}/step_s``, ``rank/{r}/mem_gb`` per rank (up to :data:`MAX_RANKS_LOGGED` ranks);
+* ``rank/{r}/step_s``, ``rank/{r}/mem_gb`` per rank (up to :data:`MAX_RANKS_LOGGED` ranks), and
+  ``sys/{r}/gpu_util``, ``gpu_mem_gb``, ``gpu_power_w``, ``gpu_temp_c`` (NVML) or ``sys/{r}/cpu_pct``;
 * ``perf/tflops_per_device`` = :func:`npt_ds.planning.step_cost.step_flops` (the NPT step's FLOPs per device:
   frozen teacher forward, student modulated MLPs forward, their backward without base-weight gradients,
   activation recompute) / ``time/step_s``; ``perf/mfu`` = that / the device's bf16 peak
@@ -37,6 +39,7 @@ from ..parallel.devices import peak_tflops
 from ..parallel.groups import WAIT
 from ..planning.inputs import inputs_from_config
 from ..planning.step_cost import step_flops
+from .system import SystemSampler, system_keys
 
 MAX_RANKS_LOGGED = 64
 SLEEP_ENV = "NPT_DS_TEST_SLEEP_RANK"
@@ -76,8 +79,9 @@ def gather_rows(row: list[float]) -> list[list[float]]:
 
 
 def summarize(rows: list[list[float]], flops_per_step: float | None, peak_tflops: float | None,
-              tokens_per_s: float) -> dict[str, float | int]:
-    """The stream's keys from the gathered rows ``[own step s, peak GB, reserved GB, wall step s]``."""
+              tokens_per_s: float, system_fields: tuple[str, ...] = ()) -> dict[str, float | int]:
+    """The stream's keys from the gathered rows ``[own step s, peak GB, reserved GB, wall step s, *system
+    figures]`` (``system_fields`` names the figures)."""
     own = [r[0] for r in rows]
     slowest = max(range(len(rows)), key=own.__getitem__)
     peak_rank = max(range(len(rows)), key=lambda r: rows[r][1])
@@ -93,6 +97,7 @@ def summarize(rows: list[list[float]], flops_per_step: float | None, peak_tflops
     for r, row in enumerate(rows[:MAX_RANKS_LOGGED]):
         out[f"rank/{r}/step_s"] = round(row[0], 6)
         out[f"rank/{r}/mem_gb"] = round(row[1], 4)
+        out.update(system_keys(r, row[4:], system_fields))
     if flops_per_step and step_s > 0:
         tflops = flops_per_step / step_s / 1e12
         out["perf/tflops_per_device"] = round(tflops, 6)
@@ -118,11 +123,13 @@ class RankStats:
         self.flops_per_step = step_flops_of(cfg, world)
         self.peak_tflops, self.peak_source = peak_tflops(cfg.perf.peak_tflops)
         self.sleep = sleep_for_rank(rank)
+        self.system = SystemSampler()
         self.mark()
 
     def mark(self) -> None:
         """Start a new window (after set-up, an eval or a save: not a training step's time)."""
         self._t0, self._wait0, self.steps = time.perf_counter(), WAIT.seconds, 0
+        self.system.mark()
 
     def step_done(self) -> None:
         """After each optimizer step (host arithmetic only; the test hook sleeps here)."""
@@ -136,6 +143,7 @@ class RankStats:
         wall = time.perf_counter() - self._t0
         own = max(wall - (WAIT.seconds - self._wait0), 0.0) / steps
         peak, reserved = memory_gb()
+        figures = self.system.sample()
         self.mark()  # the next window starts here: the wait in this gather belongs to it
-        rows = WAIT.timed(gather_rows, [own, peak, reserved, wall / steps])
-        return summarize(rows, self.flops_per_step, self.peak_tflops, tokens_per_s)
+        rows = WAIT.timed(gather_rows, [own, peak, reserved, wall / steps, *figures])
+        return summarize(rows, self.flops_per_step, self.peak_tflops, tokens_per_s, self.system.fields)

@@ -1,4 +1,5 @@
-"""The one metrics path: rank 0 appends flat JSON lines to RUN_DIR/metrics.jsonl; wandb is an optional sink.
+"""The one metrics path: rank 0 appends flat JSON lines to RUN_DIR/metrics.jsonl; wandb and TensorBoard
+(RUN_DIR/tb, :mod:`npt_ds.metrics.tensorboard`) are optional sinks.
 
 Values are plain floats/ints/strings (call `.item()` only on log steps, before handing them here).
 Non-finite floats are written as JSON's NaN/Infinity tokens, which Python and npt-monitor read.
@@ -11,20 +12,25 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .tensorboard import TensorBoardSink
+
 
 class MetricsWriter:
     def __init__(self, run_dir: str | Path, enabled: bool = True, wandb_cfg: dict | None = None,
-                 console: bool = True):
+                 console: bool = True, tensorboard: bool = False):
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
         self.console = console and enabled
         self._file = None
         self._wandb = None
+        self._tb: TensorBoardSink | None = None
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = self.path.open("a", buffering=1)
             if wandb_cfg:
                 self._wandb = _start_wandb(wandb_cfg, run_dir)
+            if tensorboard:
+                self._tb = TensorBoardSink(Path(run_dir) / "tb")
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -35,6 +41,8 @@ class MetricsWriter:
         if self._wandb is not None:
             numeric = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
             self._wandb.log(numeric, step=int(record.get("step", 0)))
+        if self._tb is not None:
+            self._tb.log(record)
 
     def progress(self, step: int, total: int, loss: float, tokens_per_s: float, eta_s: float, extra: str = "") -> None:
         if not self.console:
@@ -62,6 +70,9 @@ class MetricsWriter:
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
 
 
 def _jsonable(value: Any):

@@ -27,6 +27,7 @@ from ..config import ConfigError, ModelConfig, TrainConfig
 from ..data.sources import PackedBatches, eval_batches, held_out_files
 from ..metrics.comm import COUNTER
 from ..metrics.rank_stats import RankStats
+from ..metrics.tensorboard import require_tensorboard
 from ..metrics.writer import MetricsWriter
 from ..model import NPTDecoderLayer, convert_model, decoder_layers, load_base_model, load_tokenizer, npt_layers
 from ..model.projector import LogitProjector
@@ -105,6 +106,8 @@ class TrainingDiverged(RuntimeError):
 
 class Trainer:
     def __init__(self, cfg: TrainConfig):
+        if cfg.logging.tensorboard:
+            require_tensorboard()  # on every rank, before any collective: rank 0 alone failing would hang the others
         self.rank, self.world = init_distributed(cfg.distributed.timeout_s, cfg.logging.run_dir)
         self.watchdog = Watchdog(self.rank, self.world, cfg.distributed.heartbeat_timeout_s, on_abort=self.on_stall)
         self.preemption = PreemptionFlag()  # SIGTERM/SIGINT -> checkpoint at the next step boundary, exit 0
@@ -161,7 +164,8 @@ class Trainer:
                                        "(data.eval_files names other held-out files)")
         self.metrics = MetricsWriter(self.run_dir, enabled=self.rank == 0, console=cfg.logging.console,
                                      wandb_cfg={"project": cfg.logging.wandb_project, "name": cfg.run_name,
-                                                "config": cfg.to_dict()} if cfg.logging.wandb else None)
+                                                "config": cfg.to_dict()} if cfg.logging.wandb else None,
+                                     tensorboard=cfg.logging.tensorboard)
         self.step = 0
         self.skipped = 0
         self.consecutive_bad = 0

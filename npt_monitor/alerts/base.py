@@ -14,8 +14,8 @@ ERROR = "error"
 WARNING = "warning"
 INFO = "info"
 FAILING = (ERROR, WARNING)  # what makes ``--check`` exit 1
-KINDS = ("nonfinite", "skipped", "kl_high", "grad_spike", "oscillation", "plateau", "straggler", "memory_growth",
-         "throughput_drop")
+KINDS = ("nonfinite", "skipped", "kl_high", "stall", "grad_spike", "oscillation", "instability", "plateau",
+         "straggler", "memory_growth", "throughput_drop")
 _isfinite = math.isfinite
 
 
@@ -37,8 +37,21 @@ class AlertConfig:
     osc_min_autocorr: float = 0.3
     osc_stride: int = 4  # judge every 4th loss (a window costs a 64x64 detrend and an FFT)
     osc_line_contrast: float = 8.0  # the line over the lines two bins beside it (narrow, not a 1/k² hump)
+    osc_min_cycles: int = 4  # cycles of the period inside the window (two waves are no period)
+    osc_persist_cycles: float = 4.0  # periods the line must hold in consecutive windows (a drift's waves wander)
+    osc_long_window: int = 128  # periods longer than osc_window / osc_min_cycles (16) are judged here
+    osc_long_stride: int = 16
+    instab_window: int = 32
+    instab_min_points: int = 16
+    instab_min_swing: float = 0.13  # mean |loss - trend| / level; uniform +-a noise gives about a / 2
+    instab_noise_factor: float = 2.0  # ... and this many times the run's earlier swing (once that is known)
+    instab_min_blocks: int = 1  # blocks of instab_window full windows that make the earlier swing known
     # a change of these starts a new regime: the oscillation window restarts, a grad spike right at one is a note
     stage_keys: tuple[str, ...] = ("curriculum/stage", "sequential/layer")
+    stall_s: float | None = None  # a fixed silence bound (s); unset: the automatic one below
+    stall_min_s: float = 60.0
+    stall_factor: float = 20.0  # x the median interval between train lines
+    stall_startup_s: float = 600.0  # before the first train line (model load, first-step set-up)
     straggler_factor: float = 1.3
     straggler_consecutive: int = 5
     memory_growth_marks: int = 3
@@ -130,16 +143,20 @@ class Restarts:
         """Per index in `idx` (train lines, in order): whether the regime changes there."""
         if not len(idx):
             return []
-        at = itemgetter(*idx) if len(idx) > 1 else lambda col: (col[idx[0]],)
-        sched = list(zip(*[at(batch.column(k)) for k in self.keys])) if self.keys else [()] * len(idx)
-        out = list(map(ne, sched[1:], sched))  # (schedule values are compared as read: str, float, None)
-        if self.rewind and batch.steps is not None:
-            st = at(batch.steps)
-            out = list(map(or_, out, map(lt, st[1:], st)))
-            first = self.last_step is not None and st[0] < self.last_step
-            self.last_step = st[-1]
-        else:
-            first = False
-        out.insert(0, first or (self.schedule is not None and sched[0] != self.schedule))
-        self.schedule = sched[-1]
-        return out
+        memo = ("restarts", self.keys, self.rewind, tuple(idx))  # detectors with the same keys share the work
+        got = batch.memo.get(memo)
+        if got is None:
+            at = itemgetter(*idx) if len(idx) > 1 else lambda col: (col[idx[0]],)
+            sched = list(zip(*[at(batch.column(k)) for k in self.keys])) if self.keys else [()] * len(idx)
+            out = list(map(ne, sched[1:], sched))  # (schedule values are compared as read: str, float, None)
+            st = at(batch.steps) if self.rewind and batch.steps is not None else None
+            if st is not None:
+                out = list(map(or_, out, map(lt, st[1:], st)))
+            got = batch.memo[memo] = (sched[0], sched[-1], out, st[0] if st else None, st[-1] if st else None)
+        first_sched, last_sched, out, first_step, last_step = got
+        first = False
+        if first_step is not None:
+            first = self.last_step is not None and first_step < self.last_step
+            self.last_step = last_step
+        self.schedule, was = last_sched, self.schedule
+        return [first or (was is not None and first_sched != was), *out]

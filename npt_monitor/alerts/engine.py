@@ -5,9 +5,9 @@ from typing import Iterable
 
 from ..parsing import Batch
 from .base import Alert, AlertConfig, Detector
-from .events import KLDetector, NonFiniteDetector, SkippedStepDetector
+from .events import AbortDetector, KLDetector, NonFiniteDetector, SkippedStepDetector
 from .gradients import GradSpikeDetector
-from .loss_shape import OscillationDetector, PlateauDetector
+from .loss_shape import InstabilityDetector, OscillationDetector, PlateauDetector
 from .system import MemoryGrowthDetector, StragglerDetector, ThroughputDropDetector
 
 
@@ -24,8 +24,10 @@ class AlertEngine:
             NonFiniteDetector(cfg),
             SkippedStepDetector(cfg),
             KLDetector(cfg),
+            AbortDetector(cfg),
             GradSpikeDetector(cfg),
             OscillationDetector(cfg),
+            InstabilityDetector(cfg),
             PlateauDetector(cfg),
             StragglerDetector(cfg),
             MemoryGrowthDetector(cfg),

@@ -1,4 +1,4 @@
-"""Alerts on single lines: a non-finite value, a skipped step, KL above its limit."""
+"""Alerts on single lines: a non-finite value, a skipped step, KL above its limit, a run aborted by its watchdog."""
 from __future__ import annotations
 
 import math
@@ -68,3 +68,37 @@ class KLDetector(Detector):
             else:
                 self.active = False
         return hits
+
+
+class AbortDetector(Detector):
+    """An ``abort`` event (a lost or stalled rank ended the run): the ``stall`` alert, naming the ranks."""
+
+    kind, severity = "stall", ERROR
+
+    def scan(self, batch: Batch) -> Hits:
+        if "abort" not in batch.events:  # (a C-speed scan: nearly every batch)
+            return []
+        return [(i, abort_message(batch.records[i])) for i, e in enumerate(batch.events) if e == "abort"]
+
+
+def abort_message(rec: dict) -> str:
+    """``run aborted (stalled): rank 1 missing (rank 1 at step 35, forward); RuntimeError: ...``."""
+    reason = rec.get("reason")
+    missing = rec.get("missing_ranks")
+    steps = rec.get("rank_steps") if type(rec.get("rank_steps")) is dict else {}
+    phases = rec.get("rank_phases") if type(rec.get("rank_phases")) is dict else {}
+    if type(missing) is list and missing:
+        who = f"rank{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))} missing"
+        named = [str(r) for r in missing]
+    else:
+        who = "no rank named" if type(missing) is list else "missing ranks unknown"
+        named = sorted(set(steps) | set(phases), key=lambda r: (len(r), r))
+    where = []
+    for r in named:
+        at = [f"at step {steps[r]}"] if r in steps else []
+        at += [str(phases[r])] if r in phases else []
+        if at:
+            where.append(f"rank {r} {', '.join(at)}")
+    detail = f" ({'; '.join(where)})" if where else ""
+    error = f"; {rec['error']}" if rec.get("error") else ""
+    return f"run aborted{f' ({reason})' if reason else ''}: {who}{detail}{error}"

@@ -1,4 +1,4 @@
-"""Gradient-norm spikes, judged by whether they were clipped and whether the loss followed them."""
+"""Gradient-norm spikes, judged by whether the loss followed them (and saying whether they were clipped)."""
 from __future__ import annotations
 
 import statistics
@@ -32,7 +32,7 @@ class GradSpikeDetector(Detector):
     def _judge(self, spike: list, complete: bool) -> tuple[str, str, int, int]:
         step, line_no, text, clipped, trend, after, staged, _ = spike
         clip = "clipped" if clipped else ("not clipped" if clipped is not None else "clip norm unknown")
-        if staged and clipped:  # the loss moves by design there: nothing to compare with
+        if staged:  # the loss moves by design there: nothing to compare with
             return INFO, f"{text}; {clip}; at a curriculum/sequential stage change", step, line_no
         if not after or trend is None:
             return WARNING, f"{text}; {clip}; loss follow-up unknown", step, line_no
@@ -42,7 +42,7 @@ class GradSpikeDetector(Detector):
                   else f"loss followed it ({fmt_value(later)} vs trend {fmt_value(trend)})")
         if not complete:
             follow += f" after {len(after)} steps"
-        return (INFO if clipped and returned else WARNING), f"{text}; {clip}; {follow}", step, line_no
+        return (INFO if returned else WARNING), f"{text}; {clip}; {follow}", step, line_no
 
     def scan(self, batch: Batch) -> Hits:
         """Every finite grad norm is first bounded by its trailing minimum (a spike over the median is

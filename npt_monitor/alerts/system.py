@@ -2,44 +2,110 @@
 from __future__ import annotations
 
 import math
+import re
+import warnings
 
 import numpy as np
 
 from ..parsing import Batch
-from ..rolling import trailing
+from ..rolling import first_true, run_length, trailing
 from .base import WARNING, AlertConfig, Detector, Hits, Restarts, fmt_value, is_number, run_segments
 
+RANK_STEP = re.compile(r"rank/(\d+)/step_s$")
 
 
 class StragglerDetector(Detector):
-    """The slowest rank's own step time > straggler_factor x the median rank's, for K log lines in a row."""
+    """The slowest rank's own step time > straggler_factor x the median rank's, for K log lines in a row,
+    from whatever the stream has (``time/step_max_s`` / ``time/step_median_s`` / ``time/step_min_s`` /
+    ``time/slowest_rank``, or the ranks' ``rank/{r}/step_s``)."""
 
     kind, severity = "straggler", WARNING
 
     def __init__(self, cfg: AlertConfig) -> None:
         super().__init__(cfg)
         self.run = 0
-        self.rank = None
+        self.rank: float | None = None  # the slowest rank of the run going on (NaN: not named)
         self.active = False
 
     def scan(self, batch: Batch) -> Hits:
-        hits: Hits = []
+        rows, slow, ref, who, by_min = self._judged(batch)
+        m = len(rows)
+        if not m:
+            return []
         cfg = self.cfg
-        slow, med, who = (batch.column(k) for k in ("time/step_max_s", "time/step_median_s", "time/slowest_rank"))
-        for i in range(len(batch)):
-            if not (is_number(slow[i]) and is_number(med[i]) and med[i] > 0):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = slow / ref
+        over = ratio > cfg.straggler_factor
+        carried = self.run > 0 and bool(over[0])  # the slow stretch of the last batch goes on
+        before = np.concatenate([[self.rank if carried else np.nan], who[:-1]])
+        cont = over & np.concatenate([[carried], over[:-1]]) & _same(who, before)  # the same rank slow again
+        counted = run_length(cont)
+        lead = np.arange(m) < (first_true(~cont) if (~cont).any() else m)  # the run carried in from the last batch
+        length = np.where(over, np.where(cont, np.where(lead, self.run + counted, counted + 1), 1), 0)
+        episode = np.cumsum(~over)  # the rows of one stretch of slow lines share an id (0: the carried one)
+        hits: Hits = []
+        fired: set[int] = {0} if carried and self.active else set()
+        for j in np.nonzero(over & (length >= cfg.straggler_consecutive))[0].tolist():
+            e = int(episode[j])
+            if e in fired:
                 continue
-            ratio = slow[i] / med[i]
-            if ratio > cfg.straggler_factor:
-                self.run = self.run + 1 if who[i] == self.rank else 1
-                self.rank = who[i]
-                if self.run >= cfg.straggler_consecutive and not self.active:
-                    self.active = True
-                    hits.append((i, f"rank {who[i]} is a straggler: its step {slow[i]:.3g} s = {ratio:.2f}x the "
-                                    f"median rank's {med[i]:.3g} s for {self.run} log steps"))
-            else:
-                self.run, self.rank, self.active = 0, None, False
+            fired.add(e)
+            rank = "a rank (not named)" if math.isnan(who[j]) else f"rank {int(who[j])}"
+            base = "the fastest rank's" if by_min[j] else "the median rank's"
+            hits.append((int(rows[j]), f"{rank} is a straggler: its step {slow[j]:.3g} s = {ratio[j]:.2f}x {base} "
+                                       f"{ref[j]:.3g} s for {int(length[j])} log steps"))
+        if over[-1]:
+            self.run, self.rank, self.active = int(length[-1]), float(who[-1]), int(episode[-1]) in fired
+        else:
+            self.run, self.rank, self.active = 0, None, False
         return hits
+
+    def _judged(self, batch: Batch) -> tuple[np.ndarray, ...]:
+        """(rows, slowest s, reference s, slowest rank or NaN, whether the reference is the fastest rank) of
+        the lines that have both a slowest and a reference step time."""
+        n = len(batch)
+        col = {}
+        for key in ("time/step_max_s", "time/step_median_s", "time/step_min_s", "time/slowest_rank"):
+            col[key] = _dense(batch, key, n) if key in batch.keys() else None
+        ranks = sorted((int(m.group(1)), k) for k in batch.keys() if (m := RANK_STEP.match(k)))
+        slow, med, fast, who = (col[k] for k in ("time/step_max_s", "time/step_median_s", "time/step_min_s",
+                                                  "time/slowest_rank"))
+        if ranks:
+            own = np.stack([_dense(batch, k, n) for _, k in ranks], axis=1)
+            have = np.isfinite(own)
+            count = have.sum(axis=1)
+            filled = np.where(have, own, -np.inf)
+            top = filled.argmax(axis=1)
+            r_max = np.where(count > 0, filled.max(axis=1), np.nan)
+            r_who = np.where(count > 0, np.array([r for r, _ in ranks], dtype=float)[top], np.nan)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # rows without any rank: NaN, as meant
+                r_med = np.where(count >= 2, np.nanmedian(own, axis=1), np.nan)
+            slow = r_max if slow is None else np.where(np.isfinite(slow), slow, r_max)
+            who = r_who if who is None else np.where(np.isfinite(who), who, r_who)
+            med = r_med if med is None else np.where(np.isfinite(med), med, r_med)
+        nan = np.full(n, np.nan)
+        slow, med, fast, who = (nan if c is None else c for c in (slow, med, fast, who))
+        by_min = ~np.isfinite(med)
+        ref = np.where(by_min, fast, med)
+        rows = np.nonzero(np.isfinite(slow) & np.isfinite(ref) & (ref > 0))[0]
+        return rows, slow[rows], ref[rows], who[rows], by_min[rows]
+
+
+def _dense(batch: Batch, key: str, n: int) -> np.ndarray:
+    """``key``'s numbers per line (NaN where the line has none)."""
+    idx, ys, _, _ = batch.numeric(key)
+    if idx is None:
+        return ys.astype(float, copy=True)
+    out = np.full(n, np.nan)
+    out[idx] = ys
+    return out
+
+
+def _same(a, b) -> np.ndarray:
+    """Whether two slowest-rank values name the same rank (two unnamed ones count as the same)."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    return (a == b) | (np.isnan(a) & np.isnan(b))
 
 
 class MemoryGrowthDetector(Detector):

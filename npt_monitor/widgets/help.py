@@ -37,12 +37,20 @@ def help_renderable(cfg: AlertConfig) -> Table:
     grid.add_row("nonfinite", "a NaN/Inf value on a line")
     grid.add_row("skipped", "nan_step event or skipped_steps went up")
     grid.add_row("kl_high", f"kd/kl > {cfg.kl_threshold:g}")
-    grid.add_row("grad_spike", f"grad_norm > {cfg.grad_spike_factor:g}x median of last {cfg.grad_spike_window}")
+    bound = f"{cfg.stall_s:g} s" if cfg.stall_s is not None else (
+        f"max({cfg.stall_min_s:g} s, {cfg.stall_factor:g}x the median train-line interval); "
+        f"{cfg.stall_startup_s:g} s before the first train line")
+    grid.add_row("stall", f"no line for longer than {bound}, or an abort event (names the ranks)")
+    grid.add_row("grad_spike", f"grad_norm > {cfg.grad_spike_factor:g}x median of last {cfg.grad_spike_window}; "
+                               "a note if the loss absorbed it or a stage changed")
     grid.add_row(
         "oscillation",
-        f"a periodic swing of the loss (period 4..{cfg.osc_window // 2}) >= {cfg.osc_power_ratio:g}x the run's "
-        f"noise floor, >= {cfg.osc_min_amplitude:.0%} of its level, in the last {cfg.osc_window} steps",
+        f"a periodic swing of the loss (period 4..{cfg.osc_long_window // cfg.osc_min_cycles}, "
+        f"{cfg.osc_min_cycles} cycles in the window) >= {cfg.osc_power_ratio:g}x the run's noise floor, "
+        f">= {cfg.osc_min_amplitude:.0%} of its level, held for {cfg.osc_persist_cycles:g} more periods",
     )
+    grid.add_row("instability", f"the loss swings >= {cfg.instab_min_swing:.0%} of its level around its trend "
+                                f"(and >= {cfg.instab_noise_factor:g}x the run's earlier noise), any period or none")
     grid.add_row("plateau", f"mean loss of the last {cfg.plateau_window // 2} steps >= the {cfg.plateau_window // 2} before")
     grid.add_row("straggler", f"slowest rank's step > {cfg.straggler_factor:g}x the median rank's, "
                               f"{cfg.straggler_consecutive} log steps in a row")

@@ -8,6 +8,7 @@ every ``refresh_interval`` seconds, unless the app is paused.
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -22,11 +23,12 @@ from .alerts_panel import AlertsPanel
 from .header import RunHeader
 from .layers import LayerTable
 from .plot import MetricPlot
-from .ranks_panel import RanksPanel
+from .ranks_panel import TITLE as RANKS_TITLE, RanksPanel
 
 DEFAULT_JUMP_SPAN = 200
 LOADING_PLOT_INTERVAL = 1.0
 PLOT_EVERY_REFRESHES = 8  # while tailing, plots redraw every 8th refresh tick at most (2 s by default)
+STALL_CHECK_S = 1.0  # how often the silence of the run is judged
 
 
 def default_components(keys: list[str]) -> tuple[str, ...]:
@@ -75,13 +77,14 @@ class RunView(Vertical):
         self.query_one(".loss-plot", MetricPlot).border_title = "total loss"
         self.query_one(".components-plot", MetricPlot).border_title = "components (m: pick)"
         self.query_one(LayerTable).border_title = "layers"
-        self.query_one(RanksPanel).border_title = "ranks (* slowest)"
+        self.query_one(RanksPanel).border_title = RANKS_TITLE
         self.query_one(RanksPanel).display = False
         self.query_one(AlertsPanel).border_title = "Alerts (0)"
         self.query_one(RunHeader).info = self.run.state.header(waiting=True)
         self.tailer = TailerThread(self.run.path, self._from_thread, interval=self.poll_interval)
         self.tailer.start()
         self.set_interval(self.refresh_interval, self.refresh_view)
+        self.set_interval(STALL_CHECK_S, self.check_stall)
 
     def on_unmount(self) -> None:
         self.stop()
@@ -115,6 +118,19 @@ class RunView(Vertical):
         finally:
             if self.tailer is not None:
                 self.tailer.done()
+
+    def check_stall(self) -> None:
+        """A run silent for longer than its bound (once the file as found is read): the ``stall`` error alert,
+        announced like any new error."""
+        if not self.loaded_once:
+            return
+        try:
+            mtime: float | None = os.stat(self.run.path).st_mtime
+        except OSError:
+            mtime = None
+        alert = self.run.check_stall(time.time(), mtime)
+        if alert is not None:
+            self.announce([alert])
 
     def announce(self, errors: list) -> None:
         """New error alerts (not the ones already in the file at start): a notification and the bell."""

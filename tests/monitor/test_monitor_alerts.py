@@ -93,15 +93,15 @@ def test_clipped_spike_after_which_the_loss_returns_is_an_info_note():
     assert alerts[0].line_no == 32  # the spike's own line, although judged five lines later
 
 
-@pytest.mark.parametrize("after, clip, why", [
-    ([14.0, 15.0, 16.0, 15.5, 16.0], 0.5, "clipped; loss followed it (15.5 vs trend 10.1)"),
-    ([10.2, 10.0, 10.5, 9.9, 10.1], 100.0, "not clipped; loss back on trend (10.1 vs 10.1)"),
-    ([10.2, 10.0, 10.5, 9.9, 10.1], None, "clip norm unknown; loss back on trend (10.1 vs 10.1)"),
-])
-def test_spike_that_moves_the_loss_or_was_not_clipped_is_a_warning(after, clip, why):
-    alerts = alerts_for(spike_run(after, clip=clip))
-    assert [(a.step, a.kind, a.severity) for a in alerts] == [(31, "grad_spike", "warning")]
-    assert alerts[0].message == f"grad_norm 40 = 40.0x median 1; {why}"
+@pytest.mark.parametrize("clip, how", [(0.5, "clipped"), (100.0, "not clipped"), (None, "clip norm unknown")])
+def test_a_spike_the_loss_followed_is_a_warning_and_one_it_absorbed_a_note_whatever_the_clipping(clip, how):
+    """Older streams (and other tools') log no run/grad_clip: an absorbed spike is still only a note."""
+    followed = alerts_for(spike_run([14.0, 15.0, 16.0, 15.5, 16.0], clip=clip))
+    assert [(a.step, a.kind, a.severity) for a in followed] == [(31, "grad_spike", "warning")]
+    assert followed[0].message == f"grad_norm 40 = 40.0x median 1; {how}; loss followed it (15.5 vs trend 10.1)"
+    absorbed = alerts_for(spike_run([10.2, 10.0, 10.5, 9.9, 10.1], clip=clip))
+    assert [(a.step, a.kind, a.severity) for a in absorbed] == [(31, "grad_spike", "info")]
+    assert absorbed[0].message == f"grad_norm 40 = 40.0x median 1; {how}; loss back on trend (10.1 vs 10.1)"
 
 
 def test_grad_clip_flag_stands_in_for_the_start_line():
@@ -160,7 +160,10 @@ def test_oscillating_loss_series_with_default_config():
     vals = [3.0 * (1 + 0.25 * math.sin(2 * math.pi * t / 8)) for t in range(100)]
     alerts = alerts_for(losses(vals))
     assert [a.kind for a in alerts] == ["oscillation"]
-    assert 8 <= alerts[0].step <= 40  # judged from osc_min_points (32) losses on
+    # judged from osc_min_points (32) losses on, then held for osc_persist_cycles (4) periods of 8 steps
+    assert 32 + 4 * 8 <= alerts[0].step <= 72
+    assert alerts[0].message == ("loss oscillating: period ~8 steps, amplitude 25% of the loss, "
+                                 f"{alerts[0].message.split(', ')[2]}, held for 4 periods (last {alerts[0].step} steps)")
 
 
 def test_single_jump_and_steady_decrease_do_not_oscillate():
@@ -171,15 +174,13 @@ def test_single_jump_and_steady_decrease_do_not_oscillate():
 
 
 def test_oscillation_rearms_after_quiet_period():
-    recs = list(synth_records(400, seed=3, n_layers=0, oscillate=(50, 110)))
-    quiet_then_again = [dict(r) for r in recs]
-    for r in quiet_then_again:
-        s = r.get("step", 0)
-        if 250 <= s < 310 and "loss/total" in r:
-            r["loss/total"] *= 1 + 0.25 * math.sin(2 * math.pi * (s - 250) / 8)
-    osc = [a.step for a in alerts_for(quiet_then_again) if a.kind == "oscillation"]
+    vals = noisy(700, noise=0.01, seed=3)
+    for start in (100, 450):
+        for s in range(start, start + 100):
+            vals[s] *= 1 + 0.1 * math.sin(2 * math.pi * (s - start) / 8)
+    osc = [a.step for a in alerts_for(losses(vals)) if a.kind == "oscillation"]
     assert len(osc) == 2
-    assert 50 < osc[0] < 110 and 250 < osc[1] < 310
+    assert 100 < osc[0] < 200 and 450 < osc[1] < 550
 
 
 def test_only_train_lines_feed_loss_detectors():
@@ -291,10 +292,11 @@ def test_streaming_in_small_batches_matches_one_batch():
 def test_default_oscillation_thresholds_ignore_3_percent_noise_but_catch_10_percent_swings(seed):
     noisy = list(synth_records(5000, seed=seed, noise=0.03, n_layers=0))
     assert [a for a in alerts_for(noisy) if a.kind == "oscillation"] == []
-    for period in (8, 30):
-        swings = list(synth_records(1000, seed=seed, noise=0.02, n_layers=0, oscillate=(400, 520), osc_amplitude=0.10, osc_period=period))
+    for period, within in ((8, 60), (30, 200)):  # the mixed stage runs from step 200 to 600
+        swings = list(synth_records(1000, seed=seed, noise=0.02, n_layers=0, oscillate=(300, 590), osc_amplitude=0.10,
+                                    osc_period=period))
         osc = [a.step for a in alerts_for(swings) if a.kind == "oscillation"]
-        assert len(osc) == 1 and 400 < osc[0] < 520
+        assert len(osc) == 1 and 300 + 4 * period < osc[0] < 300 + within
 
 
 # -- per-rank: straggler, memory, throughput --------------------------------------------------
@@ -320,6 +322,50 @@ def test_straggler_threshold_and_run_length_are_flags_and_healthy_ranks_stay_sil
     assert alerts_for(rank_lines(30, slow_rank=0, from_step=1, factor=1.5)) == []  # 0.15/0.127 = 1.18x < 1.3
     assert summary(alerts_for(rank_lines(30, slow_rank=0, factor=1.5), straggler_factor=1.1)) == [(5, "straggler")]
     assert alerts_for(rank_lines(30, slow_rank=1, from_step=11), straggler_consecutive=25) == []
+
+
+def every_key_lines(n, slow_from=11):
+    """Two ranks' own step times under every key the trainer writes; rank 1 at 0.25 s from `slow_from` on."""
+    out = []
+    for s in range(1, n + 1):
+        own = [0.10, 0.25 if s >= slow_from else 0.104]
+        out.append({"step": s, "loss/total": 5.0, "time/step_max_s": max(own), "time/step_min_s": min(own),
+                    "time/step_median_s": sum(own) / 2, "time/slowest_rank": own.index(max(own)),
+                    "rank/0/step_s": own[0], "rank/1/step_s": own[1]})
+    return out
+
+
+@pytest.mark.parametrize("keep, message", [
+    (("time/step_max_s", "time/step_median_s", "time/slowest_rank"),
+     "rank 1 is a straggler: its step 0.25 s = 1.43x the median rank's 0.175 s for 5 log steps"),
+    (("time/step_max_s", "time/step_median_s"),
+     "a rank (not named) is a straggler: its step 0.25 s = 1.43x the median rank's 0.175 s for 5 log steps"),
+    (("time/step_max_s", "time/step_min_s"),
+     "a rank (not named) is a straggler: its step 0.25 s = 2.50x the fastest rank's 0.1 s for 5 log steps"),
+    (("time/step_max_s", "time/step_min_s", "time/slowest_rank"),
+     "rank 1 is a straggler: its step 0.25 s = 2.50x the fastest rank's 0.1 s for 5 log steps"),
+    (("rank/0/step_s", "rank/1/step_s"),
+     "rank 1 is a straggler: its step 0.25 s = 1.43x the median rank's 0.175 s for 5 log steps"),
+], ids=["max-median-rank", "max-median", "max-min", "max-min-rank", "ranks-only"])
+def test_straggler_is_judged_from_whatever_the_stream_has(keep, message):
+    recs = [{k: v for k, v in r.items() if k in keep or k in ("step", "loss/total")} for r in every_key_lines(40)]
+    alerts = alerts_for(recs)
+    assert summary(alerts) == [(15, "straggler")] and alerts[0].message == message
+    assert alerts_for(recs[:10]) == []  # 0.104 / 0.1 = 1.04x: healthy
+    engine = AlertEngine()  # fed line by line (a live tail) the verdict is the same
+    assert [a for k, r in enumerate(recs) for a in engine.feed(Batch.from_dicts([r], k + 1))] == alerts
+
+
+def test_straggler_fires_once_per_slow_stretch_even_when_the_slowest_rank_changes():
+    recs = every_key_lines(40)
+    for r in recs[20:30]:  # rank 0 is the slow one for a while: still the same stretch of slow lines
+        r.update({"time/slowest_rank": 0, "rank/0/step_s": 0.26})
+    for r in recs[30:32]:  # healthy again, then rank 1 slow again: a new stretch
+        r.update({"time/step_max_s": 0.104, "time/step_median_s": 0.102})
+    alerts = alerts_for(recs)
+    assert summary(alerts) == [(15, "straggler"), (37, "straggler")]
+    engine = AlertEngine()
+    assert [a for i in range(0, 40, 3) for a in engine.feed(Batch.from_dicts(recs[i : i + 3], i + 1))] == alerts
 
 
 def mem_run(values):
@@ -393,13 +439,106 @@ def test_check_exits_1_on_warnings_and_errors_only(tmp_path):
     assert run_check([warn], AlertConfig(), out=__import__("io").StringIO(), err=__import__("io").StringIO()) == 1
 
 
-def test_clipped_spike_at_a_stage_change_is_a_note_even_though_the_loss_moves():
-    """multi_layer demo: the last teacher step spikes, then the mixed stage runs at a higher loss by design."""
-    recs = spike_run([16.0, 17.0, 16.5, 16.8, 16.2])
+@pytest.mark.parametrize("clip, how", [(0.5, "clipped"), (None, "clip norm unknown")])
+def test_a_spike_at_a_stage_change_is_a_note_even_though_the_loss_moves(clip, how):
+    """multi_layer demo: the last teacher step spikes, then the mixed stage runs at a higher loss by design
+    (older streams log no clip norm: the jump is by design all the same)."""
+    recs = spike_run([16.0, 17.0, 16.5, 16.8, 16.2], clip=clip)
     for r in recs:
         if "loss/total" in r:
             r["curriculum/stage"] = "teacher" if r["step"] <= 31 else "mixed"
     alerts = alerts_for(recs)
     assert [(a.step, a.severity) for a in alerts] == [(31, "info")]
-    assert alerts[0].message.endswith("clipped; at a curriculum/sequential stage change")
+    assert alerts[0].message == f"grad_norm 40 = 40.0x median 1; {how}; at a curriculum/sequential stage change"
     assert alerts_for(recs, stage_keys=())[0].severity == "warning"  # without the stage: the loss followed
+
+
+# -- instability --------------------------------------------------------------------------
+def shaped_run(n=600, seed=0, **shape):
+    """The synthetic run (loss 2 + 6 exp(-3 t / n), curriculum stages at 20 % and 60 %) with a loss shape."""
+    return list(synth_records(n, seed=seed, n_layers=0, **shape))
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("shape, onset, says", [
+    (dict(flip_flop=(300, 2)), 300, "x the run's earlier"),
+    (dict(flip_flop=(300, 3)), 300, "x the run's earlier"),
+    (dict(flip_flop=(1, 2)), 1, "from the start: no earlier noise to compare; period ~2 steps"),
+    (dict(flip_flop=(1, 3)), 1, "from the start: no earlier noise to compare; period ~3 steps"),
+    (dict(jitter=((1, 0.40),)), 1, "from the start: no earlier noise to compare; no fixed period"),
+    (dict(jitter=((1, 0.05), (300, 0.40))), 300, "x the run's earlier"),
+], ids=["flip-flop-2", "flip-flop-3", "flip-flop-2-from-the-start", "flip-flop-3-from-the-start",
+        "aperiodic-40-from-the-start", "noise-5-to-40-halfway"])
+def test_instability_fires_within_30_train_lines_of_onset(shape, onset, says, seed):
+    """The issue's shapes: +-a % is loss = trend x (1 + u), u uniform in [-a, a], one draw per train line;
+    a flip-flop swings +-50 % of the level."""
+    found = [a for a in alerts_for(shaped_run(seed=seed, **shape)) if a.kind == "instability"]
+    assert len(found) == 1  # one episode, across the stage change at step 360 too
+    assert onset <= found[0].step < onset + 30 and found[0].severity == "warning"
+    assert found[0].message.startswith("loss swinging around its trend: mean |loss - trend| = ")
+    assert says in found[0].message
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("a", [0.10, 0.20])
+def test_instability_stays_silent_on_batch_noise_around_a_decreasing_loss(a, seed):
+    alerts = alerts_for(shaped_run(3000, seed=seed, jitter=((1, a),)))
+    assert [x.format() for x in alerts if x.kind in ("instability", "oscillation")] == []
+
+
+def test_instability_is_judged_against_the_runs_earlier_noise():
+    """+-40 % noise all along: flagged once at the start (nothing earlier to compare with), then it is the run's
+    own noise; the same +-40 % after +-5 % is a new swing, unless it is not instab_noise_factor x the earlier."""
+    steady = [a.step for a in alerts_for(shaped_run(2000, jitter=((1, 0.40),))) if a.kind == "instability"]
+    assert len(steady) == 1 and steady[0] < 30
+    late = shaped_run(2000, jitter=((1, 0.05), (1000, 0.40)))
+    jump = [a.step for a in alerts_for(late) if a.kind == "instability"]
+    assert len(jump) == 1 and 1000 <= jump[0] < 1030
+    assert [a for a in alerts_for(late, instab_noise_factor=50.0) if a.kind == "instability"] == []
+
+
+def test_a_level_step_or_a_slow_wave_is_not_instability():
+    """A step moves one step-to-step change only, a slow wave each change a little: neither swings."""
+    step = losses([3.0] * 50 + [5.0] * 50)
+    wave = losses([5.0 * (1 + 0.4 * math.sin(2 * math.pi * t / 40)) for t in range(200)])
+    assert [a for a in alerts_for(step) + alerts_for(wave) if a.kind == "instability"] == []
+
+
+def test_instability_window_restarts_at_a_stage_change_and_streams_like_one_batch():
+    lines = synth_lines(600, n_layers=0, jitter=((1, 0.05), (300, 0.40)))
+    whole = AlertEngine().feed(parse_lines(lines)[0])
+    engine = AlertEngine()
+    parts = [a for i in range(0, len(lines), 7) for a in engine.feed(parse_lines(lines[i : i + 7], i + 1)[0])]
+    assert parts == whole and [a.kind for a in whole] == ["instability"]
+
+
+# -- slow drift -----------------------------------------------------------------------------
+@pytest.mark.parametrize("seed", range(6))
+def test_slow_drift_that_follows_the_data_is_not_oscillation(seed):
+    """The issue's upper-half run: 960 steps, the loss drifting in waves of ~30 steps and ~10 % (here smoothed
+    white noise of 6 % standard deviation: the difficulty of text streamed in order) on 2 % batch noise, while
+    held-out perplexity keeps falling.  The old rule (two cycles in the window, no persistence) calls it an
+    oscillation; four cycles held for four more periods do not: a drift's waves change their length from one to
+    the next.  A periodic swing of the same size and period in the same run is still caught."""
+    drift = shaped_run(960, seed=seed, noise=0.02, drift=(0.06, 30), eval_every=80)
+    ppl = [r["eval/ppl_npt"] for r in drift if r.get("event") == "eval"]
+    assert ppl == sorted(ppl, reverse=True)
+    assert [a.format() for a in alerts_for(drift) if a.severity in ("warning", "error")] == []
+    assert "oscillation" in [a.kind for a in alerts_for(drift, osc_min_cycles=2, osc_persist_cycles=0)]
+    periodic = shaped_run(960, seed=seed, noise=0.02, oscillate=(360, 700), osc_amplitude=0.10, osc_period=30)
+    assert [a.kind for a in alerts_for(periodic) if a.severity == "warning"] == ["oscillation"]
+
+
+# -- abort events -------------------------------------------------------------------------------
+def test_an_abort_event_is_a_stall_alert_naming_the_ranks_and_their_phase():
+    train = [{"step": s, "loss/total": 3.0} for s in range(30, 36)]
+    watchdog = {"step": 35, "event": "abort", "reason": "stalled", "missing_ranks": [1], "rank_steps": {"1": 35},
+                "rank_phases": {"1": "forward"}, "error": "rank 1 wrote no heartbeat for 120 s"}
+    alerts = alerts_for(train + [watchdog])
+    assert [(a.step, a.kind, a.severity) for a in alerts] == [(35, "stall", "error")]
+    assert alerts[0].message == ("run aborted (stalled): rank 1 missing (rank 1 at step 35, forward); "
+                                 "rank 1 wrote no heartbeat for 120 s")
+    today = {"step": 35, "event": "abort", "missing_ranks": None, "error": "DistBackendError: timed out"}
+    assert alerts_for(train + [today])[0].message == "run aborted: missing ranks unknown; DistBackendError: timed out"
+    lost = {"step": 35, "event": "abort", "reason": "lost", "missing_ranks": [2, 3], "error": "x"}
+    assert alerts_for(train + [lost])[0].message == "run aborted (lost): ranks 2, 3 missing; x"

@@ -94,3 +94,19 @@ def test_module_entry_point_check(tmp_path):
     )
     assert proc.returncode == 1
     assert proc.stdout == "step 7: ERROR kl_high: KL 9.4 > 8\n"
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("mode, reader", [("--once", "head -1"), ("--check", "head -1"), ("--check", "grep -q ERROR")])
+def test_a_reader_that_stops_early_ends_the_output_quietly(tmp_path, mode, reader):
+    """`npt-monitor --once RUN | head -1`: a real pipe whose reader leaves after one line, with far more output
+    than the pipe holds (64 KiB): no traceback, and the exit status is still the alerts' (1)."""
+    path = write(tmp_path / "m.jsonl", synth_lines(3000, n_layers=0, nan_at=set(range(10, 2990, 2))))
+    script = f'"$0" -m npt_monitor {mode} "$1" | {reader}; echo "status ${{PIPESTATUS[0]}}" >&2'
+    proc = subprocess.run(["bash", "-c", script, sys.executable, str(path)], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
+    assert proc.stderr.splitlines()[-1] == "status 1"
+    if reader == "head -1":
+        first = "== npt-demo  step 3000/3000" if mode == "--once" else "step 10: ERROR nonfinite: non-finite"
+        assert proc.stdout.startswith(first) and proc.stdout.count("\n") == 1

@@ -74,7 +74,8 @@ def test_two_runs_jumped_to_alert(snap_compare, tmp_path):
 
 
 def with_ranks(lines: list[str], slow_rank: int, from_step: int) -> list[str]:
-    """Add the trainer's per-rank keys (npt_ds.metrics.rank_stats) to the train lines: 4 ranks, one slowed."""
+    """Add the trainer's per-rank keys (npt_ds.metrics.rank_stats, npt_ds.metrics.system) to the train lines:
+    4 ranks, one slowed (its GPU idles: the lowest utilisation and power), rank 3 the fullest and hottest."""
     import json
 
     out = []
@@ -92,6 +93,11 @@ def with_ranks(lines: list[str], slow_rank: int, from_step: int) -> list[str]:
                         "perf/tflops_per_device": 412.0, "perf/mfu": 0.4166})
             rec.update({f"rank/{r}/step_s": own[r] for r in range(4)})
             rec.update({f"rank/{r}/mem_gb": mem[r] for r in range(4)})
+            slow = rec["step"] >= from_step
+            for r in range(4):
+                idle = slow and r == slow_rank
+                rec.update({f"sys/{r}/gpu_util": 31.0 if idle else 97.0 - r, f"sys/{r}/gpu_mem_gb": 34.1 + mem[r] - 2.1,
+                            f"sys/{r}/gpu_power_w": 180.0 if idle else 410.0 + r, f"sys/{r}/gpu_temp_c": 70.0 + 4 * r})
         out.append(json.dumps(rec))
     return out
 

@@ -601,4 +601,6 @@ def test_a_slowed_rank_is_named_a_straggler_and_healthy_ranks_are_not(runs, free
     assert "WARNING straggler: rank 1 is a straggler" in out, out
     healthy = [r for r in metric_rows(base / "full") if r["event"] == "train"]
     assert all("time/step_max_s" in r and "rank/1/mem_gb" in r for r in healthy)
+    # each rank's CPU share rides in the same all-gather (npt_ds.metrics.system)
+    assert all(r["sys/0/cpu_pct"] > 0 and r["sys/1/cpu_pct"] > 0 for r in healthy)
     assert "straggler" not in check_output(base / "full" / "metrics.jsonl")
