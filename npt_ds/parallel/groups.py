@@ -109,6 +109,15 @@ def any_rank_flags(flags: torch.Tensor) -> list[bool]:
         return [v > 0 for v in t.tolist()]
 
 
+def all_gather_objects(obj) -> list:
+    """Every rank's picklable `obj`, in rank order, on every rank (a world of one: [obj])."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out: list = [None] * dist.get_world_size()
+    WAIT.timed(dist.all_gather_object, out, obj)
+    return out
+
+
 def all_reduce_sum(values: list[float]) -> list[float]:
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return values

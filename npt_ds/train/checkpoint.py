@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..model.io import save_np_weights
-from ..parallel.groups import barrier, local_rank
+from ..parallel.groups import any_rank_flags, barrier, local_rank
 from .elastic import load_portable_state, save_portable_state
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
@@ -151,11 +151,37 @@ def resolve_resume(root: Path, resume: str) -> Path | None:
     return target
 
 
+def resume_disagreement(views: list[dict]) -> str | None:
+    """None when every rank resumes from the same step; else one line naming each node and the step it sees (or
+    its error).  `views`: per rank {"rank", "host", "step" (None: no checkpoint)} or {"rank", "host", "error"}."""
+    errors = [v for v in views if "error" in v]
+    if errors:
+        return errors[0]["error"]
+    if len({v["step"] for v in views}) <= 1:
+        return None
+    nodes: dict[tuple[str, int | None], list[int]] = {}
+    for v in views:
+        nodes.setdefault((v["host"], v["step"]), []).append(v["rank"])
+    seen = "; ".join(f"{host} (rank{'s' if len(ranks) > 1 else ''} {','.join(map(str, ranks))}): "
+                     f"{step_tag(step) if step is not None else 'no checkpoint'}" for (host, step), ranks in nodes.items())
+    return (f"checkpoint.resume: the nodes do not agree on the step to resume ({seen}); with checkpoint.node_local "
+            "give every node the same step dirs and `latest` (README: Storage), or set checkpoint.resume: none "
+            "and a new logging.run_dir")
+
+
+def own_shard_present(target: Path, rank: int) -> bool:
+    """Whether DeepSpeed's optimizer shard of `rank` is in the step dir (ZeRO-0 keeps it in the model states)."""
+    return any(target.glob(f"*zero_pp_rank_{rank}_mp_rank_*_optim_states.pt")) or \
+        not any(target.glob("*_optim_states.pt")) and (target / "mp_rank_00_model_states.pt").is_file()
+
+
 def load_checkpoint(engine, target: Path, rank: int, world: int) -> dict:
-    """Restore a step dir: DeepSpeed's native shards when `world` is the size that wrote it, else the
-    portable trainable state (elastic resume).  Returns the saved loop state (meta)."""
+    """Restore a step dir: DeepSpeed's native shards when `world` is the size that wrote it and every rank finds
+    its own shard there, else the portable trainable state (elastic resume, or node-local step dirs gathered from
+    other nodes).  Returns the saved loop state (meta)."""
     meta = read_meta(target)
-    if int(meta.get("world_size", world)) == world:
+    native = int(meta.get("world_size", world)) == world and own_shard_present(target, rank)
+    if not any_rank_flags(torch.tensor([0.0 if native else 1.0]))[0]:  # every rank the same way
         _, client = engine.load_checkpoint(str(target.parent), tag=target.name, load_module_strict=False,
                                            load_optimizer_states=True, load_lr_scheduler_states=False)
         meta = client["npt_meta"]

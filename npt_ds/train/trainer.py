@@ -12,6 +12,7 @@ import dataclasses
 import math
 import os
 import re
+import socket
 import sys
 import time
 from fnmatch import fnmatchcase
@@ -33,12 +34,13 @@ from ..model import NPTDecoderLayer, convert_model, decoder_layers, load_base_mo
 from ..model.projector import LogitProjector
 from ..model.quant import check_quantization_support
 from ..parallel.ds_config import build_ds_config
-from ..parallel.groups import (all_reduce_sum, any_rank_flags, barrier, flight_recorder_command, init_distributed,
+from ..parallel.groups import (all_gather_objects, all_reduce_sum, any_rank_flags, barrier, flight_recorder_command, init_distributed,
                                release_shm_buffer)
 from ..parallel.watchdog import Verdict, Watchdog
 from ..parallel.resolve import resolve_hardware
 from ..parallel.zero import keep_frozen_resident
-from .checkpoint import latest_step_dir, list_steps, load_checkpoint, read_meta, resolve_resume, save_checkpoint
+from .checkpoint import (latest_step_dir, list_steps, load_checkpoint, read_meta, resolve_resume, resume_disagreement,
+                         save_checkpoint)
 from .elastic import keep_global_batch
 from .evaluate import evaluate, layer_table
 from .faults import (FaultHook, PreemptionFlag, communication_failure, dump_flight_recorder,
@@ -197,10 +199,21 @@ class Trainer:
         return teacher, LogitProjector(teacher.config.hidden_size, model.config.hidden_size)
 
     def _resume_target(self, cfg: TrainConfig) -> Path | None:
-        target = resolve_resume(self.ckpt_root, cfg.checkpoint.resume)
-        if target is None and cfg.checkpoint.resume == "none" and list_steps(self.ckpt_root):
-            raise ConfigError(f"logging.run_dir {str(self.run_dir)!r} already holds checkpoints; set "
-                              "checkpoint.resume: auto to continue it, or choose a new logging.run_dir")
+        """The step dir to resume from, the same on every rank: each rank resolves its own (with
+        checkpoint.node_local, from its own node's disk), then all compare; a disagreement or an error on any
+        rank stops every rank with the same one line (exit 2) instead of a hang."""
+        try:
+            target = resolve_resume(self.ckpt_root, cfg.checkpoint.resume)
+            if target is None and cfg.checkpoint.resume == "none" and list_steps(self.ckpt_root):
+                raise ConfigError(f"logging.run_dir {str(self.run_dir)!r} already holds checkpoints; set "
+                                  "checkpoint.resume: auto to continue it, or choose a new logging.run_dir")
+            view = {"step": read_meta(target)["step"] if target else None}
+        except (ConfigError, FileNotFoundError, ValueError) as exc:
+            view = {"error": str(exc)}
+        views = all_gather_objects({**view, "host": socket.gethostname(), "rank": self.rank})
+        problem = resume_disagreement(views)
+        if problem:
+            raise ConfigError(problem)
         return target
 
     def _resume(self) -> None:

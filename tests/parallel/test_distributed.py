@@ -576,6 +576,42 @@ def test_node_local_checkpoints_live_on_each_node_and_resume(runs, hosts, free_p
         assert resumed[step] == pytest.approx(full[step], abs=1e-6), step
 
 
+def test_node_local_steps_must_agree_and_gathered_step_dirs_resume_elsewhere(runs, hosts, free_port):
+    """After the node-local run: a replacement node with an empty disk, or a node whose `latest` is one checkpoint
+    behind, stops every rank in one line naming both nodes and their steps (exit 2, nothing written); the two
+    nodes' step-10 dirs gathered into one dir, with `latest`, resume on one rank (elsewhere) with the same losses."""
+    base, *_ = runs
+    root, env = hosts
+    run_dir = Path(env["NODE_LOCAL"]) / "run"
+    common = ("checkpoint.node_local=true", "checkpoint.every=5", "schedule.total_steps=25")
+    disks = {side: root / f"local_{side}" / "run" for side in "ab"}
+    assert (disks["b"] / "checkpoints" / "latest").read_text() == "step-00000020"  # left by the previous test
+    lines_before = (disks["a"] / "metrics.jsonl").read_text()
+    shutil.move(disks["b"], root / "local_b" / "run-was")  # a replacement node: an empty disk
+    empty = launch_on_hosts(env, run_dir, *common, port=free_port, check=False, NPT_DS_RECORD_WINDOWS="")
+    shutil.move(root / "local_b" / "run-was", disks["b"])
+    (disks["b"] / "checkpoints" / "latest").write_text("step-00000015")  # died before renaming its `latest`
+    behind = launch_on_hosts(env, run_dir, *common, port=free_port, check=False, NPT_DS_RECORD_WINDOWS="")
+    a, b = (env["MASTER_ADDR"].rsplit(".", 1)[0] + s for s in (".1", ".2"))
+    for proc, seen_b in ((empty, "no checkpoint"), (behind, "step-00000015")):
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        said = [line for line in proc.stderr.splitlines() if "do not agree on the step" in line]
+        assert said and "step-00000020" in said[0] and seen_b in said[0], proc.stderr[-2000:]
+    assert (disks["a"] / "metrics.jsonl").read_text() == lines_before  # nothing started
+    (disks["b"] / "checkpoints" / "latest").write_text("step-00000020")
+
+    gathered = base / "node-local-gathered"
+    step10 = gathered / "checkpoints" / "step-00000010"
+    for side in "ab":
+        shutil.copytree(disks[side] / "checkpoints" / "step-00000010", step10, dirs_exist_ok=True)
+    (gathered / "checkpoints" / "latest").write_text("step-00000010")
+    launch("train_local.sh", gathered, port=free_port, ranks=1)
+    full, resumed = train_losses(base / "full"), train_losses(gathered)
+    assert sorted(resumed) == list(range(11, 21))
+    for step in range(11, 21):
+        assert resumed[step] == pytest.approx(full[step], abs=1e-6), step
+
+
 def step_dirs(root: Path) -> list[str]:
     return sorted(p.name for p in root.iterdir() if p.name.startswith("step-"))
 

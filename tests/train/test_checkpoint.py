@@ -118,3 +118,14 @@ def test_messages_name_the_latest_checkpoint_not_the_highest_step(tmp_path):
         Trainer.on_bad_batch(fake, {})
     (ckpt / "latest").unlink()
     assert checkpoint.latest_step_dir(ckpt) is None
+
+
+def test_ranks_that_disagree_on_the_resume_step_get_one_line_naming_the_nodes():
+    same = [{"rank": r, "host": "n1", "step": 20} for r in range(4)]
+    assert checkpoint.resume_disagreement(same) is None
+    views = [{"rank": 0, "host": "n1", "step": 20}, {"rank": 1, "host": "n1", "step": 20},
+             {"rank": 2, "host": "n2", "step": None}, {"rank": 3, "host": "n2", "step": None}]
+    line = checkpoint.resume_disagreement(views)
+    assert "\n" not in line and "n1 (ranks 0,1): step-00000020; n2 (ranks 2,3): no checkpoint" in line
+    broken = [{"rank": 0, "host": "n1", "step": 5}, {"rank": 1, "host": "n2", "error": "checkpoint.resume: bad"}]
+    assert checkpoint.resume_disagreement(broken) == "checkpoint.resume: bad"  # the same line on every rank
