@@ -34,6 +34,7 @@ from ..parallel.ds_config import build_ds_config
 from ..parallel.groups import (all_reduce_sum, any_rank_flags, barrier, init_distributed, missing_ranks,
                                release_shm_buffer)
 from ..parallel.resolve import resolve_hardware
+from ..parallel.topology import detect_topology
 from ..parallel.zero import keep_frozen_resident
 from .checkpoint import list_steps, load_checkpoint, read_meta, resolve_resume, save_checkpoint
 from .elastic import keep_global_batch
@@ -106,7 +107,8 @@ class Trainer:
         self.preemption = PreemptionFlag()  # SIGTERM/SIGINT -> checkpoint at the next step boundary, exit 0
         self.fault = FaultHook.from_env(self.rank)  # test aid (NPT_DS_TEST_FAULT)
         self.preempt_seen = False
-        cfg, self.hardware_notes = resolve_hardware(cfg, self.world)  # 'auto' precision / frozen base
+        self.topology = detect_topology()  # the launcher's node layout: hpz's partition, `auto`'s choice
+        cfg, self.hardware_notes = resolve_hardware(cfg, self.topology)  # 'auto' precision / frozen base
         self.run_dir = Path(cfg.logging.run_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
         self.resume_target = self._resume_target(cfg)
@@ -119,7 +121,7 @@ class Trainer:
             self.hardware_notes += [note] if note else []
         self.cfg = cfg
         self.curriculum = parse_curriculum(cfg.schedule.curriculum or default_curriculum(cfg))
-        self.ds_config = build_ds_config(cfg, self.world)
+        self.ds_config = build_ds_config(cfg, self.world, self.topology.hpz_partition_size)
         check_quantization_support(cfg, self.ds_config["zero_optimization"].get("stage", 0))  # before any loading
         torch.manual_seed(cfg.seed)
         self.tokenizer = load_tokenizer(cfg.model)
@@ -216,7 +218,8 @@ class Trainer:
         self.metrics.log({"step": self.step, "event": "start", "run/name": cfg.run_name, "run/total_steps": total,
                           "run/world_size": self.world, "run/npt_layers": ",".join(map(str, self.layer_indices)),
                           "run/precision": cfg.deepspeed.precision, "run/grad_clip": cfg.optim.grad_clip,
-                          "run/frozen_base": cfg.deepspeed.frozen_base,
+                          "run/frozen_base": cfg.deepspeed.frozen_base, "run/launcher": self.topology.launcher,
+                          "run/nodes": self.topology.nodes, "run/ranks_per_node": self.topology.per_node,
                           # from the module: ZeRO-3 keeps its optimizer's param groups empty between steps
                           "run/trainable_params": sum(getattr(p, "ds_numel", p.numel())
                                                       for p in self.module.parameters() if p.requires_grad)})
