@@ -130,17 +130,22 @@ def _int(env: Mapping[str, str], key: str, default: int | None = None) -> int:
 
 
 def check_allocation(topo: Topology, env: Mapping[str, str] | None = None) -> None:
-    """Under Slurm: the ranks fill the whole allocation -- never a silently smaller job.
+    """Under Slurm: the ranks fill the whole allocation -- never a silently smaller job -- in node blocks.
 
-    The step must span every node of the job, and the world size must equal ``NPT_DS_WORLD_SIZE`` where the
-    batch script set it (the allocation's ranks)."""
+    The step must span every node of the job with consecutive ranks on each node, and the world size must equal
+    ``NPT_DS_WORLD_SIZE`` where the batch script set it (the allocation's ranks)."""
     env = os.environ if env is None else env
-    if topo.launcher == "slurm" and "SLURM_JOB_NUM_NODES" in env:
-        job_nodes = _int(env, "SLURM_JOB_NUM_NODES")
-        if topo.nodes != job_nodes:
-            raise ConfigError(f"world size: the ranks span {topo.nodes} of the allocation's {job_nodes} nodes "
-                              f"({topo.world} ranks); start them on every node (srun --nodes={job_nodes}, as "
-                              "launch/train_slurm.sbatch does)")
+    if topo.launcher != "slurm":
+        return
+    job_nodes = _int(env, "SLURM_JOB_NUM_NODES", topo.nodes)
+    if topo.nodes != job_nodes:
+        raise ConfigError(f"world size: the ranks span {topo.nodes} of the allocation's {job_nodes} nodes "
+                          f"({topo.world} ranks); start them on every node (srun --nodes={job_nodes}, as "
+                          "launch/train_slurm.sbatch does)")
+    if topo.uniform and topo.rank != topo.node_rank * topo.per_node + topo.local_rank:
+        raise ConfigError(f"rank {topo.rank} is local rank {topo.local_rank} of node {topo.node_rank}: srun placed "
+                          f"the ranks round-robin (SLURM_DISTRIBUTION={env.get('SLURM_DISTRIBUTION', '?')}), but "
+                          "hpz and DeepSpeed expect each node's ranks to be consecutive; use srun --distribution=block")
     expected = env.get("NPT_DS_WORLD_SIZE")
     if expected and int(expected) != topo.world:
         raise ConfigError(f"world size: {topo.world} rank(s) started but the allocation holds {expected} "

@@ -144,8 +144,13 @@ def test_srun_ranks_get_torch_rank_variables(launched, monkeypatch):
     ({"SLURM_JOB_NUM_NODES": "4"}, "world size: the ranks span 2 of the allocation's 4 nodes (16 ranks); start them "
                                    "on every node (srun --nodes=4, as launch/train_slurm.sbatch does)"),
     ({"NPT_DS_WORLD_SIZE": "32"}, "world size: 16 rank(s) started but the allocation holds 32"),
+    ({"SLURM_LOCALID": "4", "SLURM_DISTRIBUTION": "cyclic"},
+     "rank 9 is local rank 4 of node 1: srun placed the ranks round-robin (SLURM_DISTRIBUTION=cyclic), but hpz and "
+     "DeepSpeed expect each node's ranks to be consecutive; use srun --distribution=block"),
 ])
 def test_ranks_that_do_not_fill_the_allocation_are_refused(extra, message):
+    """Never a silently smaller job (a step on fewer nodes, fewer ranks than the batch script expects), and each
+    node's ranks consecutive."""
     env = {**LAUNCHERS["slurm"], **extra}
     with pytest.raises(ConfigError) as err:
         check_allocation(detect_topology(env), env)
