@@ -37,7 +37,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 
-import torch
 from torch import nn
 
 from ..config import ConfigError, TrainConfig
@@ -114,9 +113,11 @@ def resolve_frozen_base(cfg: TrainConfig, topo: Topology, zero_stage: int, mem_g
     if resident.fits:
         return "resident", f"the whole base fits on every rank ({resident.total / 2**30:.1f} of {mem_gib:.0f} GiB)"
     short = f"the base does not fit resident ({resident.total / 2**30:.1f} > {mem_gib:.0f} GiB)"
-    if topo.nodes > 1 and topo.per_node > 1 and topo.uniform:
-        return "hpz", f"{short}; re-gathers stay within a node of {topo.per_node}"
-    return "partitioned", short + ("" if topo.nodes > 1 else "; one node: hpz would gather across the same ranks")
+    if topo.nodes == 1:
+        return "partitioned", f"{short}; on one node hpz's partition is plain ZeRO-3's"
+    if topo.per_node == 1 or not topo.uniform:
+        return "partitioned", f"{short}; hpz needs several ranks on every node and as many on each ({topo.source})"
+    return "hpz", f"{short}; re-gathers stay within a node of {topo.per_node}"
 
 
 def apply_frozen_base(ds: dict, mode: str, gpus_per_node: int) -> dict:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from npt_ds.parallel.groups import free_port
 from npt_ds.parallel.slurm import main as slurm_layout
 from support.slurm_cluster import SlurmCluster, unavailable
 
@@ -207,8 +208,6 @@ def job_log(out_dir: Path, job: int) -> str:
 @pytest.fixture(scope="module")
 def reference(cluster, tmp_path_factory):
     """The tiny recipe on 2 ranks by launch/train_local.sh, and the same by sbatch on nodea + nodeb."""
-    from npt_ds.parallel.groups import free_port
-
     base = tmp_path_factory.mktemp("slurm-runs")
     local = subprocess.run(["bash", str(REPO / "launch" / "train_local.sh"), TINY, f"logging.run_dir={base / 'local'}"],
                            cwd=REPO, capture_output=True, text=True, timeout=600,

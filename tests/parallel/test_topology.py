@@ -3,6 +3,7 @@ partition, `auto` picking hpz across nodes, Slurm's rank variables, the GPU chec
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -135,8 +136,6 @@ def test_srun_ranks_get_torch_rank_variables(launched, monkeypatch):
     monkeypatch.setattr(groups.dist, "get_rank", lambda: 9)
     monkeypatch.setattr(groups.dist, "get_world_size", lambda: 16)
     assert groups.init_distributed() == (9, 16)
-    import os
-
     assert (os.environ["RANK"], os.environ["LOCAL_RANK"], os.environ["WORLD_SIZE"]) == ("9", "1", "16")
 
 
