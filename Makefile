@@ -24,9 +24,11 @@ $(STAMP): pyproject.toml Makefile
 test: setup system-deps  ## the whole suite, slow and multi-process tests included (what CI runs)
 	$(PY) -m pytest -q -p no:cacheprovider
 
-system-deps:       ## sshd + pdsh for the two-host ssh tests (as root, when missing; without root those tests skip)
-	@if ! { command -v pdsh && test -x /usr/sbin/sshd; } >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server pdsh >/dev/null; fi
+system-deps:       ## sshd + pdsh (two-host ssh tests), Slurm + munge (Slurm tests): as root, when missing; else those tests skip
+	@if ! { command -v pdsh && test -x /usr/sbin/sshd && command -v slurmctld && command -v slurmd && command -v sbatch \
+	        && command -v munged; } >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server pdsh \
+	        slurmctld slurmd slurm-client munge >/dev/null; fi
 
 test-fast: setup   ## skip the slow/multi-process tests
 	$(PY) -m pytest -q -p no:cacheprovider -m "not slow and not multiproc"

@@ -14,7 +14,7 @@ free_port() { "$PYTHON" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1
 
 need_config() {
   if [[ $# -lt 1 || ! -f "$1" ]]; then
-    echo "error: config '${1:-}' not found; usage: $0 CONFIG.yaml [key.path=value ...]" >&2
+    echo "error: config '${1:-}' not found; usage: ${SCRIPT_NAME:-$0} CONFIG.yaml [key.path=value ...]" >&2
     exit 2
   fi
 }

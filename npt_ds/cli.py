@@ -7,6 +7,7 @@
     npt-ds eval --np NP_DIR --data data/prepared/shakespeare-eval --batches 64 [--bootstrap 2000]
     npt-ds sweep sweeps/demo_ablation.yaml [--dry-run]
     npt-ds plan configs/llama3_8b_multinode.yaml --nodes 2 --gpus-per-node 8 --gpu-mem 80
+    npt-ds resolve configs/llama3_8b_multinode.yaml [key=value ...] [--nodes 2 --gpus-per-node 8 --gpu-mem 80 --gpu-name H100]
     npt-ds generate --np NP_DIR --prompt "To be, or not" [--temperature 0.8 --top-p 0.9]
     npt-ds export --np NP_DIR --out HF_DIR
     npt-ds inject --np NP_DIR --context TEXT [--layers 26,27] [--positions last] [--alpha 1] --out DIR
@@ -50,6 +51,8 @@ COMMANDS = {
                      "run a base recipe under a list/grid of overrides and seeds; tabulate"),
     "plan": Command("npt_ds.planning.cli", "add_plan_arguments", "run_plan",
                     "per-GPU memory plan for a config (no weights, no GPU)"),
+    "resolve": Command("npt_ds.parallel.resolve", "add_resolve_arguments", "run_resolve",
+                       "what the trainer would use here: node layout, precision, frozen base, DeepSpeed config"),
     "generate": Command("npt_ds.tools.generate", "add_generate_arguments", "run_generate",
                         "generate text with the NPT model (streamed)"),
     "export": Command("npt_ds.tools.export", "add_export_arguments", "run_export",

@@ -11,7 +11,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAn
 
 from ..assets import smollm2_hf_dir
 from ..config import TINY_DEFAULTS, ConfigError, ModelConfig
-from ..parallel.groups import local_rank
+from ..parallel.groups import gpu_index
 from .quant import nf4_unaligned_linears, prepare_quantized_model, without_hf_zero3
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -119,11 +119,11 @@ def quantization_config(cfg: ModelConfig, compute_dtype: torch.dtype, model_conf
 
 
 def quantized_device_map() -> dict:
-    """bitsandbytes quantises while it loads, on the device it is given: this rank's GPU (its LOCAL_RANK), not
+    """bitsandbytes quantises while it loads, on the device it is given: this rank's GPU (groups.gpu_index), not
     ``cuda:0`` on every rank; on a CPU-only machine nothing (bitsandbytes' CPU path)."""
     if not torch.cuda.is_available():
         return {}
-    return {"device_map": {"": local_rank()}}
+    return {"device_map": {"": gpu_index()}}
 
 
 def load_base_model(cfg: ModelConfig, seed: int = 0) -> nn.Module:

@@ -19,10 +19,18 @@ BF16_PEAK_TFLOPS = (("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("H8
                     ("A800", 312.0), ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0), ("A10", 125.0))
 
 
-def resolve_precision(requested: str) -> tuple[str, str]:
-    """-> (fp32 | bf16 | fp16, why)."""
+# GPUs without bf16 (before Ampere), by a whole word of the device name; every later NVIDIA GPU computes bf16
+NO_BF16 = re.compile(r"\b(V100|T4|P100|P40|P4|K80|M60|Titan V|Quadro RTX|RTX 20\d0)\b", re.IGNORECASE)
+
+
+def resolve_precision(requested: str, gpu_name: str | None = None) -> tuple[str, str]:
+    """-> (fp32 | bf16 | fp16, why); `gpu_name`: a GPU named on the command line instead of this machine's."""
     if requested != "auto":
         return requested, "as configured"
+    if gpu_name is not None:
+        if NO_BF16.search(gpu_name):
+            return "fp32", f"{gpu_name} has no bf16"
+        return "bf16", f"{gpu_name} computes bf16 (as every NVIDIA GPU since Ampere)"
     if torch.cuda.is_available():
         if torch.cuda.is_bf16_supported():
             return "bf16", f"CUDA device {torch.cuda.get_device_name()} computes bf16"

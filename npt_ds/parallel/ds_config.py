@@ -11,7 +11,6 @@ from pathlib import Path
 
 from ..config import ConfigError, TrainConfig
 from .devices import resolve_precision
-from .groups import ranks_per_node
 from .zero import apply_frozen_base
 
 REPO_ROOT = Path(__file__).resolve().parents[2]  # ds_configs/ lives beside the package
@@ -39,8 +38,9 @@ def template_zero_stage(cfg: TrainConfig) -> int:
     return int(_template(cfg)[1].get("zero_optimization", {}).get("stage", 3))
 
 
-def build_ds_config(cfg: TrainConfig, world_size: int) -> dict:
-    """The DeepSpeed config for `cfg` on `world_size` ranks.  `deepspeed.frozen_base` and
+def build_ds_config(cfg: TrainConfig, world_size: int, ranks_per_node: int | None = None) -> dict:
+    """The DeepSpeed config for `cfg` on `world_size` ranks, `ranks_per_node` of them per node (hpz's partition;
+    default: all on one node).  `deepspeed.frozen_base` and
     `deepspeed.precision` should be resolved first (npt_ds.parallel.resolve.resolve_hardware); an unresolved
     'auto' frozen base builds plain partitioned ZeRO-3."""
     path, template = _template(cfg)
@@ -73,7 +73,7 @@ def build_ds_config(cfg: TrainConfig, world_size: int) -> dict:
     zero = ds.setdefault("zero_optimization", {"stage": 3})
     if cfg.deepspeed.zero_stage is not None:
         zero["stage"] = cfg.deepspeed.zero_stage
-    apply_frozen_base(ds, cfg.deepspeed.frozen_base, ranks_per_node(world_size))
+    apply_frozen_base(ds, cfg.deepspeed.frozen_base, ranks_per_node or world_size)
     leftovers = [k for k, v in _walk(ds) if v == "auto"]
     if leftovers:
         raise ConfigError(f"deepspeed.config: {path.name} leaves {leftovers[0]!r} as 'auto' with nothing to fill it; "

@@ -6,12 +6,15 @@ import contextlib
 import datetime
 import os
 import socket
+import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from ..config import ConfigError
+from .topology import check_allocation, cuda_device_index, detect_topology, gpu_check
 
 
 class WaitClock:
@@ -68,16 +71,29 @@ def flight_recorder_command(run_dir: str | Path) -> str:
 def init_distributed(timeout_s: float | None = None, run_dir: str | Path | None = None) -> tuple[int, int]:
     """Initialise torch.distributed via DeepSpeed; works with or without the launcher. -> (rank, world).
 
-    `timeout_s` bounds every collective (distributed.timeout_s): a rank waiting on a lost peer raises then.
-    On CUDA with a `run_dir`, the NCCL flight recorder is switched on (:func:`flight_recorder_env`; a user's own
-    setting of any of its variables wins)."""
+    Under srun the rank variables come from Slurm's (:mod:`npt_ds.parallel.topology`), and the ranks must fill
+    the allocation.  `timeout_s` bounds every collective (distributed.timeout_s): a rank waiting on a lost peer
+    raises then.  On CUDA with a `run_dir`, the NCCL flight recorder is switched on (:func:`flight_recorder_env`; a
+    user's own setting of any of its variables wins)."""
     import deepspeed  # lazy: ~2 s and accelerator chatter, paid only by a process that joins a group
 
+    topo = detect_topology()
+    if topo.launcher == "slurm" and "RANK" not in os.environ:
+        for key in ("MASTER_ADDR", "MASTER_PORT"):
+            if key not in os.environ:
+                raise ConfigError(f"{key} is not set under srun; start the ranks with launch/train_slurm.sbatch "
+                                  "(it picks the first node's address and a free port) or export it before srun")
+        os.environ.update(topo.rank_env())
+    check_allocation(topo)
     if "RANK" not in os.environ:  # plain `python -m npt_ds.train`: a world of one on loopback
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
     if torch.cuda.is_available():  # before any CUDA allocation: rank r computes (and bitsandbytes loads) on GPU r
-        torch.cuda.set_device(local_rank())
+        visible = torch.cuda.device_count()
+        warning = gpu_check(topo, visible)
+        if warning and topo.local_rank == 0:  # one line per node
+            print(warning, file=sys.stderr, flush=True)
+        torch.cuda.set_device(gpu_index())
         if run_dir is not None:  # read when the NCCL process group is made, below
             for key, value in flight_recorder_env(run_dir).items():
                 os.environ.setdefault(key, value)
@@ -90,13 +106,13 @@ def init_distributed(timeout_s: float | None = None, run_dir: str | Path | None 
 
 
 def local_rank() -> int:
-    """This process's GPU index on its node (the launcher's LOCAL_RANK; 0 without a launcher)."""
+    """This process's rank on its node (the launcher's LOCAL_RANK; 0 without a launcher)."""
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
-def ranks_per_node(world: int) -> int:
-    """GPUs (ranks) per node: the launcher's LOCAL_WORLD_SIZE when set, else every rank on one node."""
-    return int(os.environ.get("LOCAL_WORLD_SIZE", world))
+def gpu_index() -> int:
+    """This rank's GPU among those it sees: its local rank, or 0 when it sees one GPU (bound per task)."""
+    return cuda_device_index(detect_topology(), torch.cuda.device_count())
 
 
 def any_rank_flags(flags: torch.Tensor) -> list[bool]:

@@ -10,8 +10,9 @@ base never changes.  ``deepspeed.frozen_base``:
   the frozen ones from ever being released: gathered once, so a step gathers only the trainable
   parameters; gradients and optimizer state stay partitioned.  Memory: the whole
   base on every rank, as ZeRO-2.  ``auto`` picks it when the planner says it fits.
-* ``hpz``         -- ZeRO++ hierarchical partitioning (``zero_hpz_partition_size`` = GPUs per node): a
-  secondary copy of the partitions within each node, so the re-gathers stay on the intra-node link.
+* ``hpz``         -- ZeRO++ hierarchical partitioning (``zero_hpz_partition_size`` = ranks per node, as the
+  launcher says: :mod:`npt_ds.parallel.topology`): a secondary copy of the partitions within each node, so the
+  re-gathers stay on the intra-node link.  ``auto`` picks it across nodes when the base does not fit resident.
 * ``quantized``   -- ZeRO++ ``zero_quantized_nontrainable_weights``: the frozen weights are held and
   all-gathered as int8.  Needs DeepSpeed's CUDA quantizer kernels: refused on CPU with one line.
 
@@ -36,14 +37,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 
-import torch
 from torch import nn
 
 from ..config import ConfigError, TrainConfig
 from ..planning.inputs import inputs_from_config
 from ..planning.memory import plan_memory
-from .devices import device_memory_gib
-from .groups import ranks_per_node
+from .topology import Topology
 
 PERSIST_ALL = 10**15  # elements: above any model, so every parameter is persistent
 
@@ -88,32 +87,37 @@ def keep_frozen_resident(engine) -> int:
     return len(resident)
 
 
-def resolve_frozen_base(cfg: TrainConfig, world: int, zero_stage: int) -> tuple[str, str]:
-    """-> (partitioned | resident | hpz | quantized, why); only ZeRO-3 partitions parameters at all."""
+def resolve_frozen_base(cfg: TrainConfig, topo: Topology, zero_stage: int, mem_gib: float, cuda: bool
+                        ) -> tuple[str, str]:
+    """-> (partitioned | resident | hpz | quantized, why) for `topo`'s nodes with `mem_gib` per rank; only ZeRO-3
+    partitions parameters at all."""
     mode = cfg.deepspeed.frozen_base
     if zero_stage != 3:
         return "partitioned", f"ZeRO-{zero_stage} does not partition parameters (the base is resident anyway)"
-    if mode == "quantized" and not torch.cuda.is_available():
+    if mode == "quantized" and not cuda:
         raise ConfigError("deepspeed.frozen_base: quantized needs DeepSpeed's CUDA quantizer kernels; on this "
                           "CPU-only machine use resident, hpz or partitioned")
+    if mode == "hpz" and topo.hpz_partition_size is None:
+        raise ConfigError(f"deepspeed.frozen_base: hpz needs the same number of ranks on every node ({topo.source});"
+                          " use partitioned, or start as many ranks on each node")
     if mode != "auto":
         return mode, "as configured"
     if cfg.model.quantization != "none":
         return "partitioned", "a bitsandbytes base is partitioned as loaded (see npt_ds.model.quant)"
-    per_node = ranks_per_node(world)
-    nodes = max(1, world // per_node)
-    mem = device_memory_gib(per_node)
     try:
-        inputs = inputs_from_config(cfg, nodes=nodes, gpus_per_node=per_node, gpu_mem_gib=mem, zero_stage=3)
+        inputs = inputs_from_config(cfg, nodes=topo.nodes, gpus_per_node=topo.per_node, gpu_mem_gib=mem_gib,
+                                    zero_stage=3)
     except ConfigError as exc:  # no config.json to plan from (e.g. a bare .gguf): stay on the safe side
         return "partitioned", f"the planner cannot read this model's shape ({exc})"
     resident = plan_memory(dataclasses.replace(inputs, frozen_base="resident"))
     if resident.fits:
-        return "resident", f"the whole base fits on every rank ({resident.total / 2**30:.1f} of {mem:.0f} GiB)"
-    if nodes > 1 and per_node > 1:
-        return "hpz", (f"the base does not fit resident ({resident.total / 2**30:.1f} > {mem:.0f} GiB); "
-                       "re-gathers stay within a node")
-    return "partitioned", f"the base does not fit resident ({resident.total / 2**30:.1f} > {mem:.0f} GiB)"
+        return "resident", f"the whole base fits on every rank ({resident.total / 2**30:.1f} of {mem_gib:.0f} GiB)"
+    short = f"the base does not fit resident ({resident.total / 2**30:.1f} > {mem_gib:.0f} GiB)"
+    if topo.nodes == 1:
+        return "partitioned", f"{short}; on one node hpz's partition is plain ZeRO-3's"
+    if topo.per_node == 1 or not topo.uniform:
+        return "partitioned", f"{short}; hpz needs several ranks on every node and as many on each ({topo.source})"
+    return "hpz", f"{short}; re-gathers stay within a node of {topo.per_node}"
 
 
 def apply_frozen_base(ds: dict, mode: str, gpus_per_node: int) -> dict:

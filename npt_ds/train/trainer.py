@@ -38,6 +38,7 @@ from ..parallel.groups import (all_gather_objects, all_reduce_sum, any_rank_flag
                                release_shm_buffer)
 from ..parallel.watchdog import Verdict, Watchdog
 from ..parallel.resolve import resolve_hardware
+from ..parallel.topology import detect_topology
 from ..parallel.zero import keep_frozen_resident
 from .checkpoint import (latest_step_dir, list_steps, load_checkpoint, read_meta, resolve_resume, resume_disagreement,
                          save_checkpoint)
@@ -116,7 +117,8 @@ class Trainer:
         self.fault = FaultHook.from_env(self.rank)  # test aid (NPT_DS_TEST_FAULT)
         record_env_for_test(cfg.logging.run_dir, self.rank)  # test aid (NPT_DS_TEST_RECORD_ENV)
         self.preempt_seen = False
-        cfg, self.start_notes = resolve_hardware(cfg, self.world)  # 'auto' precision / frozen base
+        self.topology = detect_topology()  # the launcher's node layout: hpz's partition, `auto`'s choice
+        cfg, self.start_notes = resolve_hardware(cfg, self.topology)  # 'auto' precision / frozen base
         self.run_dir = Path(cfg.logging.run_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
         self.resume_target = self._resume_target(cfg)
@@ -129,7 +131,7 @@ class Trainer:
             self.start_notes += [note] if note else []
         self.cfg = cfg
         self.curriculum = parse_curriculum(cfg.schedule.curriculum or default_curriculum(cfg))
-        self.ds_config = build_ds_config(cfg, self.world)
+        self.ds_config = build_ds_config(cfg, self.world, self.topology.hpz_partition_size)
         check_quantization_support(cfg, self.ds_config["zero_optimization"].get("stage", 0))  # before any loading
         torch.manual_seed(cfg.seed)
         self.tokenizer = load_tokenizer(cfg.model)
@@ -209,11 +211,12 @@ class Trainer:
                                   "checkpoint.resume: auto to continue it, or choose a new logging.run_dir")
             view = {"step": read_meta(target)["step"] if target else None}
         except (ConfigError, FileNotFoundError, ValueError) as exc:
-            view = {"error": str(exc)}
+            view = {"error": str(exc), "kind": type(exc).__name__}
         views = all_gather_objects({**view, "host": socket.gethostname(), "rank": self.rank})
         problem = resume_disagreement(views)
         if problem:
-            raise ConfigError(problem)
+            kind = next((v["kind"] for v in views if "error" in v), "ConfigError")
+            raise {"FileNotFoundError": FileNotFoundError, "ValueError": ValueError}.get(kind, ConfigError)(problem)
         return target
 
     def _resume(self) -> None:
@@ -242,7 +245,8 @@ class Trainer:
         self.metrics.log({"step": self.step, "event": "start", "run/name": cfg.run_name, "run/total_steps": total,
                           "run/world_size": self.world, "run/npt_layers": ",".join(map(str, self.layer_indices)),
                           "run/precision": cfg.deepspeed.precision, "run/grad_clip": cfg.optim.grad_clip,
-                          "run/frozen_base": cfg.deepspeed.frozen_base,
+                          "run/frozen_base": cfg.deepspeed.frozen_base, "run/launcher": self.topology.launcher,
+                          "run/nodes": self.topology.nodes, "run/ranks_per_node": self.topology.per_node,
                           # from the module: ZeRO-3 keeps its optimizer's param groups empty between steps
                           "run/trainable_params": sum(getattr(p, "ds_numel", p.numel())
                                                       for p in self.module.parameters() if p.requires_grad)})
@@ -540,7 +544,7 @@ class Trainer:
     def relaunch_hint(self) -> str:
         latest = latest_step_dir(self.ckpt_root)
         resume = latest.name if latest else "the start (no checkpoint yet)"
-        return f"Relaunch (MAX_RESTARTS=N in launch/*.sh does) to resume from {resume}"
+        return f"Relaunch (MAX_RESTARTS=N in launch/*.sh, MAX_REQUEUES=N in launch/train_slurm.sbatch) to resume from {resume}"
 
     def close(self) -> None:
         self.preemption.restore()

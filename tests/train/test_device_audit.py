@@ -56,7 +56,8 @@ def test_trainer_eval_hands_the_engine_device_to_evaluate():
     fake = SimpleNamespace(engine=SimpleNamespace(eval=lambda: None, train=lambda: None, device=META,
                                                   module=SimpleNamespace(model=model)),
                            eval_data=host_batches(), step=0, first_eval=None, reset_comm_window=lambda: None,
-                           metrics=SimpleNamespace(log=logged.append, message=lambda text: None))
+                           metrics=SimpleNamespace(log=logged.append, message=lambda text: None),
+                           watchdog=SimpleNamespace(progress=lambda step, phase: None))
     audited(Trainer.run_eval, fake)
     assert logged and logged[0]["event"] == "eval"
 
