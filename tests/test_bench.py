@@ -208,3 +208,25 @@ def test_gloo_bandwidth_probe_measures_an_all_gather():
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["message_gb_per_s"] > 0 and result["message_mb"] == 4.0
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
+def test_a_bench_section_leaves_dev_shm_as_it_found_it(tmp_path, monkeypatch, free_port):
+    """The dist section's 2-rank sync probe starts DeepSpeed's CPU comm, whose shm all-reduce buffers (69 MB per
+    rank) once outlived it; every rank now releases its own."""
+    import bench.dist as dist_bench
+    from bench.dist import run_sync_probe
+
+    def ours(path):
+        return path.name.startswith("deepspeed_allreduce_buffer_") and path.name.split("_")[-2] == str(free_port)
+
+    monkeypatch.setattr(dist_bench, "free_port", lambda: free_port)  # the launch's MASTER_PORT names the buffers
+    opts = _opts("--only", "dist")
+    opts.dist_timeout = 300
+    res = run_sync_probe(opts, tmp_path)
+    assert "error" not in res, res.get("error")
+    assert res["shm_buffer_before_release"] is True  # the probe did make one (so its absence below means a release)
+    assert res["syncs_per_step"] >= 0 and res["world_size"] == 2
+    left = [p.name for p in Path("/dev/shm").iterdir() if ours(p)]
+    assert not left, left
