@@ -365,7 +365,7 @@ def resolve(opts: argparse.Namespace) -> argparse.Namespace:
     if not cuda and not opts.cpu_smoke:
         raise UsageError("gpu-check: no CUDA device here; run the CPU smoke instead: make gpu-check CPU_SMOKE=1 "
                          "(python -m bench.gpu_check --cpu-smoke)")
-    smoke = opts.cpu_smoke and not cuda
+    smoke = opts.cpu_smoke
     opts.device = "cuda" if cuda else "cpu"
     opts.precision = "bf16" if cuda else "auto"
     opts.gpu_mem_gib = torch.cuda.get_device_properties(0).total_memory / 2**30 if cuda else 16.0
@@ -392,8 +392,13 @@ class UsageError(Exception):
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.cpu_smoke and torch.cuda.is_available():  # the CPU even where a GPU is: again, with no GPU visible
+        argv = sys.argv[1:] if argv is None else argv
+        return subprocess.call([sys.executable, "-m", "bench.gpu_check", *argv], cwd=REPO_ROOT,
+                               env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
     try:
-        opts = resolve(build_parser().parse_args(argv))
+        opts = resolve(args)
     except UsageError as exc:
         print(exc, file=sys.stderr)
         return 2

@@ -26,7 +26,6 @@ def check(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU smoke is for machines without CUDA")
 def test_cpu_smoke_runs_every_part_and_writes_the_json(tmp_path):
     proc = check(tmp_path, "--cpu-smoke")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

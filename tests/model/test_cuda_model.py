@@ -1,6 +1,6 @@
 """CUDA against CPU fp32: folding a context into W_gate.  The tools hold the model in fp32, so the fold itself is
 compared in fp32 (relative 1e-4: only the kernels' summation order differs); the deltas a bf16 model would fold
-are compared within 3 %.
+are compared within 5 % (1.6 % on a bf16 CPU).
 """
 from __future__ import annotations
 
@@ -35,4 +35,4 @@ def test_bf16_context_deltas_on_cuda(cuda_device):
     want = context_deltas(model, CONTEXT, positions="all")
     got = context_deltas(on(model, cuda_device, torch.bfloat16), CONTEXT.to(cuda_device), positions="all")
     for name, delta in want.items():
-        assert rel_err(got[name], delta) < 0.03, name  # bf16 vectors: within 3 %
+        assert rel_err(got[name], delta) < 0.05, name  # bf16 vectors: within 5 %
