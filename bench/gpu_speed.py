@@ -3,7 +3,7 @@
 Each run is ``python -m bench.dist_worker --patch shape_model,clock_check --config RECIPE`` in a fresh process:
 the real trainer, a world of one (NCCL on a GPU; gloo in the CPU smoke), bf16, on a prepared corpus of random
 tokens, the base a shape preset with random weights made on the device (nothing downloaded).  From its
-metrics.jsonl, after the warm-up steps: step time, tokens/s, ``perf/mfu``, peak memory, and their ratios to the
+metrics.jsonl, after the warm-up steps: step time, tokens/s, ``perf/mfu``, peak memory, and the ratio of each to the
 planner's prediction for the same recipe (npt_ds/planning: ``plan_memory`` for memory, ``predict`` for the step
 at the planner's default MFU of 0.4 and this device's peak).  The clock check compares the CUDA-event own step
 time (``rank/{r}/step_s`` on a GPU) with wall time less host-blocked collective time; both are rank 0's.
@@ -91,6 +91,7 @@ def planner_prediction(recipe: Path, gpu_mem_gib: float, peak: float | None) -> 
     row = next(r for r in predict(inputs, peak_tflops=peak or DEFAULT_PEAK_TFLOPS, mfu=DEFAULT_MFU)
                if r["mode"] == mode)
     return {"mem_bytes": plan.total, "fits": plan.fits, "step_s": row["step_s"], "compute_s": row["compute_s"],
+            "tokens_per_s": row["tokens_per_s_per_gpu"],
             "comm_s": row["comm_s"], "flops": row["flops"], "mfu_assumed": DEFAULT_MFU,
             "peak_tflops": peak or DEFAULT_PEAK_TFLOPS}
 
@@ -149,6 +150,10 @@ def run_one(run: SpeedRun, work: Path, corpus: Path, opts) -> dict:
             res["step_over_planner"] = res["step_s"] / plan["step_s"]
         if res.get("peak_mem_gb") and plan.get("mem_bytes"):
             res["mem_over_planner"] = res["peak_mem_gb"] * 1e9 / plan["mem_bytes"]
+        if res.get("tokens_per_s") and plan.get("tokens_per_s"):
+            res["tokens_over_planner"] = res["tokens_per_s"] / plan["tokens_per_s"]
+        if res.get("mfu") and plan.get("mfu_assumed"):
+            res["mfu_over_planner"] = res["mfu"] / plan["mfu_assumed"]
     return res
 
 
