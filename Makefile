@@ -50,8 +50,8 @@ bench: setup       ## micro, step and distributed benchmarks + monitor load/tail
 	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m bench.run $(ARGS)
 	$(PY) bench/monitor_bench.py --out bench/results/monitor.json
 
-gpu-wheels:        ## wheels a bare GPU node needs beyond its PyTorch -> .whl/ (Python 3.12 manylinux; BNB=1 adds bitsandbytes)
-	$(PYTHON) bench/gpu_wheels.py --out .whl $(if $(BNB),--bnb)
+gpu-wheels:        ## wheels a bare GPU node needs beyond its PyTorch -> .whl/ (Python 3.12 manylinux; BNB=1 bitsandbytes; ARGS="--python-version 3.11")
+	$(PYTHON) bench/gpu_wheels.py --out .whl $(if $(BNB),--bnb) $(ARGS)
 
 # On the GPU node: the machine's own python and torch (>= 2.9), the carried wheels in $(GPU_SITE); never `make setup`.
 # CPU_SMOKE=1: every part with tiny shapes on this machine's CPU (the suite runs it too).  OUT= results dir.
