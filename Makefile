@@ -9,7 +9,7 @@ export TOKENIZERS_PARALLELISM := false
 export WANDB_MODE ?= offline
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup system-deps test test-fast demo sweep prepare-demo bench monitor monitor-demo clean
+.PHONY: setup system-deps test test-fast demo sweep prepare-demo bench gpu-wheels gpu-check monitor monitor-demo clean
 
 setup: $(STAMP)
 
@@ -52,6 +52,24 @@ bench: setup       ## micro, step and distributed benchmarks + monitor load/tail
 	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m bench.run $(ARGS)
 	$(PY) bench/monitor_bench.py --out bench/results/monitor.json
 
+gpu-wheels:        ## wheels a bare GPU node needs beyond its PyTorch -> .whl/ (Python 3.12 manylinux; BNB=1 bitsandbytes; ARGS="--python-version 3.11")
+	$(PYTHON) bench/gpu_wheels.py --out .whl $(if $(BNB),--bnb) $(ARGS)
+
+# On the GPU node: the machine's own python and torch (>= 2.9), the carried wheels in $(GPU_SITE); never `make setup`.
+# CPU_SMOKE=1: every part with tiny shapes on this machine's CPU (the suite runs it too).  OUT= results dir.
+GPU_SITE ?= .gpu-site
+ifdef CPU_SMOKE
+gpu-check: setup   ## prove a GPU node (bench/gpu_check.py) -> bench/results/gpu/ (CPU_SMOKE=1: tiny, on the CPU)
+	$(PY) -m bench.gpu_check --cpu-smoke --out $(or $(OUT),bench/results/gpu) $(ARGS)
+else
+gpu-check:
+	@test -f .whl/manifest.json || { echo "gpu-check: no .whl/ here: run make gpu-wheels where pip reaches PyPI, copy .whl/ here" >&2; exit 2; }
+	$(PYTHON) -m pip install --disable-pip-version-check --no-index --no-deps --quiet --upgrade \
+	    --target $(GPU_SITE) .whl/*.whl
+	PATH=$(abspath $(GPU_SITE))/bin:$$PATH PYTHONPATH=$(abspath $(GPU_SITE)):$(CURDIR) \
+	    $(PYTHON) -m bench.gpu_check --out $(or $(OUT),bench/results/gpu) $(ARGS)
+endif
+
 monitor: setup     ## watch the demo run
 	$(VENV)/bin/npt-monitor runs/demo
 
@@ -61,4 +79,4 @@ monitor-demo: setup  ## a synthetic run with a NaN, a KL spike and oscillation, 
 	    --oscillate 180:240 & trap "kill $$!" EXIT; $(VENV)/bin/npt-monitor runs/monitor-demo
 
 clean:
-	rm -rf $(VENV) runs bench/results .pytest_cache
+	rm -rf $(VENV) runs bench/results .pytest_cache $(GPU_SITE)

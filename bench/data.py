@@ -84,6 +84,7 @@ def bench_train(root: Path, steps: int) -> dict:
     from npt_ds.config import load_config
     from npt_ds.train.elastic import save_portable_state
     from npt_ds.data.prepare import prepare
+    from npt_ds.parallel.groups import shutdown_distributed
     from npt_ds.train.trainer import Trainer
 
     prepare(prepare_args(root / "eval", 1, split="eval"))
@@ -109,6 +110,7 @@ def bench_train(root: Path, steps: int) -> dict:
             out["portable_state_s"] = round(time.perf_counter() - t0, 3)
             out["portable_state_mb"] = round((root / "portable.pt").stat().st_size / 1e6, 2)
         trainer.close()
+    shutdown_distributed()  # this process's group and its shm buffer (DeepSpeed's CPU comm)
     return out
 
 

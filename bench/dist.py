@@ -70,8 +70,9 @@ def free_port() -> int:
 
 def write_recipe(work: Path, name: str, stage: int, template: str, opts, model: str = "smollm2",
                  layers: str = "upper_half", steps: int | None = None, zero: dict | None = None,
-                 frozen_base: str = "partitioned", micro_batch: int = 1) -> Path:
-    """A YAML recipe + DeepSpeed JSON (trace warnings on) for one run; returns the YAML path."""
+                 frozen_base: str = "partitioned", micro_batch: int = 1, extra: dict | None = None) -> Path:
+    """A YAML recipe + DeepSpeed JSON (trace warnings on) for one run; returns the YAML path.  `extra` maps a
+    recipe section to keys that replace or add to the section's (e.g. {"data": {"source": "prepared", ...}})."""
     ds = json.loads((REPO_ROOT / template).read_text())
     ds.setdefault("zero_optimization", {})["log_trace_cache_warnings"] = True
     ds["zero_optimization"].update(zero or {})
@@ -93,6 +94,8 @@ def write_recipe(work: Path, name: str, stage: int, template: str, opts, model: 
         "checkpoint": {"every": 0, "save_final": False, "resume": "none"},
         "logging": {"run_dir": str(work / f"run-{name}"), "log_every": 1, "eval_every": 0, "console": True},
     }
+    for section, keys in (extra or {}).items():
+        recipe.setdefault(section, {}).update(keys)
     path = work / f"{name}.yaml"
     import yaml
 

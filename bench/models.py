@@ -30,6 +30,18 @@ def shape_config(shape: str, num_layers: int | None = None):
     return LlamaConfig(**data)
 
 
+def random_model(cfg, dtype: torch.dtype, device: torch.device | str, seed: int = 0) -> nn.Module:
+    """A LlamaForCausalLM of `cfg` with random weights initialised on `device` (under ZeRO-3's zero.Init when a
+    HfDeepSpeedConfig is alive: then partitioned as it is made), in eval mode."""
+    from transformers import LlamaForCausalLM
+
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = LlamaForCausalLM._from_config(cfg, dtype=dtype)
+    return model.eval()
+
+
 def default_npt_layers(shape: str, num_layers: int) -> str:
     spec = DEFAULT_NPT_LAYERS.get(shape, "upper_half")
     if spec not in ("upper_half", "all"):
@@ -55,18 +67,13 @@ def build_model(opts) -> nn.Module:
         if device.type == "cpu" and cfg.num_hidden_layers > CPU_MAX_LAYERS_BIG:
             raise SystemExit(f"--shape {opts.shape} on CPU needs --num-layers <= {CPU_MAX_LAYERS_BIG} "
                              f"(it has {cfg.num_hidden_layers}); run the full shape with --device cuda")
-        cfg._attn_implementation = "sdpa"
-        from transformers import LlamaForCausalLM
-
-        torch.manual_seed(opts.seed)
-        with torch.device(device):
-            model = LlamaForCausalLM._from_config(cfg, dtype=dtype)
-        model.eval()
+        model = random_model(cfg, dtype, device, opts.seed)
     model = model.to(device=device, dtype=dtype)
     n = model.config.num_hidden_layers
     layers = opts.npt_layers or default_npt_layers(opts.shape, n)
     torch.manual_seed(opts.seed)
-    convert_model(model, NPTConfig(layers=layers, rank=opts.rank or 64, num_ranks=opts.num_ranks))
+    convert_model(model, NPTConfig(layers=layers, rank=opts.rank or 64, num_ranks=opts.num_ranks,
+                                   dual=getattr(opts, "dual", False)))
     return model
 
 

@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from npt_ds.config import load_config
+    from npt_ds.parallel.groups import shm_buffer_path, shutdown_distributed
     from npt_ds.train.trainer import Trainer
 
     trainer = Trainer(load_config(args.config))
@@ -104,9 +105,12 @@ def main(argv: list[str] | None = None) -> int:
             res["world_size"] = trainer.world
             res["profiled_s_per_step"] = wall / args.steps
             res["zero_stage"] = trainer.ds_config["zero_optimization"].get("stage")
+            # what the release below removes: DeepSpeed's CPU comm made every rank one (tests/test_bench.py)
+            res["shm_buffer_before_release"] = shm_buffer_path(trainer.rank).exists()
             Path(args.out).write_text(json.dumps(res, indent=1))
     finally:
         trainer.close()
+        shutdown_distributed()  # the process group and this rank's shm buffer
     return 0
 
 

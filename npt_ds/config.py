@@ -67,6 +67,9 @@ class NPTConfig:
     init_std_down: float = 0.02
     init_std_a: float = 0.02
     init_std_b: float = 0.001
+    # bf16/fp16 base: modulate gate and up in fp32 and add the update's effect to the MLP output in fp32, so the
+    # small update of early training is not rounded away (npt_ds/model/np_component.py, docs/numerics.md)
+    fp32_update: bool = True
 
     def __post_init__(self):
         _positive("npt.rank", self.rank)

@@ -22,3 +22,11 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture
+def cuda_device() -> torch.device:
+    """The device the `cuda`-marked tests compare against fp32 CPU (tests/support/cuda.py); skips without CUDA."""
+    from support.cuda import device_under_test
+
+    return device_under_test()

@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-import datasets
 import numpy as np
 import torch
 
@@ -58,10 +57,16 @@ def _check_files(key: str, files: list) -> list[Path]:
     return paths
 
 
+def _load_dataset(*args, **kwargs):
+    import datasets  # lazy: pyarrow + pandas, for streaming sources only (a prepared corpus runs without it)
+
+    return datasets.load_dataset(*args, **kwargs)
+
+
 def _stream_files(paths: list[Path], text_key: str):
     builder = BUILDERS[paths[0].suffix]
     kwargs = {"sample_by": "document"} if builder == "text" else {}
-    ds = datasets.load_dataset(builder, data_files=[str(p) for p in paths], split="train",
+    ds = _load_dataset(builder, data_files=[str(p) for p in paths], split="train",
                                streaming=True, **kwargs)
     return ds, ("text" if builder == "text" else text_key)
 
@@ -76,7 +81,7 @@ def document_source(cfg: DataConfig, split: str):
         return _stream_files(_check_files("data.files" if split == "train" else "data.eval_files", files),
                              cfg.text_key)
     try:
-        ds = datasets.load_dataset(cfg.source, split=cfg.split if split == "train" else cfg.eval_split,
+        ds = _load_dataset(cfg.source, split=cfg.split if split == "train" else cfg.eval_split,
                                    streaming=True)
     except Exception as exc:  # noqa: BLE001 - surface one line naming the key
         raise ConfigError(f"data.source {cfg.source!r} could not be loaded ({type(exc).__name__}); "

@@ -8,8 +8,8 @@ rank.  Kinds: ``gather`` (parameter all-gathers), ``reduce`` (gradient reduce-sc
 ``other`` (broadcasts and the rest).
 
 The same wrapper clocks the time this rank is blocked in them (the call itself and, for an async call,
-the returned handle's ``wait``) into :data:`npt_ds.parallel.groups.WAIT`: a rank's own step time is its wall
-time less that.
+the returned handle's ``wait``) into :data:`npt_ds.parallel.groups.WAIT` (on CUDA also the compute stream's
+wait, by events): a rank's own step time is its wall (or stream) time less that.
 """
 from __future__ import annotations
 
@@ -91,8 +91,7 @@ class CommCounter:
             else:
                 payload = next(iter(kwargs.values()), None)
             counter.bytes[kind] += _nbytes(payload)
-            with WAIT.blocked():
-                result = method(*args, **kwargs)
+            result = WAIT.timed(method, *args, **kwargs)
             return _TimedHandle(result) if hasattr(result, "wait") else result
 
         counted._npt_counted = True

@@ -4,10 +4,11 @@ Every rank keeps, without any sync, its wall time since the last log step and th
 blocked in collectives (:data:`WAIT`, fed by :mod:`npt_ds.metrics.comm` and the loop's NaN all-reduce).
 A rank's own step time is ``(wall - blocked) / steps``: a rank that is slow for itself (slow device,
 slow data) waits less for the others and shows the larger value, whereas the wall step time is the same
-on every rank (the slowest one sets it).  That needs collectives that block the host (gloo: the CPU
-runs); under NCCL a wait for a slower peer happens on the device stream, outside this clock, so the own
-step times of the ranks come out about equal there and a straggler may go unnamed.  On a log step the ranks all-gather four numbers each (own
-step time, peak memory, reserved memory, wall step time) and their system figures
+on every rank (the slowest one sets it).  Collectives that block the host (gloo: the CPU runs) are clocked on
+the host.  Under NCCL a wait for a slower peer happens on the device stream instead, so on CUDA the own step
+time is the compute stream's time less its waits in collectives, both from CUDA events
+(:class:`npt_ds.parallel.groups.StreamClock`; read once per log step).  On a log step the ranks all-gather four
+numbers each (own step time, peak memory, reserved memory, wall step time) and their system figures
 (:mod:`npt_ds.metrics.system`), and rank 0 writes:
 
 * ``time/step_s`` (rank 0's wall time per optimizer step), ``time/step_max_s``, ``time/step_min_s``,
@@ -124,12 +125,14 @@ class RankStats:
         self.peak_tflops, self.peak_source = peak_tflops(cfg.perf.peak_tflops)
         self.sleep = sleep_for_rank(rank)
         self.system = SystemSampler()
+        self.last_window: dict = {}  # the last record()'s per-step wall, host-clocked and stream-clocked own times
         self.mark()
 
     def mark(self) -> None:
         """Start a new window (after set-up, an eval or a save: not a training step's time)."""
         self._t0, self._wait0, self.steps = time.perf_counter(), WAIT.seconds, 0
         self.system.mark()
+        WAIT.stream.mark()
 
     def step_done(self) -> None:
         """After each optimizer step (host arithmetic only; the test hook sleeps here)."""
@@ -141,7 +144,11 @@ class RankStats:
         """Gather every rank's window, return the stream keys (on every rank), start a new window."""
         steps = max(self.steps, 1)
         wall = time.perf_counter() - self._t0
-        own = max(wall - (WAIT.seconds - self._wait0), 0.0) / steps
+        host_own = max(wall - (WAIT.seconds - self._wait0), 0.0) / steps
+        stream = WAIT.stream.read()  # CUDA: (stream seconds, of them waiting in collectives); None elsewhere
+        own = host_own if stream is None else max(stream[0] - stream[1], 0.0) / steps
+        self.last_window = {"wall_s": wall / steps, "host_own_s": host_own,
+                            "stream_own_s": None if stream is None else own}
         peak, reserved = memory_gb()
         figures = self.system.sample()
         self.mark()  # the next window starts here: the wait in this gather belongs to it

@@ -35,7 +35,7 @@ def convert_model(model: nn.Module, cfg: NPTConfig, freeze_base: bool = True) ->
                               dual=cfg.dual and not cfg.safe_mode,
                               multiplicative=cfg.multiplicative and not cfg.safe_mode, down_bias=cfg.down_bias,
                               init_b=cfg.init_b, init_std_down=cfg.init_std_down,
-                              init_std_a=cfg.init_std_a, init_std_b=cfg.init_std_b)
+                              init_std_a=cfg.init_std_a, init_std_b=cfg.init_std_b, fp32_update=cfg.fp32_update)
         np_comp.to(device=ref.device if ref.device.type != "meta" else "cpu")
         layers[i] = NPTDecoderLayer(old, i, np_comp, cfg.modulation_scale)
     model.npt_config = cfg

@@ -13,6 +13,12 @@ Training never materialises v_a or v_b.  Because both are linear in r, per token
 so the only per-token tensors are (tokens, rank·k) wide.  The regulariser and the vectors themselves
 are computed on request (:class:`NPExtras`: the loss, logged diagnostics, guidance losses; folding).
 All weight use happens inside `forward`, where ZeRO-3 has the parameters gathered.
+
+Precision (``fp32_update``, on by default): at init the update is ~1e-3 of W_g x, below half a bf16 step, so
+added into a bf16 gate most of it rounds away (docs/numerics.md has the measurement).  With a bf16/fp16 base
+the modulated pre-activations are then formed in fp32, and the layer's output is the plain MLP plus
+W_dn(δ) with δ = SiLU(gate)⊙up − SiLU(W_g x)⊙W_u x in fp32: an update of any size reaches the output (in
+fp32), and a zero update gives the plain MLP's output bit for bit.
 """
 from __future__ import annotations
 
@@ -58,9 +64,11 @@ class ModulatedMLPInputs:
 class NPComponent(nn.Module):
     def __init__(self, d_model: int, d_ffn: int, rank: int = 64, num_ranks: int = 1, *,
                  dual: bool = False, multiplicative: bool = False, down_bias: bool = False, init_b: str = "small",
-                 init_std_down: float = 0.02, init_std_a: float = 0.02, init_std_b: float = 0.001):
+                 init_std_down: float = 0.02, init_std_a: float = 0.02, init_std_b: float = 0.001,
+                 fp32_update: bool = True):
         super().__init__()
         self.d_model, self.d_ffn, self.rank, self.num_ranks = d_model, d_ffn, rank, num_ranks
+        self.fp32_update = fp32_update  # a bf16/fp16 base's gate and up are modulated in fp32 (module docstring)
         self.W_down = nn.Parameter(torch.empty(d_model, rank))
         self.b_down = nn.Parameter(torch.empty(rank)) if down_bias else None
         # stored (rank, k, n): the k up-projections are one matmul on a view, no per-step weight copy
@@ -94,6 +102,8 @@ class NPComponent(nn.Module):
           tensors, so ZeRO-3's hooks see them; the vectors are None unless ``extras.vectors`` or
           ``extras.diagnostics``, and carry no autograd graph without ``extras.vectors``).  The modulation
           is added into 2-D ``gate`` / ``up`` in place: pass fresh pre-activations, not tensors used elsewhere.
+          With ``fp32_update`` and a bf16/fp16 ``gate``, the returned gate and up are new fp32 tensors and
+          ``gate`` / ``up`` are left as they were.
         """
         dtype = self.W_down.dtype
         lead = attn.shape[:-1]
@@ -108,11 +118,12 @@ class NPComponent(nn.Module):
         coef = torch.einsum("nr,nrk->nk", r, q) if k > 1 else (r * q.squeeze(-1)).sum(-1, keepdim=True)
         z = (scale * r).unsqueeze(-1) * coef.unsqueeze(1) if k > 1 else (scale * coef) * r  # (N, rank[, k])
         z = z.reshape(n, rank * k)
-        gate2 = _flat(gate, n)
+        gate2, up2 = _flat(gate, n), _flat(up, n)
+        if self.fp32_update and gate2.dtype.itemsize < 4:
+            gate2, up2 = gate2.float(), up2.float()
         if factor is not None:
             gate2 = gate2 * factor.to(gate2.dtype)
         gate2 = _add_matmul(gate2, z, self.W_b_up.view(rank * k, self.d_ffn))
-        up2 = _flat(up, n)
         if self.W_c_up is not None:
             up2 = _add_matmul(up2, z, self.W_c_up.view(rank * k, self.d_ffn))
         reg = self._regulariser(r) if extras.reg else None
@@ -163,11 +174,19 @@ def modulated_mlp(mlp: nn.Module, x: torch.Tensor, np_component: NPComponent, at
 
     Never forms a per-token ΔW (nor v_a, v_b unless `extras.vectors`).  `mlp` is an HF LlamaMLP; its linear
     layers are called as modules so ZeRO-3 hooks gather them.  -> (output, what the NP component made).
+    When the NP component returns fp32 pre-activations for a bf16/fp16 base (``fp32_update``), the output is
+    fp32: W_dn(SiLU(W_g x) ⊙ W_u x) + W_dn(δ), δ the modulation's change of the hidden computed in fp32
+    (exactly 0 for a zero update, so the output then equals the plain MLP's bit for bit).
     """
     x2 = x.reshape(-1, x.shape[-1])  # 2-D pre-activations: the NP component adds into them in place
-    gate, up, coef, reg, *vecs = np_component(attn, x2, mlp.gate_proj(x2), mlp.up_proj(x2), scale, extras)
+    base_gate, base_up = mlp.gate_proj(x2), mlp.up_proj(x2)
+    gate, up, coef, reg, *vecs = np_component(attn, x2, base_gate, base_up, scale, extras)
     lead = x.shape[:-1]
     coef = coef.view(*lead, coef.shape[-1])
     inputs = ModulatedMLPInputs(gate.view(*lead, -1), up.view(*lead, -1), coef, reg,
                                 None if vecs[0] is None else Modulation(*vecs))
-    return mlp.down_proj(mlp.act_fn(gate) * up).view(*lead, -1), inputs
+    if gate.dtype == base_gate.dtype:  # the update went into the base pre-activations in place
+        return mlp.down_proj(mlp.act_fn(gate) * up).view(*lead, -1), inputs
+    delta = mlp.act_fn(gate.view_as(base_gate)) * up.view_as(base_up) - mlp.act_fn(base_gate.float()) * base_up.float()
+    out = mlp.down_proj(mlp.act_fn(base_gate) * base_up).float() + mlp.down_proj(delta.to(base_gate.dtype)).float()
+    return out.view(*lead, -1), inputs

@@ -43,7 +43,8 @@ class NPTDecoderLayer(LlamaDecoderLayer):
 
     def student_mlp(self, h: torch.Tensor, attn: torch.Tensor,
                     extras: NPExtras = NO_EXTRAS) -> tuple[torch.Tensor, ModulatedMLPInputs, torch.Tensor]:
-        """-> (MLP_mod(N2(h)) modulated by `attn`, what the NP component made, N2(h))."""
+        """-> (MLP_mod(N2(h)) modulated by `attn`, what the NP component made, N2(h)).  The output is fp32 when
+        the NP component carries a bf16 base's update in fp32 (np_component: ``fp32_update``)."""
         x = self.post_attention_layernorm(h)
         y, inputs = modulated_mlp(self.mlp, x, self.np, attn, self.modulation_scale, extras)
         if self.zero_np_output:  # diagnostics: the plain MLP (the NP outputs are still computed)
@@ -67,7 +68,7 @@ class NPTDecoderLayer(LlamaDecoderLayer):
     def student_step(self, h: torch.Tensor, attn_kwargs: dict) -> torch.Tensor:
         """The NPT layer: h + MLP_mod(N2(h)), modulated by A(N1 h)."""
         y, _, _ = self.student_mlp(h, self.attention(h, **attn_kwargs))
-        return h + y
+        return (h + y).to(h.dtype)
 
     def fused(self, h_t: torch.Tensor, h_s: torch.Tensor | None, ratio: float, attn_kwargs: dict,
               extras: NPExtras = NO_EXTRAS) -> tuple[torch.Tensor, torch.Tensor | None, LayerOutput]:
@@ -93,5 +94,5 @@ class NPTDecoderLayer(LlamaDecoderLayer):
         else:
             y, np_out, x = self.student_mlp(h_in, attn, extras)
         target, new_t = attn_t + mlp_t, h_mid + mlp_t
-        new_s = None if h_s is None else h_s + y
+        new_s = None if h_s is None else (h_s + y).to(h_s.dtype)
         return new_t, new_s, layer_output(self.layer_idx, y, target, attn, x, h_in, np_out, extras)

@@ -2,6 +2,7 @@
 their waits (a rank's own step time is its wall time less that: :mod:`npt_ds.metrics.rank_stats`)."""
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import os
@@ -16,29 +17,81 @@ import torch.distributed as dist
 from ..config import ConfigError
 from .topology import check_allocation, cuda_device_index, detect_topology, gpu_check
 
+class StreamClock:
+    """On CUDA, the compute stream's side of the wait clock, from CUDA events (no host sync until `read`).
+
+    Under NCCL a collective makes the stream it is issued on wait for the peers; the host does not block.  Events
+    recorded on the compute stream (the current stream at `mark`) just before and just after each collective
+    issued on it, and around each async handle's `wait` there, bracket that stream's waits; `read` gives the
+    stream's time since `mark` and the bracketed part of it.  Collectives issued on other streams (ZeRO's own
+    comm streams) are not bracketed: when the compute stream later waits for those streams, that wait counts as
+    its own time.  `enabled`, `event` and `current_stream` are CUDA's; tests pass fakes.
+    """
+
+    def __init__(self, enabled=None, event=None, current_stream=None) -> None:
+        self._enabled = enabled or torch.cuda.is_available
+        self._event = event or (lambda: torch.cuda.Event(enable_timing=True))
+        self._current = current_stream or torch.cuda.current_stream
+        self.stream = None  # None: off (no CUDA, or not marked yet)
+        self._start = None
+        self._pairs: list[tuple] = []
+
+    def mark(self) -> None:
+        """Start a window on the current stream (off without CUDA)."""
+        self.stream = self._current() if self._enabled() else None
+        self._pairs = []
+        self._start = self._record() if self.stream is not None else None
+
+    def begin(self):
+        """An event before a collective, or None when it is not issued on the window's stream."""
+        return self._record() if self.stream is not None and self._current() == self.stream else None
+
+    def end(self, before) -> None:
+        if before is not None:
+            self._pairs.append((before, self._record()))
+
+    def read(self) -> tuple[float, float] | None:
+        """(stream seconds since `mark`, seconds of them waiting in collectives), or None when off; waits for
+        the stream to reach this point."""
+        if self.stream is None:
+            return None
+        end = self._record()
+        end.synchronize()
+        span = self._start.elapsed_time(end) / 1e3
+        return span, sum(a.elapsed_time(b) for a, b in self._pairs) / 1e3
+
+    def _record(self):
+        event = self._event()
+        event.record(self.stream)
+        return event
+
 
 class WaitClock:
-    """Seconds this process spent blocked in collectives (a host float, no device sync), and whether it is blocked
-    in one right now (``inside_since``: the watchdog tells a rank that waits on its peers from a stuck one)."""
+    """Seconds this process spent blocked in collectives (a host float, no device sync), on CUDA the compute
+    stream's waits in them (:class:`StreamClock`), and whether it is blocked in one right now (``inside_since``:
+    the watchdog tells a rank that waits on its peers from a stuck one)."""
 
-    def __init__(self) -> None:
+    def __init__(self, stream: StreamClock | None = None) -> None:
         self.seconds = 0.0
+        self.stream = stream or StreamClock()
         self.inside_since: float | None = None
-        self._depth = 0
+        self._depth = 0  # a collective inside a timed one is clocked once
 
     @contextlib.contextmanager
     def blocked(self):
         t = time.perf_counter()
-        self._depth += 1
-        if self._depth == 1:
+        before = self.stream.begin() if self._depth == 0 else None
+        if self._depth == 0:
             self.inside_since = t
+        self._depth += 1
         try:
             yield
         finally:
             self._depth -= 1
             if self._depth == 0:
                 self.inside_since = None
-            self.seconds += time.perf_counter() - t
+                self.seconds += time.perf_counter() - t
+                self.stream.end(before)
 
     def timed(self, fn, *args, **kwargs):
         with self.blocked():
@@ -102,6 +155,8 @@ def init_distributed(timeout_s: float | None = None, run_dir: str | Path | None 
         backend = "gloo" if not torch.cuda.is_available() else None
         kwargs = {"timeout": datetime.timedelta(seconds=timeout_s)} if timeout_s else {}
         deepspeed.init_distributed(dist_backend=backend, **kwargs)
+        if not torch.cuda.is_available():  # DeepSpeed's CPU comm made this rank a shm buffer: gone at exit
+            atexit.register(_unlink_quietly, shm_buffer_path(dist.get_rank()))
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -164,9 +219,15 @@ def shm_buffer_path(rank: int) -> Path:
 
 def release_shm_buffer(rank: int) -> None:
     """Unlink this rank's shm all-reduce buffer: DeepSpeed creates one (69 MB of RAM) per rank and run and
-    never removes it, so a day of runs fills /dev/shm (the launch scripts also sweep a killed run's)."""
+    never removes it, so a day of runs fills /dev/shm (the launch scripts also sweep a killed run's).  Every
+    process that joins a CPU group through `init_distributed` also unlinks it at exit, whatever path it ends by
+    (bench probes, tools; not a killed one)."""
+    _unlink_quietly(shm_buffer_path(rank))
+
+
+def _unlink_quietly(path: Path) -> None:
     with contextlib.suppress(OSError):
-        shm_buffer_path(rank).unlink()
+        path.unlink()
 
 
 def _device() -> torch.device:

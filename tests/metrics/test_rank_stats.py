@@ -95,3 +95,70 @@ def test_mfu_flops_match_flop_counter_on_the_tiny_model(checkpointing, zero_stag
     assert 0 < core < 0.2 * step_flops(inputs)
     analytic = step_flops_of(cfg, world=1) - core
     assert analytic == pytest.approx(counter.get_total_flops(), rel=0.05)
+
+
+class FakeEvent:
+    """A CUDA event stand-in: `record` stamps the fake stream's clock; elapsed_time in ms like CUDA's."""
+
+    def __init__(self, clock):
+        self.clock, self.t, self.synced = clock, None, False
+
+    def record(self, stream):
+        assert stream == "compute"  # every event goes on the window's stream
+        self.t = self.clock["now"]
+
+    def synchronize(self):
+        self.synced = True
+
+    def elapsed_time(self, other):
+        return (other.t - self.t) * 1e3
+
+
+def test_stream_clock_brackets_the_compute_streams_waits_only():
+    from npt_ds.parallel.groups import StreamClock, WaitClock
+
+    clock = {"now": 0.0, "stream": "compute"}
+    made = []
+
+    def event():
+        made.append(FakeEvent(clock))
+        return made[-1]
+
+    stream = StreamClock(enabled=lambda: True, event=event, current_stream=lambda: clock["stream"])
+    wait = WaitClock(stream)
+    stream.mark()
+
+    def collective(seconds, inner=None):
+        if inner:
+            wait.timed(collective, *inner)  # a collective inside a timed one: clocked once
+        clock["now"] += seconds
+
+    clock["now"] = 1.0  # compute
+    wait.timed(collective, 0.25)  # the compute stream waits 0.25 s for its peers
+    clock["now"] += 0.5
+    clock["stream"] = "side"  # ZeRO's own comm stream: not the compute stream's wait
+    wait.timed(collective, 0.4)
+    clock["stream"] = "compute"
+    wait.timed(collective, 0.1, (0.05,))
+    clock["now"] += 0.2
+    span, waiting = stream.read()
+    assert made[-1].synced  # read() waits for the stream, once per log step
+    assert span == pytest.approx(1.0 + 0.25 + 0.5 + 0.4 + 0.15 + 0.2)
+    assert waiting == pytest.approx(0.25 + 0.15)
+    assert StreamClock(enabled=lambda: False).read() is None  # CPU: the host clock stays
+
+
+def test_own_step_time_on_cuda_is_stream_time_less_its_collective_waits(monkeypatch):
+    """On CUDA RankStats reports the stream clock's own time (the host's is kept in last_window)."""
+    from npt_ds.parallel import groups
+
+    cfg = load_config("configs/tiny_debug.yaml", [])
+    readings = iter([(0.9, 0.3)])
+    monkeypatch.setattr(groups.WAIT.stream, "mark", lambda: None)
+    monkeypatch.setattr(groups.WAIT.stream, "read", lambda: next(readings))
+    stats = RankStats(cfg, rank=0, world=1)
+    for _ in range(3):
+        stats.step_done()
+    out = stats.record(tokens_per_s=1.0)
+    assert out["rank/0/step_s"] == pytest.approx(0.2)  # (0.9 s of stream time - 0.3 s waiting) / 3 steps
+    assert stats.last_window["stream_own_s"] == pytest.approx(0.2) and stats.last_window["host_own_s"] >= 0

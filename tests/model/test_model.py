@@ -249,3 +249,70 @@ def test_multiplicative_factor_is_bounded_in_half_open_range_and_one_at_init():
         comp.W_m.fill_(-1e3)
         lo = comp(torch.ones(3, 8))[3]
     assert hi.max().item() <= 1.5 and lo.min().item() >= 0.5 and hi.min().item() > 1.4 and lo.max().item() < 0.6
+
+
+def _bf16_layer_inputs(seed=0, d=64, f=160, T=48, scale_b=1e-3):
+    """A bf16 MLP and NP component at the recipe's init scale (update ~1e-3 of W_g x) and fp64 copies."""
+    torch.manual_seed(seed)
+    mlp = LlamaMLP(LlamaConfig(hidden_size=d, intermediate_size=f, hidden_act="silu", num_attention_heads=2,
+                               num_key_value_heads=2))
+    comp = NPComponent(d, f, rank=8, dual=True, init_std_b=scale_b)
+    x, attn = torch.randn(T, d), 4 * torch.randn(T, d)
+    return mlp, comp, x, attn
+
+
+def _exact_update_of_output(mlp, comp, x, attn, scale):
+    """The modulation's change of the MLP output, in fp64 from the bf16 weights and inputs."""
+    m64 = LlamaMLP(mlp.config).double()
+    m64.load_state_dict({k: v.double() for k, v in mlp.state_dict().items()})
+    c64 = NPComponent(comp.d_model, comp.d_ffn, comp.rank, dual=True).double()
+    c64.load_state_dict({k: v.double() for k, v in comp.state_dict().items()})
+    x64, a64 = x.double(), attn.double()
+    return modulated_mlp(m64, x64, c64, a64, scale)[0] - m64(x64)
+
+
+@torch.no_grad()
+def test_bf16_update_reaches_the_output_in_fp32():
+    """At init the update is below half a bf16 step of the gate: added in bf16 it mostly rounds away; carried in
+    fp32 (npt.fp32_update, the default) the output's change matches fp64 to bf16's own precision."""
+    mlp, comp, x, attn = _bf16_layer_inputs()
+    want = _exact_update_of_output(mlp, comp, x, attn, 0.1)
+    mlp16, comp16, x16, a16 = mlp.bfloat16(), comp.bfloat16(), x.bfloat16(), attn.bfloat16()
+    plain = mlp16(x16).double()
+    got, _ = modulated_mlp(mlp16, x16, comp16, a16, 0.1)
+    assert got.dtype == torch.float32
+    rel = float((got.double() - plain - want).norm() / want.norm())
+    comp16.fp32_update = False
+    old, _ = modulated_mlp(mlp16, x16, comp16, a16, 0.1)
+    rel_old = float((old.double() - plain - want).norm() / want.norm())
+    assert old.dtype == torch.bfloat16
+    assert rel < 0.02 and rel_old > 0.2, (rel, rel_old)
+
+
+def test_fp32_update_keeps_the_plain_mlp_exactly_at_a_zero_update():
+    """A zero update (init_b zero) gives the plain MLP's output bit for bit in bf16, and fp32/fp64 models compute
+    exactly what they did before (the fp32 path is for bf16/fp16 bases only)."""
+    mlp, comp, x, attn = _bf16_layer_inputs(scale_b=0.0)
+    nn.init.zeros_(comp.W_b_up), nn.init.zeros_(comp.W_c_up)
+    mlp16, comp16, x16, a16 = mlp.bfloat16(), comp.bfloat16(), x.bfloat16(), attn.bfloat16()
+    got, _ = modulated_mlp(mlp16, x16, comp16, a16, 0.1)
+    assert torch.equal(got, mlp16(x16).float())
+    mlp, comp, x, attn = _bf16_layer_inputs(seed=1, scale_b=0.3)
+    want, _ = modulated_mlp(mlp, x, comp, attn, 0.1)
+    comp.fp32_update = False
+    assert torch.equal(modulated_mlp(mlp, x, comp, attn, 0.1)[0], want)
+
+
+def test_bf16_npt_layer_keeps_its_stream_dtype():
+    """The fp32 output of a bf16 NPT layer's MLP goes back into the bf16 residual stream (student step and the
+    fused pass), and its gradient reaches the NP weights."""
+    model = tiny_llama()
+    convert_model(model, NPTConfig(layers="1,2", rank=4))
+    model.bfloat16()
+    ids = torch.randint(0, 256, (2, 10))
+    set_mode(model, "student")
+    assert model(input_ids=ids).logits.dtype == torch.bfloat16
+    out = fused_forward(model, ids, mixing_ratio=0.5, student_stream=True)
+    assert out.student_hidden.dtype == torch.bfloat16 and out.layers[0].student_out.dtype == torch.float32
+    sum(lo.student_out.float().square().mean() for lo in out.layers).backward()
+    assert all(layer.np.W_b_up.grad.abs().sum() > 0 for layer in npt_layers(model))

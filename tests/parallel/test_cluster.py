@@ -3,7 +3,6 @@ change in a 0600 file read at start, byte for byte (the real two-host run is in 
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 

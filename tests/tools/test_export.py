@@ -14,7 +14,7 @@ from npt_ds.model import ByteTokenizer, inject, save_np_weights
 from npt_ds.tools.generate import DecodeOptions, generate_ids
 from npt_ds.tools.session import load_npt
 
-from test_inject import strong_npt
+from support.npt import strong_npt
 
 CHILD = r"""
 import json, sys

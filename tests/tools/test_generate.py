@@ -7,7 +7,7 @@ from npt_ds.cli import main
 from npt_ds.model import ByteTokenizer
 from npt_ds.tools.generate import DecodeOptions, generate_ids
 
-from test_inject import strong_npt
+from support.npt import strong_npt
 
 
 def test_cached_and_uncached_generation_give_the_same_tokens():

@@ -8,25 +8,10 @@ import pytest
 import torch
 from torch import nn
 
+from support.npt import strong_npt
 from npt_ds.cli import main
-from npt_ds.config import NPTConfig
-from npt_ds.model import (Modulation, context_deltas, convert_model, inject, load_np_weights, npt_layers,
+from npt_ds.model import (Modulation, context_deltas, inject, load_np_weights, npt_layers,
                           save_np_weights, set_mode, tiny_llama)
-
-
-def strong_npt(dual: bool = False, layers: str = "1,3", down_bias: bool = False) -> nn.Module:
-    """A tiny fp64 NPT whose NP components are large enough to change the outputs a lot."""
-    model = tiny_llama()
-    convert_model(model, NPTConfig(layers=layers, rank=4, num_ranks=2, modulation_scale=0.37, dual=dual,
-                                        down_bias=down_bias))
-    model.double()
-    gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for layer in npt_layers(model):
-            for p in layer.np.parameters():
-                p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.3)
-    set_mode(model, "student")
-    return model
 
 
 def manual_attention(model: nn.Module, ids: torch.Tensor) -> dict[int, torch.Tensor]:

@@ -9,7 +9,7 @@ import torch
 from npt_ds.model import ByteTokenizer
 from npt_ds.tools.inject_eval import answer_score, best_alpha, load_facts, run_inject_eval, table
 
-from test_inject import strong_npt
+from support.npt import strong_npt
 
 FACT = {"id": "f", "context": "Veloria's capital is Marthenby.", "prompts": ["The capital of Veloria is"],
         "paraphrases": ["Veloria has its capital at"], "answer": " Marthenby",
