@@ -37,7 +37,7 @@ import torch.distributed as dist
 
 from ..config import ConfigError
 from ..parallel.devices import peak_tflops
-from ..parallel.groups import WAIT
+from ..parallel.groups import WAIT, compute_device
 from ..planning.inputs import inputs_from_config
 from ..planning.step_cost import step_flops
 from .system import SystemSampler, system_keys
@@ -72,7 +72,7 @@ def gather_rows(row: list[float]) -> list[list[float]]:
     """Every rank's `row` (same length on all ranks), on every rank: one all-gather."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return [row]
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = compute_device()
     mine = torch.tensor(row, dtype=torch.float64, device=device)
     rows = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
     dist.all_gather(rows, mine)

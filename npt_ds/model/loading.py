@@ -47,10 +47,13 @@ def tiny_llama_config(overrides: dict | None = None):
 
 
 def tiny_llama(overrides: dict | None = None, seed: int = 0) -> nn.Module:
-    """A small random LlamaForCausalLM (deterministic for a seed) for tests and dry runs."""
+    """A small random LlamaForCausalLM (deterministic for a seed) for tests and dry runs.
+
+    Always built whole, also under ZeRO-3's HfDeepSpeedConfig (the engine partitions it later): built partitioned,
+    its random weights would come out otherwise, and every frozen-base mode and ZeRO stage must start alike."""
     config = tiny_llama_config(overrides)
     config._attn_implementation = "sdpa"
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), without_hf_zero3():
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config)
     return model.float().eval()
@@ -138,8 +141,7 @@ def load_base_model(cfg: ModelConfig, seed: int = 0) -> nn.Module:
     kwargs = dict(dtype=dtype)
     if cfg.path == "tiny":  # quantised tiny model: materialise it in a temp dir, then load via bnb
         with tempfile.TemporaryDirectory(prefix="npt-tiny-") as tmp:
-            with without_hf_zero3():  # full tensors, not ZeRO-3 placeholders, go into the checkpoint
-                tiny = tiny_llama(cfg.tiny, seed)
+            tiny = tiny_llama(cfg.tiny, seed)  # full tensors, not ZeRO-3 placeholders, go into the checkpoint
             # written by every rank (save_pretrained writes on rank 0 only); tied lm_head stored once
             tiny.config.save_pretrained(tmp)
             save_model(tiny, str(Path(tmp) / "model.safetensors"), metadata={"format": "pt"})

@@ -192,7 +192,7 @@ def all_gather_objects(obj) -> list:
 def all_reduce_sum(values: list[float]) -> list[float]:
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return values
-    t = torch.tensor(values, dtype=torch.float64, device=_device())
+    t = torch.tensor(values, dtype=torch.float64, device=compute_device())
     WAIT.timed(dist.all_reduce, t)  # a peer still computing is its time, not ours (metrics.rank_stats)
     return t.tolist()
 
@@ -230,5 +230,6 @@ def _unlink_quietly(path: Path) -> None:
         path.unlink()
 
 
-def _device() -> torch.device:
+def compute_device() -> torch.device:
+    """This rank's compute device: its GPU, or the CPU."""
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")

@@ -1,43 +1,28 @@
-"""ZeRO-3 and the frozen base: which ``deepspeed.frozen_base`` mode, its DeepSpeed settings, the resident
-base kept gathered, and gathered views of partitioned parameters.
+"""ZeRO-3 and the frozen base: which ``deepspeed.frozen_base`` mode, its DeepSpeed settings, and gathered views of
+partitioned parameters.
 
 Under plain ZeRO-3 every rank all-gathers every frozen base weight on every forward, although the
 base never changes.  ``deepspeed.frozen_base``:
 
 * ``partitioned`` -- plain ZeRO-3: the base is partitioned and re-gathered every micro-batch.
-* ``resident``    -- every parameter is ZeRO-3-*persistent* (``stage3_param_persistence_threshold`` and
-  ``stage3_model_persistence_threshold`` above the model size) and :func:`keep_frozen_resident` keeps
-  the frozen ones from ever being released: gathered once, so a step gathers only the trainable
-  parameters; gradients and optimizer state stay partitioned.  Memory: the whole
-  base on every rank, as ZeRO-2.  ``auto`` picks it when the planner says it fits.
-* ``hpz``         -- ZeRO++ hierarchical partitioning (``zero_hpz_partition_size`` = ranks per node, as the
-  launcher says: :mod:`npt_ds.parallel.topology`): a secondary copy of the partitions within each node, so the
-  re-gathers stay on the intra-node link.  ``auto`` picks it across nodes when the base does not fit resident.
+* ``resident``    -- the base is whole on every rank and never enters ZeRO-3 (:mod:`npt_ds.train.build`): the
+  engine holds only the trainable modules, which are ZeRO-3-*persistent* (``stage3_param_persistence_threshold``
+  and ``stage3_model_persistence_threshold`` above the model size): gathered after each optimizer step, while
+  gradients, optimizer state and fp32 masters stay partitioned.  Memory: the whole base on every rank, as ZeRO-2;
+  no ZeRO-3 hooks or coordinator work on the frozen modules.  ``auto`` picks it when the planner says it fits.
+* ``hpz``         -- ZeRO++ hierarchical partitioning (``zero_hpz_partition_size`` = GPUs per node): a
+  secondary copy of the partitions within each node, so the re-gathers stay on the intra-node link.
 * ``quantized``   -- ZeRO++ ``zero_quantized_nontrainable_weights``: the frozen weights are held and
   all-gathered as int8.  Needs DeepSpeed's CUDA quantizer kernels: refused on CPU with one line.
 
-Why :func:`keep_frozen_resident` is needed: DeepSpeed's parameter persistence alone does not do it.
-ZeRO-3's optimizer step releases *every* parameter (``partition_all_parameters``) and re-gathers the
-persistent ones after the step, so a persistent base is still all-gathered once per optimizer step
-(measured: 0.54 GB/step on SmolLM2 in fp32, the whole model).  A frozen weight never changes, so there
-is nothing to re-partition.  The function narrows both to the trainable parameters on a built engine:
-
-* the coordinator's release (after a module's forward/backward, and the step's "release all") skips
-  frozen persistent parameters: they stay AVAILABLE (while recording its trace, ZeRO-3 would otherwise
-  release even persistent ones after each module);
-* the post-step re-gather list holds only trainable persistent parameters.
-
-Gradients, optimizer state and the trainable parameters' fp32 masters stay partitioned as before.
-This reaches into DeepSpeed 0.19.8's ZeRO-3 internals (pinned in pyproject.toml); the 2-rank test
-``tests/parallel/test_distributed.py::test_frozen_base_modes_give_the_same_losses`` checks the losses against
-plain ZeRO-3 and the bytes moved.
+The 2-rank test ``tests/parallel/test_distributed.py::test_frozen_base_modes_give_the_same_losses`` checks the
+losses of every mode against plain ZeRO-3 and the bytes each moves.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 
-from torch import nn
 
 from ..config import ConfigError, TrainConfig
 from ..planning.inputs import inputs_from_config
@@ -45,46 +30,6 @@ from ..planning.memory import plan_memory
 from .topology import Topology
 
 PERSIST_ALL = 10**15  # elements: above any model, so every parameter is persistent
-
-
-def keep_frozen_resident(engine) -> int:
-    """Patch a ZeRO-3 engine built with every parameter persistent; -> number of resident frozen params."""
-    # lazy: an engine exists, so deepspeed is loaded already (module import stays free of it)
-    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
-
-    opt = engine.optimizer
-    offload = opt.parameter_offload
-    module: nn.Module = offload.module
-    coordinator = offload.get_param_coordinator()
-    release = coordinator._PartitionedParameterCoordinator__release_param
-    inflight = coordinator._PartitionedParameterCoordinator__inflight_param_registry
-    resident = [p for p in module.parameters() if not p.requires_grad and getattr(p, "ds_persist", False)]
-    keep = {id(p) for p in resident}
-
-    def partition_all_but_resident() -> None:
-        for param in module.parameters():
-            if id(param) in keep:
-                continue
-            if param in inflight:
-                inflight.pop(param).wait()
-            param.ds_active_sub_modules.clear()
-            release(param)
-        for param in module.parameters():
-            if id(param) not in keep and param.ds_status != ZeroParamStatus.NOT_AVAILABLE:
-                raise RuntimeError(f"{param.ds_summary()} expected to be released")
-
-    def release_unless_resident(param, free_data: bool = True) -> None:
-        if id(param) not in keep:
-            release(param, free_data)
-
-    # every release path (after a module's forward or backward -- while ZeRO-3 records its trace it releases
-    # persistent parameters too -- and the step's "release all") goes through this one method
-    coordinator._PartitionedParameterCoordinator__release_param = release_unless_resident
-    offload.partition_all_parameters = partition_all_but_resident
-    opt.persistent_parameters = [p for p in opt.persistent_parameters if id(p) not in keep]
-    if resident:  # gather them now, once
-        resident[0].all_gather(resident)
-    return len(resident)
 
 
 def resolve_frozen_base(cfg: TrainConfig, topo: Topology, zero_stage: int, mem_gib: float, cuda: bool

@@ -2,6 +2,13 @@
 
 Keeping teacher targets, student outputs, optional cross-width teacher and the loss inside a
 single `forward` means ZeRO-3 sees the same module order every step (its prefetch trace holds).
+
+With ``frozen_outside`` (ZeRO-3 with a resident base) the engine sees only the trainable modules: a skeleton of
+empty containers holds each module that owns trainable parameters at its path in the base, so the parameter
+names are those of the whole model (``model.model.layers.26.np.W_down``: checkpoints and param groups do not
+change), while the frozen base and a cross-width teacher are plain attributes, never registered.  ZeRO-3 then
+installs no hooks on, and runs no coordinator for, the thousands of frozen modules a step passes through; the
+NP components are still called as modules from inside the base, so their own hooks gather them as before.
 """
 from __future__ import annotations
 
@@ -30,14 +37,45 @@ class StepControls:
     diagnostics: bool = True  # per-layer v_a/v_b metrics (log steps); False skips forming the vectors
 
 
+def trainable_skeleton(model: nn.Module) -> nn.Module:
+    """Empty containers along the paths of `model`'s modules that own trainable parameters, holding those modules
+    (the same objects): named_parameters() of the skeleton = the trainable ones of `model`, with the same names."""
+    root = nn.Module()
+    for name, module in model.named_modules():
+        if not name or not any(p.requires_grad for p in module.parameters(recurse=False)):
+            continue
+        parent = root
+        *path, leaf = name.split(".")
+        for part in path:
+            if part not in parent._modules:
+                parent.add_module(part, nn.Module())
+            parent = parent._modules[part]
+        parent.add_module(leaf, module)
+    return root
+
+
 class NPTTrainModule(nn.Module):
     def __init__(self, model: nn.Module, loss_fn: NPTLoss, teacher: nn.Module | None = None,
-                 logit_projector: LogitProjector | None = None):
+                 logit_projector: LogitProjector | None = None, frozen_outside: bool = False):
         super().__init__()
-        self.model = model
+        self.frozen_outside = frozen_outside
+        if frozen_outside:  # registered: the trainable skeleton under "model"; read as self.model: the real base
+            self._modules["model"] = trainable_skeleton(model)
+            object.__setattr__(self, "model", model)  # an instance attribute wins over nn.Module's lookup
+            object.__setattr__(self, "teacher", teacher)
+        else:
+            self.model = model
+            self.teacher = teacher
         self.loss_fn = loss_fn
-        self.teacher = teacher
         self.logit_projector = logit_projector
+
+    def train(self, mode: bool = True) -> "NPTTrainModule":
+        super().train(mode)
+        if self.frozen_outside:  # not registered, so not reached by nn.Module.train
+            self.model.train(mode)
+            if self.teacher is not None:
+                self.teacher.train(mode)
+        return self
 
     def forward(self, input_ids: torch.Tensor, controls: StepControls) -> tuple[torch.Tensor, dict]:
         out = fused_forward(self.model, input_ids, mixing_ratio=controls.mixing_ratio,

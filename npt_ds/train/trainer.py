@@ -7,31 +7,24 @@ with `.item()` on log steps only).  Checkpoints, evaluation and the metric strea
 """
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import math
 import os
 import re
 import socket
 import sys
 import time
-from fnmatch import fnmatchcase
 from pathlib import Path
 
 import deepspeed
 import torch
-from deepspeed.utils import set_z3_leaf_module
-from transformers.integrations import HfDeepSpeedConfig
-from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-from ..config import ConfigError, ModelConfig, TrainConfig
+from ..config import ConfigError, TrainConfig
 from ..data.sources import PackedBatches, eval_batches, held_out_files
 from ..metrics.comm import COUNTER
 from ..metrics.rank_stats import RankStats
 from ..metrics.tensorboard import require_tensorboard
 from ..metrics.writer import MetricsWriter
-from ..model import NPTDecoderLayer, convert_model, decoder_layers, load_base_model, load_tokenizer, npt_layers
-from ..model.projector import LogitProjector
+from ..model import load_tokenizer
 from ..model.quant import check_quantization_support
 from ..parallel.ds_config import build_ds_config
 from ..parallel.groups import (all_gather_objects, all_reduce_sum, any_rank_flags, barrier, flight_recorder_command, init_distributed,
@@ -39,68 +32,16 @@ from ..parallel.groups import (all_gather_objects, all_reduce_sum, any_rank_flag
 from ..parallel.watchdog import Verdict, Watchdog
 from ..parallel.resolve import resolve_hardware
 from ..parallel.topology import detect_topology
-from ..parallel.zero import keep_frozen_resident
 from .checkpoint import (latest_step_dir, list_steps, load_checkpoint, read_meta, resolve_resume, resume_disagreement,
                          save_checkpoint)
 from .elastic import keep_global_batch
 from .evaluate import evaluate, layer_table
 from .faults import (FaultHook, PreemptionFlag, communication_failure, dump_flight_recorder,
                      record_env_for_test)
-from .losses import NPTLoss
-from .module import NPTTrainModule, StepControls
+from .build import build_train_module, default_curriculum, sequential_optim_config
+from .module import StepControls
 from .optim import build_param_groups, reset_optimizer_state, set_lr
 from .schedules import difficulty_keep_at, kd_weight_at, lr_at, parse_curriculum
-
-
-@contextlib.contextmanager
-def zero3_construction(ds_config: dict):
-    """Under ZeRO-3, transformers builds/loads the base partitioned while an HfDeepSpeedConfig is alive.
-
-    Scoped to model construction: a global left behind would make every later model in the process
-    (tests, eval tools) silently build as ZeRO-3 placeholders.
-    """
-    if ds_config["zero_optimization"].get("stage", 0) != 3:
-        yield
-        return
-    keep = HfDeepSpeedConfig(ds_config)  # noqa: F841 - transformers holds only a weak reference
-    try:
-        yield
-    finally:
-        unset_hf_deepspeed_config()
-
-
-def mark_frozen_layers_as_zero3_leaves(model, resident: bool = False) -> None:
-    """One ZeRO-3 gather/release per frozen decoder layer instead of one per submodule (~10 % faster on CPU).
-
-    NPT layers stay non-leaf: their training pass is `fused()`, not `forward`, and calls the MLP's linears
-    directly, so a partitioned base needs their own hooks.  With a resident base (always gathered) the
-    hooks of an NPT layer's frozen parts only cost time: attention, MLP and norms become leaves too, and
-    only the NP component keeps per-module hooks.
-    """
-    for layer in decoder_layers(model):
-        if not isinstance(layer, NPTDecoderLayer):
-            set_z3_leaf_module(layer, True)
-        elif resident:
-            for part in (layer.self_attn, layer.mlp, layer.input_layernorm, layer.post_attention_layernorm):
-                set_z3_leaf_module(part, True)
-
-
-def default_curriculum(cfg: TrainConfig) -> str:
-    """multi_layer without a curriculum: thirds of teacher, mixed 0.5, student scaffolding."""
-    if cfg.schedule.mode != "multi_layer":
-        return ""
-    third = max(cfg.schedule.total_steps // 3, 1)
-    return f"teacher:{third},mixed:{third}:0.5,student:{max(cfg.schedule.total_steps - 2 * third, 1)}"
-
-
-def sequential_optim_config(optim, layer_indices: list[int]):
-    """One param group per NPT layer (keeping the LR multiplier configured for NP params)."""
-    probe = "model.model.layers.{}.np.W_down"
-    groups = []
-    for i in layer_indices:
-        mult = next((g.get("lr_mult", 1.0) for g in optim.param_groups if fnmatchcase(probe.format(i), g["pattern"])), 1.0)
-        groups.append({"pattern": f"*layers.{i}.np.*", "lr_mult": mult})
-    return dataclasses.replace(optim, param_groups=groups + list(optim.param_groups))
 
 
 class TrainingDiverged(RuntimeError):
@@ -135,31 +76,14 @@ class Trainer:
         check_quantization_support(cfg, self.ds_config["zero_optimization"].get("stage", 0))  # before any loading
         torch.manual_seed(cfg.seed)
         self.tokenizer = load_tokenizer(cfg.model)
-        with zero3_construction(self.ds_config):
-            model = load_base_model(cfg.model, seed=cfg.seed)
-        self.layer_indices = convert_model(model, cfg.npt)
-        zero3 = self.ds_config["zero_optimization"].get("stage", 0) == 3
-        resident = zero3 and cfg.deepspeed.frozen_base == "resident"
-        if zero3:
-            mark_frozen_layers_as_zero3_leaves(model, resident=resident)
-        if cfg.model.activation_checkpointing:
-            for layer in npt_layers(model):
-                layer.checkpoint_student = True
-        teacher, projector = self._cross_width_teacher(model)
-        self.sequential = cfg.schedule.mode == "sequential"
-        if self.sequential:  # one layer per stage: the loss sees one layer; each layer gets its own LR group
-            loss_fn = NPTLoss(dataclasses.replace(cfg.loss, layer_weights="uniform"), 1)
-        else:
-            loss_fn = NPTLoss(cfg.loss, len(self.layer_indices))
-        self.module = NPTTrainModule(model, loss_fn, teacher, projector)
+        self.module, self.layer_indices = build_train_module(cfg, self.ds_config)
+        self.sequential = cfg.schedule.mode == "sequential"  # each layer gets its own LR group
         groups = build_param_groups(self.module, sequential_optim_config(cfg.optim, self.layer_indices)
                                     if self.sequential else cfg.optim)
         for group in groups:  # which NPT layer a group belongs to (sequential mode zeroes the others' LR)
             found = re.fullmatch(r"\*layers\.(\d+)\.np\.\*(/no_decay)?", group["name"])
             group["layer"] = int(found[1]) if found else None
         self.engine, _, _, _ = deepspeed.initialize(model=self.module, model_parameters=groups, config=self.ds_config)
-        if resident:
-            keep_frozen_resident(self.engine)
         self.engine.train()  # load_base_model returns eval mode; bitsandbytes int8 computes differently there
         self.data = PackedBatches(cfg.data, self.tokenizer, self.rank, self.world, cfg.seed)
         self.eval_data = eval_batches(cfg.data, self.tokenizer, self.rank, self.world)
@@ -187,19 +111,6 @@ class Trainer:
         self._resume()
 
     # ---------------------------------------------------------------- setup helpers
-    def _cross_width_teacher(self, model):
-        cfg = self.cfg
-        if not cfg.model.teacher_path:
-            return None, None
-        tcfg = ModelConfig(path=cfg.model.teacher_path, dtype=cfg.model.dtype, tiny=cfg.model.teacher_tiny)
-        teacher = load_base_model(tcfg, seed=cfg.seed + 1)
-        for p in teacher.parameters():
-            p.requires_grad_(False)
-        if teacher.config.vocab_size != model.config.vocab_size:
-            raise ValueError(f"model.teacher_path: teacher vocab {teacher.config.vocab_size} != student vocab "
-                             f"{model.config.vocab_size}; KD needs a shared tokenizer")
-        return teacher, LogitProjector(teacher.config.hidden_size, model.config.hidden_size)
-
     def _resume_target(self, cfg: TrainConfig) -> Path | None:
         """The step dir to resume from, the same on every rank: each rank resolves its own (with
         checkpoint.node_local, from its own node's disk), then all compare; a disagreement or an error on any
