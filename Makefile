@@ -48,9 +48,9 @@ prepare-demo: setup  ## tokenise the demo's plays once into data/prepared/ (then
 	$(VENV)/bin/npt-ds prepare shakespeare --tokenizer smollm2 --out data/prepared/shakespeare
 	$(VENV)/bin/npt-ds prepare shakespeare --split eval --tokenizer smollm2 --out data/prepared/shakespeare-eval
 
-bench: setup       ## micro, step and distributed benchmarks + monitor load/tail -> bench/results/*.json
+bench: setup       ## micro, step, distributed, data and checkpoint benchmarks + monitor load/tail -> bench/results/*.json (MONITOR_BASELINE=REV: the load beside REV's monitor)
 	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m bench.run $(ARGS)
-	$(PY) bench/monitor_bench.py --out bench/results/monitor.json
+	$(PY) bench/monitor_bench.py --out bench/results/monitor.json $(if $(MONITOR_BASELINE),--baseline $(MONITOR_BASELINE))
 
 gpu-wheels:        ## wheels a bare GPU node needs beyond its PyTorch -> .whl/ (Python 3.12 manylinux; BNB=1 bitsandbytes; ARGS="--python-version 3.11")
 	$(PYTHON) bench/gpu_wheels.py --out .whl $(if $(BNB),--bnb) $(ARGS)

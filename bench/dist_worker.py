@@ -29,12 +29,12 @@ PATCHES = ("z3_leaf", "no_mask_sync", "shape_model", "clock_check")
 
 def patch_z3_leaf() -> None:
     """Mark every decoder layer that is not an NPT layer as a ZeRO-3 leaf module."""
-    import npt_ds.train.trainer as trainer_mod
+    import npt_ds.train.build as build_mod
     from deepspeed.utils import set_z3_leaf_module
     from npt_ds.model import decoder_layers
     from npt_ds.model.npt_layer import NPTDecoderLayer
 
-    orig_convert = trainer_mod.convert_model
+    orig_convert = build_mod.convert_model
 
     def convert_model(model, cfg, *args, **kwargs):
         out = orig_convert(model, cfg, *args, **kwargs)
@@ -43,7 +43,7 @@ def patch_z3_leaf() -> None:
                 set_z3_leaf_module(layer, True)
         return out
 
-    trainer_mod.convert_model = convert_model
+    build_mod.convert_model = convert_model
 
 
 def patch_no_mask_sync() -> None:
@@ -66,6 +66,7 @@ def is_shape_preset(path: str) -> bool:
 def patch_shape_model() -> None:
     import torch
 
+    import npt_ds.train.build as build_mod
     import npt_ds.train.trainer as trainer_mod
     from npt_ds.model import ByteTokenizer
     from npt_ds.model.loading import DTYPES
@@ -73,7 +74,7 @@ def patch_shape_model() -> None:
 
     from .models import random_model, shape_config
 
-    load_model, load_tokenizer = trainer_mod.load_base_model, trainer_mod.load_tokenizer
+    load_model, load_tokenizer = build_mod.load_base_model, trainer_mod.load_tokenizer
 
     def load_base_model(cfg, seed=0):
         if not is_shape_preset(cfg.path):
@@ -84,7 +85,7 @@ def patch_shape_model() -> None:
     def tokenizer(cfg):
         return ByteTokenizer() if is_shape_preset(cfg.path) else load_tokenizer(cfg)
 
-    trainer_mod.load_base_model, trainer_mod.load_tokenizer = load_base_model, tokenizer
+    build_mod.load_base_model, trainer_mod.load_tokenizer = load_base_model, tokenizer
 
 
 def patch_clock_check() -> None:

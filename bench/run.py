@@ -1,6 +1,6 @@
 """Run the npt-ds benchmarks and write bench/results/<name>.json.
 
-    python -m bench.run                       # micro + step + dist + data (~12 min on 2 CPU cores)
+    python -m bench.run                       # micro + step + dist + data + ckpt (~35 min on 2 CPU cores)
     python -m bench.run --quick               # smaller and fewer repeats (~3 min)
     python -m bench.run --only micro,step --repeats 7
     python -m bench.run --only step --device cuda --dtype bf16 --shape llama-3.1-8b --peak-tflops 989
@@ -13,7 +13,7 @@ import json
 import sys
 import time
 
-SECTIONS = ("micro", "step", "dist", "data")  # each is bench/<name>.py with run_<name>(opts), print_<name>(res)
+SECTIONS = ("micro", "step", "dist", "data", "ckpt")  # each is bench/<name>.py with run_<name>(opts), print_<name>(res)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,7 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dist-steps", type=int, default=12)
     p.add_argument("--dist-seq", type=int, default=128)
     p.add_argument("--dist-warmup", type=int, default=3, help="dist: train steps skipped as warm-up")
-    p.add_argument("--dist-runs", default="z3_2r,z3auto_2r,z2_2r,z3_1r,z2_1r,demo_z3auto_2r,demo_z2_2r",
+    p.add_argument("--dist-pairs", type=int, default=5,
+                   help="dist: interleaved launches of each ZeRO-3 auto / ZeRO-2 pair (upper half and demo shape); "
+                        "the ratio reported is the median of the pairs' ratios (0: skip)")
+    p.add_argument("--dist-runs", default="z3_2r,z3_1r,z2_1r",
                    help="dist: runs among z3_2r,z2_2r,z3_1r,z2_1r (ZeRO stage _ ranks; ZeRO-3 partitioned), "
                         "z3auto_2r / z3hpz_2r (deepspeed.frozen_base auto / hpz), demo_z3auto_2r / demo_z2_2r (the "
                         "demo's shape: layers 26-29, micro-batch 2) and the experiments "

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -18,6 +19,8 @@ from .np_component import Modulation
 from .npt_layer import NPTDecoderLayer
 
 WEIGHTS, SPEC = "np_weights.safetensors", "npt_spec.json"
+LAYER_WEIGHTS = "np_weights-layer-{:03d}.safetensors"  # a checkpoint's np/: one file per NPT layer
+LAYER_OF = re.compile(r"\.layers\.(\d+)\.")
 
 
 def base_signature(model: nn.Module) -> dict:
@@ -26,20 +29,28 @@ def base_signature(model: nn.Module) -> dict:
             "num_hidden_layers": c.num_hidden_layers, "vocab_size": c.vocab_size}
 
 
-def save_np_weights(model: nn.Module, out_dir: str | Path, write: bool = True) -> Path:
-    """Write np_weights.safetensors and npt_spec.json (conversion spec + base shape) to out_dir.
+def save_np_weights(model: nn.Module, out_dir: str | Path, write: bool = True, per_layer: bool = False) -> Path:
+    """Write the NP weights and npt_spec.json (conversion spec + base shape) to out_dir: np_weights.safetensors, or
+    with `per_layer` one np_weights-layer-XXX.safetensors per NPT layer, gathered and written one layer at a time
+    (a checkpoint at scale: no rank ever holds more than one layer's NP weights).
 
-    Under ZeRO-3 every rank must call it (the gather is collective); `write` says which one writes."""
+    Under ZeRO-3 every rank must call it (the gathers are collective); `write` says which one writes."""
     out = Path(out_dir)
-    named = list(np_named_parameters(model))
-    with gathered([p for _, p in named]):
-        state = {name: p.detach().to("cpu").clone().contiguous() for name, p in named}
-    if not write:
-        return out
-    out.mkdir(parents=True, exist_ok=True)
     spec = {"npt_config": dataclasses.asdict(model.npt_config), "layers": model.npt_layer_indices,
             "base": base_signature(model)}
-    save_file(state, str(out / WEIGHTS), metadata={"npt_spec": json.dumps(spec)})
+    files: dict[str, list] = {}
+    for name, p in np_named_parameters(model):
+        files.setdefault(LAYER_WEIGHTS.format(int(LAYER_OF.search(name)[1])) if per_layer else WEIGHTS, []).append((name, p))
+    if write:
+        out.mkdir(parents=True, exist_ok=True)
+    for file, named in files.items():
+        with gathered([p for _, p in named]):
+            state = {name: p.detach().to("cpu").clone().contiguous() for name, p in named} if write else None
+        if write:
+            save_file(state, str(out / file), metadata={"npt_spec": json.dumps(spec)})
+        del state
+    if not write:
+        return out
     (out / SPEC).write_text(json.dumps(spec, indent=2))
     injections = getattr(model, "npt_injections", None) or Injections()
     injections.save(out)  # the folded contexts travel with the NP weights (none: stale files removed)
@@ -51,6 +62,9 @@ def load_np_weights(model: nn.Module, src: str | Path, injections: bool = True) 
     deltas saved beside them (added to W_gate / W_up; ``injections=False`` leaves them out)."""
     src = Path(src)
     path = src / WEIGHTS if src.is_dir() else src
+    layer_files = sorted(src.glob("np_weights-layer-*.safetensors")) if src.is_dir() and not path.is_file() else []
+    if layer_files:  # a checkpoint's per-layer layout
+        path = layer_files[0]
     if not path.is_file():
         raise FileNotFoundError(f"no NP weights at {path}; expected a directory written by `npt-ds convert`/training")
     spec = json.loads((path.parent / SPEC).read_text()) if (path.parent / SPEC).is_file() else None
@@ -62,7 +76,7 @@ def load_np_weights(model: nn.Module, src: str | Path, injections: bool = True) 
                          f"but this model has {base_signature(model)}; load the matching base model")
     if not npt_layers(model):
         convert_model(model, NPTConfig(**spec["npt_config"]))
-    state = load_file(str(path))
+    state = {k: v for f in (layer_files or [path]) for k, v in load_file(str(f)).items()}
     own = dict(np_named_parameters(model))
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))

@@ -131,7 +131,7 @@ def init_distributed(timeout_s: float | None = None, run_dir: str | Path | None 
     import deepspeed  # lazy: ~2 s and accelerator chatter, paid only by a process that joins a group
 
     topo = detect_topology()
-    if topo.launcher == "slurm" and "RANK" not in os.environ:
+    if topo.launcher == "slurm":  # srun started this rank: its variables win over any left in the environment
         for key in ("MASTER_ADDR", "MASTER_PORT"):
             if key not in os.environ:
                 raise ConfigError(f"{key} is not set under srun; start the ranks with launch/train_slurm.sbatch "
@@ -157,6 +157,11 @@ def init_distributed(timeout_s: float | None = None, run_dir: str | Path | None 
         deepspeed.init_distributed(dist_backend=backend, **kwargs)
         if not torch.cuda.is_available():  # DeepSpeed's CPU comm made this rank a shm buffer: gone at exit
             atexit.register(_unlink_quietly, shm_buffer_path(dist.get_rank()))
+    expected = os.environ.get("NPT_DS_WORLD_SIZE")  # the allocation's ranks (launch/train_slurm.sbatch)
+    if expected and int(expected) != dist.get_world_size():
+        raise ConfigError(f"world size: the process group holds {dist.get_world_size()} rank(s) but the allocation "
+                          f"{expected}; a launcher's RANK/WORLD_SIZE left in the environment?  Start the ranks with "
+                          "launch/train_slurm.sbatch")
     return dist.get_rank(), dist.get_world_size()
 
 

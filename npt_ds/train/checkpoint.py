@@ -70,7 +70,7 @@ def save_checkpoint(engine, root: Path, step: int, meta: dict, rank: int, keep_l
     engine.save_checkpoint(str(root), tag=tmp.name, client_state={"npt_meta": meta}, save_latest=False,
                            exclude_frozen_parameters=True)
     torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
-    save_np_weights(engine.module.model, tmp / "np", write=leader)  # collective under ZeRO-3 (gathers)
+    save_np_weights(engine.module.model, tmp / "np", write=leader, per_layer=True)  # collective: per-layer gathers
     save_portable_state(engine, tmp, write=leader)  # collective
     if before_publish is not None:  # a test's fault hook: the shards are written, nothing is published yet
         before_publish()

@@ -4,29 +4,40 @@ The data order is world-size independent already (npt_ds/data/sources.py's globa
 optimizer state and the batch shape.
 
 DeepSpeed's own checkpoint holds per-rank ZeRO shards of the fp32 masters and Adam moments: it loads only on
-the world size that wrote it.  The NP components (and a cross-width projector) are small, so each save also
-gathers, per trainable parameter, the full fp32 master and Adam's `exp_avg` / `exp_avg_sq` through
-`deepspeed.utils.safe_get_full_*` (ZeRO-1/2/3 alike), plus each param group's Adam step count, into
-`portable.pt` (rank 0 writes it).  `load_portable_state` scatters them back into an engine of any world size
-with `safe_set_full_*` and copies the masters into the module's (partitioned) low-precision weights.
+the world size that wrote it.  Each save therefore also writes the trainable state in a portable form: per
+trainable parameter the fp32 master and Adam's `exp_avg` / `exp_avg_sq`, plus each param group's Adam step count.
 The frozen base is never part of it.
+
+* ZeRO-3 (``portable/``, torch.distributed.checkpoint): every rank writes its own partition of each tensor, as a
+  1-D DTensor sharded like ZeRO-3's flat partitions (rank r holds elements [r·⌈N/W⌉, (r+1)·⌈N/W⌉)), straight from
+  the optimizer's buffers; on load DCP reads, on any world size, each rank's new partition from whichever files
+  hold it.  A rank's host memory stays O(trainable / world + the largest tensor) while saving and loading.
+* ZeRO-1/2 (``portable.pt``): the full tensors are gathered one parameter at a time (`safe_get_full_*`); only the
+  writing rank keeps them, and every rank reads the file back on load.
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
-import dataclasses
-
 import torch
-from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_state, safe_set_full_fp32_param,
-                             safe_set_full_optimizer_state)
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_state, safe_get_local_fp32_param,
+                             safe_get_local_optimizer_state, safe_set_full_fp32_param, safe_set_full_optimizer_state,
+                             safe_set_local_fp32_param, safe_set_local_optimizer_state)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Shard
 
 from ..config import ConfigError, TrainConfig
+from ..parallel.groups import compute_device
 from ..parallel.zero import gathered
 from .optim import _state_keys
 
-FILE = "portable.pt"
+FILE = "portable.pt"  # ZeRO-1/2
+SHARDED = "portable"  # ZeRO-3: a torch.distributed.checkpoint dir
 MOMENTS = ("exp_avg", "exp_avg_sq")
+STATES = (None, *MOMENTS)  # None: the fp32 master
 
 
 def trainable(engine) -> list[tuple[str, torch.nn.Parameter]]:
@@ -70,22 +81,92 @@ def set_group_steps(engine, steps: list[float]) -> None:
             state["step"] = torch.full_like(old, step) if torch.is_tensor(old) else type(old)(step)
 
 
+def zero3(engine) -> bool:
+    return engine.zero_optimization_stage() == 3
+
+
 def save_portable_state(engine, out_dir: Path, write: bool) -> None:
-    """Gather (collective: every rank calls it) and write out_dir/portable.pt where `write` (one rank per copy)."""
+    """Write the portable trainable state into out_dir (collective: every rank calls it): ZeRO-3 each rank its own
+    shards (``portable/``); ZeRO-1/2 the rank with `write` (one per copy) the gathered ``portable.pt``."""
+    if zero3(engine):
+        steps = torch.tensor(group_steps(engine), dtype=torch.float64)  # the same on every rank: written once
+        dcp.save({**_sharded_states(engine), "group_steps": steps}, checkpoint_id=Path(out_dir) / SHARDED)
+        return
     state = {}
-    for name, p in trainable(engine):
-        state[name] = {"fp32": _full(p, None), **{k: _full(p, k) for k in MOMENTS}}
+    for name, p in trainable(engine):  # one parameter at a time; the other ranks drop their copies at once
+        full = {"fp32": _full(p, None), **{k: _full(p, k) for k in MOMENTS}}
+        if write:
+            state[name] = full
     if write:
         torch.save({"params": state, "group_steps": group_steps(engine), "version": 1}, Path(out_dir) / FILE)
 
 
+def _key(name: str, state: str | None) -> str:
+    return f"{name}/{state or 'fp32'}"
+
+
+def _sharded_states(engine, fill: bool = True) -> dict[str, DTensor]:
+    """Every trainable tensor's fp32 master and moments as 1-D DTensors over the ranks, this rank's part being its
+    ZeRO-3 partition without the padding: views of the optimizer's buffers (`fill`), or empty tensors to load into."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    mesh = init_device_mesh(compute_device().type, (world,))
+    out = {}
+    for name, p in trainable(engine):
+        numel, part = p.ds_numel, p.ds_tensor.numel()  # ZeRO-3 pads every partition to ceil(numel / world)
+        mine = max(0, min(part, numel - rank * part))
+        for state in STATES:
+            if fill:
+                local = (safe_get_local_fp32_param(p) if state is None else safe_get_local_optimizer_state(p, state))
+                local = local.detach().reshape(-1)[:mine]
+            else:
+                local = torch.empty(mine, dtype=torch.float32, device=compute_device())
+            out[_key(name, state)] = DTensor.from_local(local, mesh, [Shard(0)], run_check=False,
+                                                        shape=torch.Size([numel]), stride=(1,))
+    return out
+
+
+@torch.no_grad()
+def _load_sharded(engine, src: Path) -> None:
+    """ZeRO-3: each rank reads its own partitions (any world size wrote them), sets the optimizer's masters and
+    moments, and the module's low-precision copy one parameter at a time (the largest tensor bounds the gather)."""
+    states = _sharded_states(engine, fill=False)
+    steps = torch.zeros(len(group_steps(engine)), dtype=torch.float64)
+    dcp.load({**states, "group_steps": steps}, checkpoint_id=src)
+    set_group_steps(engine, steps.tolist())  # creates Adam's state where the engine has none yet
+    world = dist.get_world_size()
+    for name, p in trainable(engine):
+        part = p.ds_tensor.numel()
+        for state in STATES:
+            local = states[_key(name, state)].to_local()
+            padded = torch.zeros(part, dtype=torch.float32, device=local.device)
+            padded[: local.numel()] = local
+            if state is None:
+                safe_set_local_fp32_param(p, padded)
+                pieces = [torch.empty_like(padded) for _ in range(world)]
+                dist.all_gather(pieces, padded)
+                with gathered([p]):  # the module's (partitioned or persistent) low-precision weight
+                    p.data.copy_(torch.cat(pieces)[: p.ds_numel].view(p.ds_shape).to(p.dtype))
+                del pieces
+            else:
+                safe_set_local_optimizer_state(p, padded, state)
+
+
 @torch.no_grad()
 def load_portable_state(engine, src_dir: Path) -> None:
-    """Restore masters, moments and step counts from src_dir/portable.pt into an engine of any world size."""
+    """Restore masters, moments and step counts from the portable state in src_dir into an engine of any world
+    size (ZeRO-3's sharded ``portable/`` or ZeRO-1/2's ``portable.pt``)."""
+    sharded = Path(src_dir) / SHARDED
+    if (sharded / ".metadata").is_file():
+        if not zero3(engine):
+            raise ConfigError(f"checkpoint.resume: {src_dir} holds ZeRO-3's sharded portable state; resume it with "
+                              "deepspeed.zero_stage: 3")
+        _load_sharded(engine, sharded)
+        return
     file = Path(src_dir) / FILE
     if not file.is_file():
-        raise ConfigError(f"checkpoint.resume: {src_dir} has no {FILE} (written before elastic resume existed); "
-                          "resume it on the world size that wrote it")
+        raise ConfigError(f"checkpoint.resume: {src_dir} has no {FILE} or {SHARDED}/ (the trainable state in a "
+                          "world-size-independent form); resume it on the world size that wrote it, or (node-local) "
+                          "gather every node's step dir into one")
     saved = torch.load(file, map_location="cpu", weights_only=False)
     params = trainable(engine)
     missing = sorted({n for n, _ in params} - set(saved["params"]))
@@ -94,8 +175,8 @@ def load_portable_state(engine, src_dir: Path) -> None:
                           "config differs from the run that wrote it")
     set_group_steps(engine, saved["group_steps"])  # creates Adam's state where the engine has none yet
     device = engine.device
-    with gathered([p for _, p in params]):  # the module's own (partitioned) low-precision copy
-        for name, p in params:
+    for name, p in params:  # the module's own (partitioned) low-precision copy, one parameter at a time
+        with gathered([p]):
             p.data.copy_(saved["params"][name]["fp32"].view(getattr(p, "ds_shape", p.shape)).to(p.dtype))
     for name, p in params:
         entry = saved["params"][name]

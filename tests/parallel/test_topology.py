@@ -261,3 +261,26 @@ def test_resolve_allows_quantized_for_a_named_gpu(launched, capsys):
     assert npt_ds(["resolve", RECIPE, "deepspeed.frozen_base=quantized", "--gpu-mem", "80", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["deepspeed_config"]["zero_optimization"]["zero_quantized_nontrainable_weights"] is True
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
+def test_srun_variables_win_over_a_launchers_left_in_the_environment(tmp_path, free_port):
+    """Two srun ranks whose environment still holds RANK=0 WORLD_SIZE=1 (an earlier launcher's, exported in the
+    submitting shell): they join one world of 2 as ranks 0 and 1, never two silent worlds of one."""
+    import subprocess
+    import sys
+
+    code = "from npt_ds.parallel.groups import init_distributed; print('world', *init_distributed(60))"
+    procs = []
+    for r in (0, 1):
+        env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "SLURM_STEP_ID": "0",
+               "SLURM_PROCID": str(r), "SLURM_LOCALID": "0", "SLURM_NODEID": str(r), "SLURM_NTASKS": "2",
+               "SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_TASKS_PER_NODE": "1(x2)", "SLURM_STEP_NUM_NODES": "2",
+               "SLURM_JOB_NUM_NODES": "2", "NPT_DS_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(free_port), "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=120) for p in procs]
+    worlds = sorted(line for out, _ in outs for line in out.splitlines() if line.startswith("world"))
+    assert worlds == ["world 0 2", "world 1 2"], [err[-1500:] for _, err in outs]

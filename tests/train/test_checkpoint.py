@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -60,7 +61,7 @@ def test_resume_on_another_world_size_without_a_portable_state_is_refused_in_one
     step = tmp_path / "checkpoints" / "step-00000002"
     meta = step / "meta.json"
     meta.write_text(json.dumps({**json.loads(meta.read_text()), "world_size": 2}))
-    (step / "portable.pt").unlink()
+    shutil.rmtree(step / "portable")  # ZeRO-3's sharded portable state (ZeRO-1/2 write portable.pt)
     before = sorted(p.name for p in step.iterdir())
     with pytest.raises(ConfigError, match=r"has no portable.pt .*; resume it on the world size that wrote it"):
         make_trainer(tmp_path, "schedule.total_steps=4", "checkpoint.resume=auto")
