@@ -23,6 +23,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 NETNS = REPO / "launch" / "netns_hosts.sh"
 NODES = ("nodea", "nodeb")
+LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 DAEMONS = ("slurmctld", "slurmd", "munged", "sbatch", "scontrol", "scancel", "srun", "sinfo")
 
 
@@ -132,7 +133,10 @@ class SlurmCluster:
 
     # ---------------------------------------------------------------- clients
     def env(self, **extra: str) -> dict[str, str]:
-        return {**os.environ, "SLURM_CONF": str(self.conf), **extra}
+        """This process's environment without a launcher's rank variables (an in-process trainer test leaves
+        RANK=0 WORLD_SIZE=1 MASTER_ADDR=127.0.0.1 behind), with this cluster's SLURM_CONF."""
+        clean = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
+        return {**clean, "SLURM_CONF": str(self.conf), **extra}
 
     def run(self, *cmd: str, check: bool = True, env: dict | None = None, timeout: float = 60
             ) -> subprocess.CompletedProcess:

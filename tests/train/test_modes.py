@@ -137,14 +137,19 @@ def test_multi_layer_run_follows_the_curriculum(tmp_path):
     assert rows[-1]["loss/fidelity"] > 0
 
 
+def checkpoint_np(step_dir):
+    """A checkpoint's NP weights (one file per NPT layer), merged."""
+    return {k: v for f in sorted((step_dir / "np").glob("np_weights*.safetensors")) for k, v in load_file(str(f)).items()}
+
+
 @pytest.mark.slow
 def test_sequential_keeps_trained_layers(tmp_path):
     trainer, rows = tiny_run(tmp_path, "schedule.mode=sequential", "schedule.total_steps=8", "checkpoint.every=4",
                              "schedule.curriculum=student:8")
     assert [r["sequential/layer"] for r in rows] == [2, 2, 2, 2, 3, 3, 3, 3]
     assert list(rows[0]) and all("layer/3/direct_mse" not in r for r in rows[:4])
-    w4 = load_file(str(tmp_path / "checkpoints" / "step-00000004" / "np" / "np_weights.safetensors"))
-    w8 = load_file(str(tmp_path / "checkpoints" / "step-00000008" / "np" / "np_weights.safetensors"))
+    w4 = checkpoint_np(tmp_path / "checkpoints" / "step-00000004")
+    w8 = checkpoint_np(tmp_path / "checkpoints" / "step-00000008")
     init = tiny_llama()
     convert_model(init, NPTConfig(layers="2,3", rank=8))
     for name in ("W_down", "W_a_up", "W_b_up"):
@@ -238,7 +243,7 @@ def test_sequential_layers_start_with_fresh_adam_and_their_own_lr_schedule(tmp_p
     ckpt = tmp_path / "checkpoints"
 
     def np_weights(step):
-        return load_file(str(ckpt / f"step-{step:08d}" / "np" / "np_weights.safetensors"))
+        return checkpoint_np(ckpt / f"step-{step:08d}")
 
     before, after = np_weights(6), np_weights(7)  # layer 3's first step (Adam's |update| <= LR, ~LR at the max)
     for name in ("W_down", "W_a_up", "W_b_up"):
