@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from support.streams import last_logged_step
+
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
 
@@ -419,23 +421,6 @@ def hosts(tmp_path_factory):
         subprocess.run(["bash", str(REPO / "launch" / "netns_hosts.sh"), "down", str(root)], check=False)
         assert not any(env["NETNS_A"] in line for line in subprocess.run(["ip", "netns", "list"], capture_output=True,
                                                                           text=True).stdout.splitlines())
-
-
-def last_logged_step(run_dir: Path) -> int:
-    """The newest train step of a live run's stream (a half-written last line is skipped)."""
-    try:
-        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    except FileNotFoundError:
-        return 0
-    steps = [0]
-    for line in lines:
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if row.get("event") == "train":
-            steps.append(row["step"])
-    return max(steps)
 
 
 def launch_on_hosts(hosts_env: dict, run_dir: Path, *overrides: str, port: int, check: bool = True,

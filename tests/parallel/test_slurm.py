@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from support.streams import last_logged_step
+
 from npt_ds.parallel.groups import free_port
 from npt_ds.parallel.slurm import main as slurm_layout
 from support.slurm_cluster import SlurmCluster, unavailable
@@ -185,22 +187,6 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss/total"] for r in rows(run_dir) if r.get("event") == "train"}
 
 
-def logged_step(run_dir: Path) -> int:
-    try:
-        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    except FileNotFoundError:
-        return 0
-    steps = [0]
-    for line in lines:
-        try:
-            row = json.loads(line)
-        except ValueError:  # a line being written
-            continue
-        if row.get("event") == "train":
-            steps.append(row["step"])
-    return max(steps)
-
-
 def job_log(out_dir: Path, job: int) -> str:
     return (out_dir / f"slurm-{job}.out").read_text()
 
@@ -238,7 +224,7 @@ def signal_mid_run(cluster: SlurmCluster, base: Path, name: str, way: str, max_r
     job = submit(cluster, base, TINY, f"logging.run_dir={run_dir}", MAX_REQUEUES=str(max_requeues),
                  NPT_DS_TEST_SLEEP_RANK="0:0.5")
     deadline = time.time() + 120
-    while logged_step(run_dir) < 5:
+    while last_logged_step(run_dir) < 5:
         assert time.time() < deadline and cluster.job(job)["JobState"] in ("PENDING", "RUNNING"), job_log(base, job)
         time.sleep(0.2)
     batch = ["--batch"] if way == "batch" else []
