@@ -364,6 +364,11 @@ def predict_cpu_runs(by: dict, opts) -> dict:
     return {"gloo_message_gb_per_s": bw / 1e9, "per_thread_gflops": per_thread_flops / 1e9, "rows": rows}
 
 
+def _num(value, spec: str) -> str:
+    """`value` formatted, or "n/a" for a figure a failed run left out."""
+    return "n/a" if value is None else format(value, spec)
+
+
 def print_dist(res: dict) -> str:
     cols = [("run", "run", ""), ("stage", "zero_stage", "d"), ("ranks", "ranks", "d"),
             ("thr/rank", "threads_per_rank", "d"), ("rc", "rc", "d"),
@@ -379,12 +384,12 @@ def print_dist(res: dict) -> str:
     lines = [format_table(rows, cols, f"== dist: SmolLM2 {c['npt_layers']}, seq {c['seq']} x {c['micro_batch']}, "
                                       f"{c['steps']} steps ({c['warmup_skipped']} warm-up skipped), {c['precision']}")]
     for k, v in res["ratios"].items():
-        lines.append(f"{k} = {v:.3f}")
+        lines.append(f"{k} = {_num(v, '.3f')}")
     for shape, pair in res.get("pairs", {}).items():
         a, b = PAIRS[shape]
         lines.append(f"{shape}: {a}/{b} tokens/s over {len(pair['pair_ratios'])} interleaved pairs: median "
-                     f"{pair['ratio_median']:.3f} (pairs {pair['pair_ratios']}); largest loss difference "
-                     f"{pair['max_loss_diff']:.2g}")
+                     f"{_num(pair['ratio_median'], '.3f')} (pairs {pair['pair_ratios']}); largest loss difference "
+                     f"{_num(pair['max_loss_diff'], '.2g')}")
     pred = res.get("prediction")
     if pred:
         lines.append(f"step-time prediction (npt_ds.planning.step_cost on this CPU: {pred['per_thread_gflops']:.1f} GFLOP/s per "

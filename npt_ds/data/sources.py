@@ -298,7 +298,7 @@ class _Prefetcher:
 
 class EvalBatches(list):
     """This rank's share of the held-out batches; ``steps`` is how many forwards every rank runs (ZeRO-3 needs
-    every rank in every forward: a rank with a smaller share pads with ``pad``, whose results are dropped)."""
+    every rank in every forward: a rank with a smaller share pads with ``pad``, whose results count as zeros)."""
 
     def __init__(self, batches: list[torch.Tensor], steps: int, pad: torch.Tensor):
         super().__init__(batches)

@@ -34,7 +34,8 @@ def evaluate(model: nn.Module, batches: list[torch.Tensor], device: torch.device
     `batches` may live on the host: each is moved to `device` (default: where the model's embedding
     is).  Sums stay on that device until one host read at the end; they are all-reduced.  Every rank runs the
     same number of forwards: ``batches.steps`` for an :class:`~npt_ds.data.sources.EvalBatches` (a rank with
-    fewer windows runs its ``pad`` batch and drops the result), else ``len(batches)``.
+    fewer windows runs its ``pad`` batch and adds zeros, so that every rank -- also one holding only
+    padding -- all-reduces the same keys), else ``len(batches)``.
     """
     device = torch.device(device) if device is not None else model.model.embed_tokens.weight.device
     sums: dict[str, torch.Tensor] = {}
@@ -42,13 +43,16 @@ def evaluate(model: nn.Module, batches: list[torch.Tensor], device: torch.device
 
     rows: dict[str, list[torch.Tensor]] = {"nll_base": [], "nll_npt": []}  # (B,) per batch, when per_window
 
+    padding = False  # a padding batch adds zeros: every rank ends with the same keys, in the same order
+
     def add(key: str, value: torch.Tensor) -> None:
-        sums[key] = sums[key] + value.double() if key in sums else value.double()
+        value = torch.zeros_like(value, dtype=torch.float64) if padding else value.double()
+        sums[key] = sums[key] + value if key in sums else value
 
     def add_nll(key: str, logits: torch.Tensor, ids: torch.Tensor) -> None:
         per_token = next_token_ce(logits, ids, reduction="none").view(ids.shape[0], -1).double()
         add(key, per_token.sum())
-        if per_window:
+        if per_window and not padding:
             rows[key].append(per_token.sum(dim=1))
 
     for k in range(getattr(batches, "steps", len(batches))):
@@ -56,15 +60,13 @@ def evaluate(model: nn.Module, batches: list[torch.Tensor], device: torch.device
         ids = (batches.pad if padding else batches[k]).to(device, non_blocking=True)
         out = fused_forward(model, ids, mixing_ratio=1.0, student_stream=True, want_logits=True)
         teacher_in = fused_forward(model, ids, mixing_ratio=0.0, extras=NPExtras(diagnostics=True))
-        if padding:
-            continue
-        labels = ids[:, 1:]
         add_nll("nll_base", out.teacher_logits, ids)
         add_nll("nll_npt", out.student_logits, ids)
         add("fid", F.mse_loss(out.student_hidden.float(), out.teacher_hidden.float(), reduction="sum"))
-        counts["tokens"] += labels.numel()
-        counts["count"] += out.student_hidden.numel()
-        counts["batches"] += 1
+        if not padding:
+            counts["tokens"] += ids[:, 1:].numel()
+            counts["count"] += out.student_hidden.numel()
+            counts["batches"] += 1
         for layer in out.layers:
             add(f"layer/{layer.index}/direct_mse_student_in", direct_mse(layer.student_out, layer.target))
         for layer in teacher_in.layers:
