@@ -73,20 +73,31 @@ def run_ckpt(opts) -> dict:
                           "signal_to_exit_s": round(time.time() - signalled["time"], 1),
                           "signal_to_saved_s": round(ended - signalled["time"], 2),
                           "bytes_on_disk": rows[0]["bytes_on_disk"]}
-    s, ld, pre = res["save"], res["load"], res["preempt"]
-    res["targets"] = {
+    res["targets"] = ckpt_targets(res)
+    return res
+
+
+def state_share_gb(run: dict) -> float:
+    """The fp32 master + both Adam moments of one rank's share of the trainable parameters, GB."""
+    return 12 * run["trainable_params"] / run["ranks"] / 1e9
+
+
+def ckpt_targets(res: dict) -> dict:
+    """The preemption bound, and each rank's peak RSS increase in units of its own share of the trainable state (the
+    10x config: the demo's increases are a few MB, below the sampler's noise).  A load's increase includes the Adam
+    moments it creates (DeepSpeed makes them at the first step), so a bounded load reads about 1-2 shares."""
+    pre, x10_saves = res["preempt"], [v for k, v in res["save"].items() if k.startswith("demo_x10")]
+    x10_loads = [v for k, v in res["load"].items() if k.startswith("demo_x10")]
+    return {
         "preempt_8b_signal_to_exit_s": target(pre["signal_to_exit_s"], 30.0, "<=",
                                               "8B upper half (0.55 B trainable), 2 ranks: SIGTERM -> saved -> exit, s"),
-        "save_rss_x10_over_demo": target(round(s["demo_x10_2r"]["rss_increase_gb"]
-                                               / max(s["demo_2r"]["rss_increase_gb"], 1e-3), 2), None, "<=",
-                                         "2 ranks: the save's peak RSS increase, 10x trainable / demo"),
-        "save_rss_2r_over_1r": target(round(s["demo_x10_2r"]["rss_increase_gb"]
-                                            / max(s["demo_x10_1r"]["rss_increase_gb"], 1e-3), 2), None, "<=",
-                                      "10x config: the save's peak RSS increase per rank, 2 ranks / 1 rank"),
-        "portable_load_rss_x10_gb": target(ld["demo_x10_2r_to_1r"]["rss_increase_gb"], None, "<=",
-                                           "10x config, the 2-rank save resharded onto 1 rank: peak RSS increase"),
+        "save_rss_over_state_share": target(round(max(v["rss_increase_gb"] / state_share_gb(v) for v in x10_saves), 3),
+                                            0.5, "<=", "10x config, 1 and 2 ranks: the save's peak RSS increase "
+                                            "per rank / that rank's fp32 master + Adam share (a copy of the whole "
+                                            "state on every rank, as before, is `world` shares)"),
+        "load_rss_over_state_share": target(round(max(v["rss_increase_gb"] / state_share_gb(v) for v in x10_loads), 3),
+                                            None, "<=", "10x config, native and resharded loads: the same for a load"),
     }
-    return res
 
 
 def print_ckpt(res: dict) -> str:
