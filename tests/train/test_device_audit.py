@@ -65,12 +65,12 @@ def test_trainer_eval_hands_the_engine_device_to_evaluate():
 def test_audit_catches_a_host_tensor_reintroduced_in_evaluate():
     """The defect this audit exists for: `torch.tensor(n)` summed with device tensors in evaluate."""
     source = inspect.getsource(evaluate_module)
-    fixed = 'counts["tokens"] += labels.numel()'
+    fixed = 'counts["tokens"] += ids[:, 1:].numel()'
     assert fixed in source
     spec = importlib.util.spec_from_loader("npt_ds.train._evaluate_regressed", loader=None)
     regressed = importlib.util.module_from_spec(spec)
     regressed.__package__ = "npt_ds.train"
-    exec(compile(source.replace(fixed, 'add("tokens", torch.tensor(labels.numel()))'), "evaluate_regressed.py",
+    exec(compile(source.replace(fixed, 'add("tokens", torch.tensor(ids[:, 1:].numel()))'), "evaluate_regressed.py",
                  "exec"), regressed.__dict__)
     with pytest.raises(AssertionError, match=r"tensor\(\) makes a host tensor"):
         with DeviceAudit() as audit:
