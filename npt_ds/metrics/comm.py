@@ -59,10 +59,11 @@ class _TimedHandle:
 
 
 class CommCounter:
-    """Cumulative bytes per kind since install; `totals()` is a snapshot (host integers, no device sync)."""
+    """Cumulative bytes and calls per kind since install; `totals()` is a snapshot (host integers, no device sync)."""
 
     def __init__(self) -> None:
         self.bytes = {"gather": 0, "reduce": 0, "other": 0}
+        self.calls = {"gather": 0, "reduce": 0, "other": 0}
         self._backend = None
 
     def install(self) -> "CommCounter":
@@ -91,6 +92,7 @@ class CommCounter:
             else:
                 payload = next(iter(kwargs.values()), None)
             counter.bytes[kind] += _nbytes(payload)
+            counter.calls[kind] += 1
             result = WAIT.timed(method, *args, **kwargs)
             return _TimedHandle(result) if hasattr(result, "wait") else result
 
@@ -98,7 +100,8 @@ class CommCounter:
         return counted
 
     def totals(self) -> dict[str, int]:
-        return dict(self.bytes)
+        """{kind: bytes, kind_calls: calls} for every kind."""
+        return {**self.bytes, **{f"{kind}_calls": n for kind, n in self.calls.items()}}
 
 
 COUNTER = CommCounter()

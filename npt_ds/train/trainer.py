@@ -32,6 +32,7 @@ from ..parallel.groups import (all_gather_objects, all_reduce_sum, any_rank_flag
 from ..parallel.watchdog import Verdict, Watchdog
 from ..parallel.resolve import resolve_hardware
 from ..parallel.topology import detect_topology
+from ..parallel.zero import coalesce_persistent_gather
 from .checkpoint import (latest_step_dir, list_steps, load_checkpoint, read_meta, resolve_resume, resume_disagreement,
                          save_checkpoint)
 from .elastic import keep_global_batch
@@ -84,6 +85,8 @@ class Trainer:
             found = re.fullmatch(r"\*layers\.(\d+)\.np\.\*(/no_decay)?", group["name"])
             group["layer"] = int(found[1]) if found else None
         self.engine, _, _, _ = deepspeed.initialize(model=self.module, model_parameters=groups, config=self.ds_config)
+        if self.cfg.deepspeed.frozen_base == "resident":
+            coalesce_persistent_gather(self.engine.optimizer)
         self.engine.train()  # load_base_model returns eval mode; bitsandbytes int8 computes differently there
         self.data = PackedBatches(cfg.data, self.tokenizer, self.rank, self.world, cfg.seed)
         self.eval_data = eval_batches(cfg.data, self.tokenizer, self.rank, self.world)
@@ -375,12 +378,15 @@ class Trainer:
         self.rank_stats.mark()
 
     def comm_per_step(self) -> dict[str, float]:
-        """This rank's collective bytes (GB) per optimizer step since the window started; starts a new one.
+        """This rank's collective bytes (GB) and calls per optimizer step since the window started; starts a new one.
 
         Only training steps run collectives inside a window (evals and saves start a new one)."""
         now, steps = self.comm.totals(), max(self._steps_since_mark, 1)
-        per_step = {f"comm/{kind}_gb_per_step": round((now[kind] - self._comm_mark[kind]) / steps / 1e9, 9)
-                    for kind in ("gather", "reduce")}
+        per_step = {}
+        for kind in ("gather", "reduce"):
+            per_step[f"comm/{kind}_gb_per_step"] = round((now[kind] - self._comm_mark[kind]) / steps / 1e9, 9)
+            per_step[f"comm/{kind}_calls_per_step"] = round((now[f"{kind}_calls"] - self._comm_mark[f"{kind}_calls"])
+                                                            / steps, 3)
         self._comm_mark, self._steps_since_mark = now, 0  # (the rank-stats window ends in log_train)
         return per_step
 
