@@ -25,6 +25,7 @@ stops is lost; when every peer still beats, the error was this rank's own and is
 """
 from __future__ import annotations
 
+import atexit
 import datetime
 import json
 import os
@@ -124,13 +125,26 @@ class Watchdog:
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
+        atexit.register(self.halt)  # also when the loop raises: see halt()
         return self
 
     def stop(self) -> None:
         """The loop ended on purpose (peers stop judging this rank); the threads end."""
         self.phase = "done"
         self._publish_once()
+        self.halt()
+
+    def halt(self) -> None:
+        """End the threads and wait for them (each store call is bounded by the client's timeout, 2 intervals).
+
+        Run at interpreter exit too: a daemon thread still inside a store call when Python finalises is ended by
+        a forced unwind through C++ frames, which aborts the process (SIGABRT: a rank that raised its own error
+        then exited -6, not 1).  Publishes nothing: peers see this rank's beat stop, so an error exit is a lost
+        rank to them, not a finished one."""
         self.done.set()
+        for thread in self._threads:
+            if thread is not threading.current_thread():
+                thread.join(timeout=2 * self.interval + 1.0)
 
     # ------------------------------------------------------------------ the heartbeat thread
     def _client(self):
