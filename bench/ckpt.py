@@ -5,7 +5,7 @@ at 8B scale.
   parameters (layers 14-29, rank 160: 10.8 M), on 1 and 2 ranks (ZeRO-3, `frozen_base: auto`): the trainer's own
   `save()` after one step, then `load_checkpoint` of the 2-rank save on 2 ranks (DeepSpeed's shards) and on 1 rank
   (the sharded portable state, resharded), and of the 1-rank save on 2 ranks.  Per rank: RSS before, the peak
-  while it ran (a 5 ms sampler, bench/ckpt_worker.py), seconds.
+  while it ran (the kernel's high-water mark, bench/ckpt_worker.py), seconds.
 * ``preempt`` -- Llama-3.1-8B's shape with its upper half (layers 16-31) converted at the 8B recipe's rank 256, k 4,
   dual (configs/llama3_8b_upper_half.yaml: 0.55 B trainable, 6.6 GB of fp32 master + Adam) on 2 ranks, bf16
   ZeRO-3.  Built from what a checkpoint holds: the NP components only (the frozen base is never saved, so its

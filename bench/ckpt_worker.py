@@ -6,7 +6,7 @@
 
 save: one training step (Adam's state exists), then `Trainer.save()`; load: a fresh trainer, then `load_checkpoint`
 (DeepSpeed's shards on the world size that wrote them, else the portable state).  A thread samples this process's
-RSS every 5 ms; each rank writes DIR/<phase>-rank<r>.json with the RSS before and the peak during the operation.
+RSS high-water mark; each rank writes DIR/<phase>-rank<r>.json with the RSS before and the peak during the operation.
 preempt: the engine of an 8B-scale NPT built from what a checkpoint holds (the NP components of the converted
 layers only: the frozen base is never saved), Adam's state made, then SIGTERM to itself, the trainer's checkpoint
 save and a clean exit; rank 0 writes when the signal went out, the parent times the process's end.
@@ -18,7 +18,6 @@ import json
 import os
 import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -35,34 +34,22 @@ from npt_ds.train.elastic import group_steps, set_group_steps
 from npt_ds.train.faults import PreemptionFlag
 from npt_ds.train.trainer import Trainer
 
+from .common import peak_rss_mb, reset_peak_rss, rss_mb
+
+MIB_GB = 2**20 / 1e9
+
 
 class PeakRSS:
-    """The peak resident set size (GB) of this process while the context runs, sampled every `every_s`."""
-
-    def __init__(self, every_s: float = 0.005):
-        self.every_s, self.peak = every_s, 0.0
-        self._stop = threading.Event()
-
-    @staticmethod
-    def now_gb() -> float:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e9
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.now_gb())
-            time.sleep(self.every_s)
+    """This process's RSS before the context and its peak while it runs (GB): the kernel's high-water mark, reset
+    on entry (bench.common; where it cannot be reset, the process's lifetime peak)."""
 
     def __enter__(self) -> "PeakRSS":
-        self.before = self.peak = self.now_gb()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
+        self.before = rss_mb() * MIB_GB
+        reset_peak_rss()
         return self
 
     def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.now_gb())
+        self.peak = max(self.before, peak_rss_mb() * MIB_GB)
 
 
 def trainer_phase(args) -> dict:

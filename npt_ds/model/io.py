@@ -20,6 +20,7 @@ from .npt_layer import NPTDecoderLayer
 
 WEIGHTS, SPEC = "np_weights.safetensors", "npt_spec.json"
 LAYER_WEIGHTS = "np_weights-layer-{:03d}.safetensors"  # a checkpoint's np/: one file per NPT layer
+LAYER_WEIGHTS_GLOB = LAYER_WEIGHTS.replace("{:03d}", "*")
 LAYER_OF = re.compile(r"\.layers\.(\d+)\.")
 
 
@@ -62,7 +63,7 @@ def load_np_weights(model: nn.Module, src: str | Path, injections: bool = True) 
     deltas saved beside them (added to W_gate / W_up; ``injections=False`` leaves them out)."""
     src = Path(src)
     path = src / WEIGHTS if src.is_dir() else src
-    layer_files = sorted(src.glob("np_weights-layer-*.safetensors")) if src.is_dir() and not path.is_file() else []
+    layer_files = sorted(src.glob(LAYER_WEIGHTS_GLOB)) if src.is_dir() and not path.is_file() else []
     if layer_files:  # a checkpoint's per-layer layout
         path = layer_files[0]
     if not path.is_file():
