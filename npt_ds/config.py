@@ -115,6 +115,7 @@ class DataConfig:
 @dataclass
 class LossConfig:
     direct_weight: float = 1.0
+    direct_target: str = "delta"  # delta: y_i -> what the teacher layer added | state: h_in + y_i -> the teacher's next state
     layer_weights: str = "uniform"  # uniform | linear | "1.0,0.9,..."
     layerwise_scaling: bool = False  # divide layer MSE by mean|teacher|
     reg_lambda: float = 1e-4
@@ -141,6 +142,7 @@ class LossConfig:
 
     def __post_init__(self):
         _choice("loss.fidelity_on", self.fidelity_on, ("hidden", "logits", "both"))
+        _choice("loss.direct_target", self.direct_target, ("delta", "state"))
         if self.kd_temperature <= 0:
             raise ConfigError("loss.kd_temperature must be > 0; use e.g. 2.0")
         if self.projector_ce_weight <= 0:
@@ -156,7 +158,7 @@ class ScheduleConfig:
     total_steps: int = 100
     warmup_steps: int = 10
     min_lr_ratio: float = 0.1
-    curriculum: str = ""  # "teacher:5000,mixed:5000:0.5,student:20000"; "" = teacher throughout
+    curriculum: str = ""  # "teacher:5000,mixed:5000:0.5,student:20000" or shares "teacher:10%,..."; "" = teacher throughout
     sequential_steps_per_layer: int = 0  # sequential mode; 0 = total_steps / n_layers
     stop_at: int = 0  # end this invocation at this step (checkpointed); resume continues to total_steps
 

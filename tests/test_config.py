@@ -43,6 +43,7 @@ def test_recipes_exist():
     ({"npt": {"rank": "big"}}, "npt.rank: expected int, got str 'big'"),
     ({"npt": {"rank": 0}}, "npt.rank must be a positive integer"),
     ({"schedule": {"mode": "parallel"}}, "schedule.mode: 'parallel' is not one of single_layer, multi_layer, sequential"),
+    ({"loss": {"direct_target": "states"}}, "loss.direct_target: 'states' is not one of delta, state"),
     ({"model": {"quantization": "nf4"}, "deepspeed": {"precision": "fp16"}}, "fp16 cannot be combined with model.quantization=nf4"),
     ({"npt": {"safe_mode": True, "multiplicative": True}}, "safe_mode allows additive modulation only"),
     ({"data": {"source": "files"}}, "data.files: source 'files' needs a list of local files"),

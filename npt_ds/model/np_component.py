@@ -45,6 +45,7 @@ class NPExtras:
     vectors: bool = False  # keep v_a, v_b (v_c, factor) with autograd: the guidance losses read them
     reg: bool = False  # mean(v_a²) + mean(v_b²): the regulariser (loss.reg_lambda > 0)
     diagnostics: bool = False  # form the vectors without autograd, for per-layer stats (log steps)
+    state_target: bool = False  # the layer's target is the teacher's next state minus what the layer read
 
 
 NO_EXTRAS = NPExtras()

@@ -78,7 +78,8 @@ class NPTDecoderLayer(LlamaDecoderLayer):
         h_S' = h_S + y.  With ratio 0 (or no student stream) the attention on h_T is computed once
         and shared by the teacher target and the student modulation.  Teacher work runs without
         autograd (the base is frozen and the teacher state carries no gradient).  `extras` asks for
-        the regulariser, v_a and v_b (guidance losses) and the per-layer vector stats in the LayerOutput.
+        the regulariser, v_a and v_b (guidance losses) and the per-layer vector stats in the LayerOutput;
+        with ``extras.state_target`` a layer that read the student stream is targeted at h_T' − h_in.
         """
         with torch.no_grad():
             attn_t = self.attention(h_t, **attn_kwargs)
@@ -94,5 +95,9 @@ class NPTDecoderLayer(LlamaDecoderLayer):
         else:
             y, np_out, x = self.student_mlp(h_in, attn, extras)
         target, new_t = attn_t + mlp_t, h_mid + mlp_t
+        if extras.state_target and h_in is not h_t:
+            # what the layer must add to the state it read to land on the teacher's next state: it corrects
+            # the drift of the layers below (gradient reaches them through h_in); equals `target` at ratio 0
+            target = new_t - h_in
         new_s = None if h_s is None else (h_s + y).to(h_s.dtype)
         return new_t, new_s, layer_output(self.layer_idx, y, target, attn, x, h_in, np_out, extras)

@@ -12,8 +12,12 @@ Sweep file::
       - {name: normalised-mse, set: [loss.layerwise_scaling=true]}
       - grid: {npt.rank: [32, 64, 128], npt.num_ranks: [1, 4]}   # one variant per combination
         prefix: rank                                              # names rank-rank=32-num_ranks=1 ...
+      - {name: dual, set: [npt.dual=true], seeds: [0, 1, 2]}     # this variant's own seeds (confirmation runs)
+      - grid: {schedule.total_steps: [240, 480, 960]}             # a budget curve: variants of one family
+        family: demo-recipe                                       # are drawn as NPT/base ratio vs tokens
 
-Runs go one after another through `launch/train_local.sh` (the launcher `train` uses) with
+Runs go one after another, every variant's first seed before any variant's second (screen, then confirm),
+through `launch/train_local.sh` (the launcher `train` uses) with
 `checkpoint.resume=auto`, so a re-run of the sweep skips runs whose final eval (step == total_steps) is in
 their metrics.jsonl and continues half-done ones from their last checkpoint.  A run that exits non-zero is a
 row with its error (the last meaningful stderr line); the sweep goes on.
@@ -43,6 +47,8 @@ SWEEP_KEYS = ("base", "sweep_dir", "num_ranks", "seeds", "set", "variants", "gri
 class Variant:
     name: str
     overrides: list[str] = field(default_factory=list)
+    seeds: list[int] | None = None  # None: the sweep's seeds
+    family: str | None = None  # variants of one family form one ratio-vs-tokens curve in the report
 
 
 @dataclass
@@ -53,6 +59,15 @@ class Sweep:
     seeds: list[int]
     common: list[str]
     variants: list[Variant]
+
+    def seeds_of(self, variant: Variant) -> list[int]:
+        return self.seeds if variant.seeds is None else variant.seeds
+
+    def runs(self) -> list[tuple[Variant, int]]:
+        """Every (variant, seed) in the order they run: each variant's first seed, then each one's second, ...
+        (a sweep stopped half-way has screened every variant once before it confirms any)."""
+        depth = max(len(self.seeds_of(v)) for v in self.variants)
+        return [(v, self.seeds_of(v)[k]) for k in range(depth) for v in self.variants if k < len(self.seeds_of(v))]
 
     def run_dir(self, variant: Variant, seed: int) -> Path:
         return self.sweep_dir / variant.name / f"seed-{seed}"
@@ -101,14 +116,16 @@ def expand_variants(entries: list | None, grid: dict | None) -> list[Variant]:
         key = f"variants[{i}]"
         if not isinstance(entry, dict):
             raise ConfigError(f"{key}: expected {{name: NAME, set: [key.path=value, ...]}} or {{grid: {{...}}}}")
-        extra = set(entry) - {"name", "set", "grid", "prefix"}
+        extra = set(entry) - {"name", "set", "grid", "prefix", "seeds", "family"}
         if extra:
-            raise ConfigError(f"{key}: unknown key {sorted(extra)[0]!r}; allowed: name, set, grid, prefix")
+            raise ConfigError(f"{key}: unknown key {sorted(extra)[0]!r}; allowed: name, set, grid, prefix, seeds, family")
+        seeds = None if "seeds" not in entry else _seeds(f"{key}.seeds", entry["seeds"])
+        family = None if entry.get("family") is None else str(entry["family"])
         if "grid" in entry:
-            variants += [Variant(v.name, _strings(f"{key}.set", entry.get("set")) + v.overrides)
+            variants += [Variant(v.name, _strings(f"{key}.set", entry.get("set")) + v.overrides, seeds, family)
                          for v in expand_grid(entry["grid"], str(entry.get("prefix", "")), f"{key}.grid")]
         elif "name" in entry:
-            variants.append(Variant(str(entry["name"]), _strings(f"{key}.set", entry.get("set"))))
+            variants.append(Variant(str(entry["name"]), _strings(f"{key}.set", entry.get("set")), seeds, family))
         else:
             raise ConfigError(f"{key}: needs a name (or a grid)")
     if grid:
@@ -122,6 +139,13 @@ def expand_variants(entries: list | None, grid: dict | None) -> list[Variant]:
         if not v.name or "/" in v.name or v.name.startswith("."):
             raise ConfigError(f"variants: {v.name!r} cannot be a directory name; use letters, digits, - and _")
     return variants
+
+
+def _seeds(key: str, seeds) -> list[int]:
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool)
+                                                           for s in seeds):
+        raise ConfigError(f"{key}: expected a non-empty list of integers, got {seeds!r}")
+    return seeds
 
 
 def load_sweep(path: str | Path) -> Sweep:
@@ -142,10 +166,7 @@ def load_sweep(path: str | Path) -> Sweep:
         if not isinstance(data.get(key), str) or not data[key]:
             raise ConfigError(f"{key}: the sweep file needs {key}: (e.g. base: configs/smollm2_demo.yaml, "
                               "sweep_dir: runs/sweeps/NAME)")
-    seeds = data.get("seeds", [0])
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool)
-                                                           for s in seeds):
-        raise ConfigError(f"seeds: expected a non-empty list of integers, got {seeds!r}")
+    seeds = _seeds("seeds", data.get("seeds", [0]))
     ranks = data.get("num_ranks", 1)
     if not isinstance(ranks, int) or isinstance(ranks, bool) or ranks < 1:
         raise ConfigError(f"num_ranks: expected a positive integer, got {ranks!r}")
@@ -154,7 +175,7 @@ def load_sweep(path: str | Path) -> Sweep:
                   expand_variants(data.get("variants"), data.get("grid")))
     for v in sweep.variants:
         try:
-            load_config(sweep.base, sweep.overrides(v, seeds[0]))
+            load_config(sweep.base, sweep.overrides(v, sweep.seeds_of(v)[0]))
         except ConfigError as exc:
             raise ConfigError(f"variant {v.name!r}: {exc}") from None
     return sweep
@@ -209,11 +230,11 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_sweep(args) -> int:
     sweep = load_sweep(args.sweep_file)
-    runs = [(v, s) for v in sweep.variants for s in sweep.seeds]
+    runs = sweep.runs()
     if args.dry_run:
         for v, s in runs:
             print(" ".join(sweep.command(v, s)))
-        print(f"{len(sweep.variants)} variants x {len(sweep.seeds)} seeds = {len(runs)} runs -> {sweep.sweep_dir}")
+        print(f"{len(sweep.variants)} variants, {len(runs)} runs -> {sweep.sweep_dir}")
         return 0
     sweep.sweep_dir.mkdir(parents=True, exist_ok=True)
     for i, (v, s) in enumerate(runs, 1):

@@ -101,5 +101,30 @@ def layer_table(first: dict, last: dict) -> list[str]:
     return lines
 
 
+SIM_BAR, FIDELITY_BAR = 0.7, 0.1  # the seed documents' success bars: v_a-attention similarity >, fidelity MSE <
+
+
+def success_bars(result: dict) -> dict:
+    """The seed documents' success bars of one evaluation, next to its perplexity ratio.
+
+    ``v_a_attn_sim``: the mean over NPT layers of ``eval/layer/{i}/v_a_attn_sim`` (bar > 0.7);
+    ``fidelity_mse``: ``eval/fidelity_mse``, the final hidden state's MSE against the base (bar < 0.1).
+    """
+    sims = [v for k, v in result.items() if k.startswith("eval/layer/") and k.endswith("/v_a_attn_sim")]
+    sim = sum(sims) / len(sims) if sims else float("nan")
+    fid = result.get("eval/fidelity_mse", float("nan"))
+    return {"ppl_ratio": result["eval/ppl_npt"] / result["eval/ppl_base"], "v_a_attn_sim": sim,
+            "v_a_attn_sim_met": sim > SIM_BAR, "fidelity_mse": fid, "fidelity_mse_met": fid < FIDELITY_BAR}
+
+
+def success_line(result: dict) -> str:
+    """One summary line: the perplexity ratio and each bar, met or not."""
+    bars = success_bars(result)
+    met = {True: "met", False: "not met"}
+    return (f"NPT/base perplexity {bars['ppl_ratio']:.4f}; success bars: v_a-attention similarity "
+            f"{bars['v_a_attn_sim']:.3f} (> {SIM_BAR}: {met[bars['v_a_attn_sim_met']]}), fidelity MSE "
+            f"{bars['fidelity_mse']:.4g} (< {FIDELITY_BAR}: {met[bars['fidelity_mse_met']]})")
+
+
 def _ppl(mean_nll: float) -> float:
     return math.exp(mean_nll) if mean_nll < 700 else float("inf")

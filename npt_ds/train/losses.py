@@ -2,7 +2,9 @@
 
 ``total = Σ_name coef_name · a_name · term_name`` over the enabled terms (component key, coefficient):
 
-* ``loss/direct`` = Σ_i w_i · MSE(y_i, target_i) (:func:`direct_mse`); ``loss.direct_weight``.
+* ``loss/direct`` = Σ_i w_i · MSE(y_i, target_i) (:func:`direct_mse`); ``loss.direct_weight``.  The target is
+  what the teacher layer added (``loss.direct_target: delta``) or, for a layer reading the student stream,
+  h_T,i+1 − h_in,i (``state``: the layer also corrects the drift of the layers below it).
 * ``loss/reg`` = mean over NPT layers of (mean v_a² + mean v_b²) (``LayerOutput.reg``, computed by the NP
   component without forming the vectors); ``loss.reg_lambda``.
 * ``loss/fidelity`` = :func:`fidelity_loss` on hidden states / logits / both; ``loss.fidelity_weight``.
@@ -292,7 +294,8 @@ class NPTLoss(nn.Module):
         """What the forward must add for these terms: the regulariser, and v_a itself for the guidance
         terms or for the logged per-layer ``diagnostics``."""
         guidance = any(getattr(self.cfg, field_name) > 0 for field_name in GUIDANCE.values())
-        return NPExtras(vectors=guidance, reg=self.cfg.reg_lambda > 0, diagnostics=diagnostics)
+        return NPExtras(vectors=guidance, reg=self.cfg.reg_lambda > 0, diagnostics=diagnostics,
+                        state_target=self.cfg.direct_target == "state")
 
     def forward(self, out: NPTForwardOutput, kd_weight: float = 0.0, params: Sequence[torch.Tensor] | None = None,
                 difficulty_keep: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -101,14 +101,32 @@ class Curriculum:
         return self.format()
 
 
-def parse_curriculum(text: str) -> Curriculum:
-    """Parse ``"teacher:5000,mixed:3000:0.3,student:15000"``; ``""`` gives teacher throughout."""
+def parse_curriculum(text: str, total_steps: int | None = None) -> Curriculum:
+    """Parse ``"teacher:5000,mixed:3000:0.3,student:15000"``; ``""`` gives teacher throughout.
+
+    A stage length may be a share of the run instead, ``"teacher:10%,mixed:20%:0.5,student:70%"``, so one
+    curriculum fits runs of any length (needs ``total_steps``): stage k ends at step
+    round(total_steps · (p_1 + … + p_k) / 100).
+    """
     if not text.strip():
         return Curriculum()
-    return Curriculum(tuple(_parse_stage(token.strip()) for token in text.split(",")))
+    parsed = [_parse_stage(token.strip(), total_steps is not None) for token in text.split(",")]
+    stages, cum_pct, end = [], 0.0, 0
+    for stage, pct in parsed:
+        if pct is None:
+            stages.append(stage)
+            continue
+        cum_pct += pct
+        if cum_pct > 100.0 + 1e-9:
+            raise CurriculumError(f"schedule.curriculum: the stage shares add up to {cum_pct:g}% (> 100%)")
+        new_end = round(total_steps * cum_pct / 100.0)
+        stages.append(Stage(stage.name, new_end - end, stage.ratio))
+        end = new_end
+    return Curriculum(tuple(stages))
 
 
-def _parse_stage(token: str) -> Stage:
+def _parse_stage(token: str, shares_allowed: bool = False) -> tuple[Stage, float | None]:
+    """One stage and, for a length written as a share (``10%``), the share in percent (else None)."""
     def bad(why: str) -> CurriculumError:
         return CurriculumError(f"schedule.curriculum: bad stage {token!r}: {why}")
 
@@ -122,14 +140,25 @@ def _parse_stage(token: str) -> Stage:
         raise bad("mixed needs a ratio, e.g. mixed:1000:0.5" if len(fields) == 2 else f"expected {form}")
     if len(fields) > want:
         raise bad(f"extra fields; expected {form}")
-    if not (fields[1].isascii() and fields[1].isdigit()):
-        raise bad(f"steps {fields[1]!r} must be a non-negative integer")
+    length, pct = fields[1], None
+    if length.endswith("%"):
+        if not shares_allowed:
+            raise bad("a share of the run (N%) needs the run's total steps")
+        try:
+            pct = float(length[:-1])
+        except ValueError:
+            raise bad(f"share {length!r} must be a number of percent such as 10%") from None
+        if not 0.0 <= pct <= 100.0:
+            raise bad(f"share {length!r} must lie in [0%, 100%]")
+        length = "0"
+    if not (length.isascii() and length.isdigit()):
+        raise bad(f"steps {length!r} must be a non-negative integer or a share such as 10%")
     if name != "mixed":
-        return Stage(name, int(fields[1]), STAGE_RATIOS[name])
+        return Stage(name, int(length), STAGE_RATIOS[name]), pct
     try:
         ratio = float(fields[2])
     except ValueError:
         raise bad(f"ratio {fields[2]!r} is not a number in [0, 1]") from None
     if not 0.0 <= ratio <= 1.0:
         raise bad(f"ratio {fields[2]!r} must lie in [0, 1]")
-    return Stage(name, int(fields[1]), ratio)
+    return Stage(name, int(length), ratio), pct

@@ -36,7 +36,7 @@ from ..parallel.zero import coalesce_persistent_gather
 from .checkpoint import (latest_step_dir, list_steps, load_checkpoint, read_meta, resolve_resume, resume_disagreement,
                          save_checkpoint)
 from .elastic import keep_global_batch
-from .evaluate import evaluate, layer_table
+from .evaluate import evaluate, layer_table, success_line
 from .faults import (FaultHook, PreemptionFlag, communication_failure, dump_flight_recorder,
                      record_env_for_test)
 from .build import build_train_module, default_curriculum, sequential_optim_config
@@ -72,7 +72,7 @@ class Trainer:
                 self.resharded_from = int(meta["world_size"])
             self.start_notes += [note] if note else []
         self.cfg = cfg
-        self.curriculum = parse_curriculum(cfg.schedule.curriculum or default_curriculum(cfg))
+        self.curriculum = parse_curriculum(cfg.schedule.curriculum or default_curriculum(cfg), cfg.schedule.total_steps)
         self.ds_config = build_ds_config(cfg, self.world, self.topology.hpz_partition_size)
         check_quantization_support(cfg, self.ds_config["zero_optimization"].get("stage", 0))  # before any loading
         torch.manual_seed(cfg.seed)
@@ -215,6 +215,7 @@ class Trainer:
         if first and last:
             lines.append(f"held-out perplexity  base {last['eval/ppl_base']:.3f} | NPT step {first['step']}: "
                          f"{first['eval/ppl_npt']:.3f} -> step {last['step']}: {last['eval/ppl_npt']:.3f}")
+            lines.append(success_line(last))
             lines.append(f"held-out per-layer fidelity, step {first['step']} -> step {last['step']}:")
             lines += ["  " + line for line in layer_table(first, last)]
         lines.append(f"metric stream: {self.metrics.path}   (watch: npt-monitor {self.run_dir})")

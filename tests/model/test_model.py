@@ -112,6 +112,30 @@ def test_fused_forward_streams():
         assert torch.allclose(lo.h_in, hs[lo.index], atol=1e-6)
 
 
+def test_state_target_aims_each_student_layer_at_the_teachers_next_state():
+    ref, model = tiny_llama(), tiny_llama()
+    convert_model(model, NPTConfig(layers="1,2", rank=4))
+    torch.manual_seed(1)
+    with torch.no_grad():  # a visibly drifting student stream
+        for name, p in model.named_parameters():
+            if ".np." in name:
+                p.normal_(0, 0.3)
+    ids = torch.randint(0, 256, (2, 12))
+    hs = ref(input_ids=ids, output_hidden_states=True).hidden_states
+    state = fused_forward(model, ids, mixing_ratio=1.0, student_stream=True, extras=NPExtras(state_target=True))
+    delta = fused_forward(model, ids, mixing_ratio=1.0, student_stream=True)
+    for s, d in zip(state.layers, delta.layers):
+        assert torch.allclose(s.h_in + s.target, hs[s.index + 1], atol=1e-5)  # lands on the teacher's state
+        assert torch.allclose(d.target, hs[d.index + 1] - hs[d.index], atol=1e-5)
+    # layer 1 reads the teacher's state, layer 2 the drifted one: only there do the two targets differ
+    assert torch.allclose(state.layers[0].target, delta.layers[0].target, atol=1e-5)
+    assert (state.layers[1].target - delta.layers[1].target).abs().max() > 1e-2
+    # in the teacher stage (ratio 0) the state target is the delta target, bit for bit
+    t_state = fused_forward(model, ids, student_stream=True, extras=NPExtras(state_target=True))
+    t_delta = fused_forward(model, ids, student_stream=True)
+    assert all(torch.equal(a.target, b.target) for a, b in zip(t_state.layers, t_delta.layers))
+
+
 def test_np_weights_round_trip(tmp_path):
     model = tiny_llama()
     convert_model(model, NPTConfig(layers="upper_half", rank=4, num_ranks=2))

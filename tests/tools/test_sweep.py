@@ -57,6 +57,7 @@ def test_bad_sweep_files_name_the_key(tmp_path, capsys):
         "variants:\n  - {name: a}\n  - {name: a}\n": "the name 'a' is used twice",
         "grid: {npt.rank: []}\n": "grid.npt.rank: expected a non-empty list",
         "seeds: [0, x]\nvariants: [{name: a}]\n": "seeds: expected a non-empty list of integers",
+        "variants: [{name: a, seeds: []}]\n": "variants[0].seeds: expected a non-empty list of integers",
         "variants: [{name: a, sett: []}]\n": "variants[0]: unknown key 'sett'",
     }
     for body, message in cases.items():
@@ -66,7 +67,7 @@ def test_bad_sweep_files_name_the_key(tmp_path, capsys):
             load_sweep(path)
     assert main(["sweep", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["npt-ds sweep: variants[0]: unknown key 'sett'; allowed: name, set, grid, prefix"]
+    assert err == ["npt-ds sweep: variants[0]: unknown key 'sett'; allowed: name, set, grid, prefix, seeds, family"]
 
 
 def test_last_error_prefers_the_trainers_line():
@@ -145,7 +146,8 @@ def test_failing_run_is_a_row_with_its_error(swept):
 @pytest.mark.parametrize("path", sorted((REPO / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
 def test_committed_sweep_files_validate(path):
     sweep = load_sweep(path)  # every variant's config goes through load_config
-    assert len(sweep.seeds) >= 2 and sweep.variants
+    # two seeds at least where a result is claimed: the whole sweep, or a screening sweep's confirmation runs
+    assert sweep.variants and max(len(sweep.seeds_of(v)) for v in sweep.variants) >= 2
 
 
 def test_mean_and_spread_over_seeds(tmp_path):
@@ -159,7 +161,7 @@ def test_mean_and_spread_over_seeds(tmp_path):
         run = sweep.run_dir(sweep.variants[0], seed)
         run.mkdir(parents=True)
         rows = [{"step": 0, "event": "eval", "eval/ppl_base": 1.0, "eval/ppl_npt": 9.0, "eval/fidelity_mse": 9.0},
-                {"step": 4, "event": "train", "tokens_per_s": 100.0 * (seed + 1)},
+                {"step": 4, "event": "train", "tokens_per_s": 100.0 * (seed + 1), "tokens": 512},
                 {"step": 4, "event": "eval", "eval/ppl_base": base, "eval/ppl_npt": npt, "eval/fidelity_mse": mse,
                  "eval/layer/3/direct_mse_student_in": mse * 2, "eval/layer/3/v_a_attn_sim": 0.1 * (seed + 1)}]
         (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -168,8 +170,40 @@ def test_mean_and_spread_over_seeds(tmp_path):
     assert row["fidelity_mse"] == pytest.approx(0.6) and row["tokens_per_s"] == pytest.approx(150.0)
     assert row["direct_mse_student_in"] == {"3": pytest.approx(1.2)} and row["v_a_attn_sim"] == {"3": pytest.approx(0.15)}
     assert row["seeds_done"] == 2 and row["failed_seeds"] == [2] and row["error"] == "not run yet"
-    assert "| a | 2/3 | 1.2 ± 0.14 | ref | 0.6 ± 0.14 | 3:1.2 | 3:0.15 | 150 ± 71 | - | not run yet |" in markdown(
-        collect(sweep))
+    assert row["v_a_attn_sim_mean"] == pytest.approx(0.15) and row["tokens"] == 512
+    assert row["runs"][0]["bars_met"] == [False, False]
+    assert ("| a | 2/3 | 1.2 ± 0.14 | ref | 0.6 ± 0.14 | 0.15 ± 0.071 | ✗ ✗ | 3:1.2 | 3:0.15 | 512 | 150 ± 71 | - "
+            "| not run yet |") in markdown(collect(sweep))
+
+
+def test_variant_seeds_and_a_budget_curve_of_one_family(tmp_path):
+    from npt_ds.tools.sweep_report import collect, curves, write_reports
+
+    path = tmp_path / "s.yaml"
+    path.write_text(f"base: {REPO}/configs/tiny_debug.yaml\nsweep_dir: {tmp_path}/out\nseeds: [0]\n"
+                    "variants:\n  - {name: screen}\n  - {name: confirm, seeds: [0, 1]}\n"
+                    "  - {grid: {schedule.total_steps: [4, 8, 16]}, prefix: budget, family: recipe}\n")
+    sweep = load_sweep(path)
+    assert [(v.name, s) for v, s in sweep.runs()] == [
+        ("screen", 0), ("confirm", 0), ("budget-total_steps=4", 0), ("budget-total_steps=8", 0),
+        ("budget-total_steps=16", 0), ("confirm", 1)]  # every variant once before any second seed
+    assert [v.family for v in sweep.variants] == [None, None, "recipe", "recipe", "recipe"]
+    for v, steps, ratio in ((sweep.variants[2], 4, 1.5), (sweep.variants[4], 16, 1.1)):  # total_steps=8 not run
+        run = sweep.run_dir(v, 0)
+        run.mkdir(parents=True)
+        rows = [{"step": steps, "event": "train", "tokens": 128 * steps},
+                {"step": steps, "event": "eval", "eval/ppl_base": 10.0, "eval/ppl_npt": 10.0 * ratio,
+                 "eval/fidelity_mse": 0.05, "eval/layer/3/v_a_attn_sim": 0.8}]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    results = collect(sweep)
+    assert results["variants"][1]["seeds"] == [0, 1] and results["variants"][1]["seeds_done"] == 0
+    assert curves(results) == {"recipe": [(512, pytest.approx(1.5), 0.0), (2048, pytest.approx(1.1), 0.0)]}
+    lines = write_reports(sweep.sweep_dir, results)
+    assert any("| ✓ ✓ |" in line for line in lines)  # both bars met: similarity 0.8, fidelity 0.05
+    curve = sweep.sweep_dir / ("curve.png" if (sweep.sweep_dir / "curve.png").exists() else "curve_plot.txt")
+    assert f"plot: {curve}" in lines
+    if curve.suffix == ".txt":
+        assert "recipe: 512 tok -> 1.5000, 2,048 tok -> 1.1000" in curve.read_text()
 
 
 def test_differences_from_the_reference_are_judged_against_the_seed_spread():

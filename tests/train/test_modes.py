@@ -61,7 +61,7 @@ def test_mixing_ratio_sets_the_student_input_and_outputs_propagate(ratio):
 
 def test_held_out_layer_metrics_use_fixed_protocols():
     """eval/layer/{i}/direct_mse_{teacher,student}_in against hand-written streams at ρ = 0 and ρ = 1."""
-    from npt_ds.train.evaluate import evaluate, layer_table
+    from npt_ds.train.evaluate import evaluate, layer_table, success_bars, success_line
     from npt_ds.model.diagnostics import attn_alignment
 
     torch.manual_seed(0)
@@ -94,6 +94,14 @@ def test_held_out_layer_metrics_use_fixed_protocols():
     assert res["eval/layer/3/direct_mse_student_in"] != pytest.approx(res["eval/layer/3/direct_mse_teacher_in"])
     table = layer_table(res, res)
     assert len(table) == 3 and table[1].split()[0] == "1"
+    # the success bars: the layers' mean similarity and the final state's MSE, each against its bar
+    bars = success_bars(res)
+    sim = (want["eval/layer/1/v_a_attn_sim"] + want["eval/layer/3/v_a_attn_sim"]) / 2
+    assert bars["v_a_attn_sim"] == pytest.approx(sim, rel=1e-5) and bars["v_a_attn_sim_met"] == (sim > 0.7)
+    assert bars["fidelity_mse"] == res["eval/fidelity_mse"] and bars["fidelity_mse_met"] == (res["eval/fidelity_mse"] < 0.1)
+    assert bars["ppl_ratio"] == res["eval/ppl_npt"] / res["eval/ppl_base"]
+    line = success_line({**res, "eval/fidelity_mse": 0.05})
+    assert f"{res['eval/ppl_npt'] / res['eval/ppl_base']:.4f}" in line and "fidelity MSE 0.05 (< 0.1: met)" in line
 
 
 def test_sequential_forward_carries_earlier_layers():

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 
@@ -88,3 +89,25 @@ def test_curriculum_errors_name_the_token(text, token, why):
     assert "\n" not in message
     assert f"bad stage {token!r}" in message and why in message
     assert message.startswith("schedule.curriculum:")
+
+
+def test_curriculum_shares_fit_any_run_length():
+    spec = "teacher:10%,mixed:20%:0.5,student:70%"
+    assert parse_curriculum(spec, 488).stages == (Stage("teacher", 49, 0.0), Stage("mixed", 97, 0.5),
+                                                  Stage("student", 342, 1.0))
+    assert parse_curriculum(spec, 1953).total_steps == 1953  # the cumulative rounding loses no step
+    assert [s.steps for s in parse_curriculum(spec, 10).stages] == [1, 2, 7]
+    # steps and shares mix: an absolute stage keeps its length
+    assert parse_curriculum("teacher:5,student:50%", 100).stages == (Stage("teacher", 5, 0.0), Stage("student", 50, 1.0))
+
+
+@pytest.mark.parametrize("text, total, why", [
+    ("teacher:10%,student:90%", None, "needs the run's total steps"),
+    ("teacher:60%,student:50%", 100, "add up to 110% (> 100%)"),
+    ("teacher:ten%", 100, "must be a number of percent"),
+    ("teacher:120%", 100, "must lie in [0%, 100%]"),
+])
+def test_curriculum_share_errors(text, total, why):
+    with pytest.raises(CurriculumError, match=re.escape(why)) as info:
+        parse_curriculum(text, total)
+    assert str(info.value).startswith("schedule.curriculum:") and "\n" not in str(info.value)
