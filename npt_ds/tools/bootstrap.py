@@ -31,6 +31,23 @@ def ppl_ratio(nll_base, nll_npt, tokens, index=None) -> np.ndarray | float:
     return np.exp((npt[index].sum(axis=-1) - base[index].sum(axis=-1)) / tok[index].sum(axis=-1))
 
 
+def _resample(n: int, resamples: int, seed: int, confidence: float) -> np.ndarray:
+    """(resamples, n) window indices drawn with replacement, after checking the arguments."""
+    if n < 2:
+        raise ValueError(f"bootstrap: needs at least 2 windows, got {n}; raise --batches")
+    if resamples < 1:
+        raise ValueError(f"--bootstrap: needs at least 1 resample, got {resamples}; use e.g. 2000")
+    if not 0 < confidence < 1:
+        raise ValueError(f"bootstrap: confidence must lie in (0, 1), got {confidence}")
+    return np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+
+
+def _interval(point: float, reps: np.ndarray, n: int, resamples: int, confidence: float) -> RatioCI:
+    alpha = (1.0 - confidence) / 2
+    low, high = np.quantile(reps, [alpha, 1.0 - alpha])
+    return RatioCI(point, float(low), float(high), n, resamples, confidence)
+
+
 def bootstrap_ratio(nll_base, nll_npt, tokens, resamples: int = 2000, seed: int = 0,
                     confidence: float = 0.95) -> RatioCI:
     """Point ratio and its percentile-bootstrap interval; seeded, so the same windows give the same interval."""
@@ -38,14 +55,25 @@ def bootstrap_ratio(nll_base, nll_npt, tokens, resamples: int = 2000, seed: int 
     if not (len(nll_base) == len(nll_npt) == n):
         raise ValueError(f"bootstrap: {len(nll_base)} base, {len(nll_npt)} NPT and {n} token counts; "
                          "give one of each per window")
-    if n < 2:
-        raise ValueError(f"bootstrap: needs at least 2 windows, got {n}; raise --batches")
-    if resamples < 1:
-        raise ValueError(f"--bootstrap: needs at least 1 resample, got {resamples}; use e.g. 2000")
-    if not 0 < confidence < 1:
-        raise ValueError(f"bootstrap: confidence must lie in (0, 1), got {confidence}")
-    index = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
-    reps = ppl_ratio(nll_base, nll_npt, tokens, index)
-    alpha = (1.0 - confidence) / 2
-    low, high = np.quantile(reps, [alpha, 1.0 - alpha])
-    return RatioCI(ppl_ratio(nll_base, nll_npt, tokens), float(low), float(high), n, resamples, confidence)
+    index = _resample(n, resamples, seed, confidence)
+    return _interval(ppl_ratio(nll_base, nll_npt, tokens), ppl_ratio(nll_base, nll_npt, tokens, index), n,
+                     resamples, confidence)
+
+
+def bootstrap_difference(windows: dict, other: dict, resamples: int = 2000, seed: int = 0,
+                         confidence: float = 0.95) -> RatioCI:
+    """ratio(windows) − ratio(other) on the same windows, paired: each replicate resamples one set of window
+    indices for both, so the windows' own difficulty cancels.  Each argument holds ``nll_base``, ``nll_npt``
+    and ``tokens`` per window (what ``npt-ds eval --out`` writes under "windows")."""
+    if list(windows["tokens"]) != list(other["tokens"]):
+        raise ValueError(f"bootstrap: the two evaluations scored other windows ({len(windows['tokens'])} vs "
+                         f"{len(other['tokens'])}, or other token counts); evaluate both with the same --data, "
+                         "--batches and --seq-len")
+    n = len(windows["tokens"])
+    index = _resample(n, resamples, seed, confidence)
+
+    def ratio(w, idx=None):
+        return ppl_ratio(w["nll_base"], w["nll_npt"], w["tokens"], idx)
+
+    return _interval(ratio(windows) - ratio(other), ratio(windows, index) - ratio(other, index), n, resamples,
+                     confidence)

@@ -1,4 +1,7 @@
-"""`npt-ds eval`: base vs NPT perplexity on held-out text, with a bootstrap interval of their ratio."""
+"""`npt-ds eval`: base vs NPT perplexity on held-out text, with a bootstrap interval of their ratio.
+
+``--against OTHER.json`` (another run's ``--out``, on the same windows) adds the paired interval of the difference
+of the two ratios: the way to tell two variants apart beyond the choice of windows."""
 from __future__ import annotations
 
 import argparse
@@ -6,13 +9,13 @@ import json
 
 import torch
 
-from ..config import ModelConfig
+from ..config import ConfigError, ModelConfig
 from ..data.eval_data import describe, eval_data_config
 from ..data.sources import eval_batches
 from ..model import convert_model, load_base_model, load_np_weights, load_tokenizer
 from ..parallel.groups import init_distributed
 from ..train.evaluate import evaluate
-from .bootstrap import bootstrap_ratio
+from .bootstrap import bootstrap_difference, bootstrap_ratio
 from .session import add_model_arguments, npt_config_of
 
 
@@ -28,9 +31,27 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bootstrap", type=int, default=2000,
                         help="bootstrap resamples for the ratio's 95%% interval")
     parser.add_argument("--out", help="write the numbers (and per-window NLL sums) as JSON here")
+    parser.add_argument("--against", help="another evaluation's --out JSON on the same windows: also print this "
+                        "ratio minus that one, with its paired bootstrap interval")
+
+
+def read_windows(path: str) -> dict:
+    """The per-window NLL sums of an earlier `npt-ds eval --out` file; bad files are one-line ConfigErrors."""
+    try:
+        with open(path) as f:
+            windows = json.load(f)["windows"]
+        if not all(isinstance(windows[k], list) for k in ("nll_base", "nll_npt", "tokens")):
+            raise TypeError
+    except FileNotFoundError:
+        raise ConfigError(f"--against: {path} not found; pass a file written by npt-ds eval --out") from None
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ConfigError(f"--against: {path} holds no per-window NLL sums (windows.nll_base/nll_npt/tokens); "
+                          "pass a file written by npt-ds eval --out") from None
+    return windows
 
 
 def run_eval(args) -> int:
+    other = read_windows(args.against) if args.against else None
     data = eval_data_config(args.data, args.batches, args.seq_len, split=args.split,
                             holdout=[h for h in (args.holdout or "").split(",") if h])
 
@@ -61,6 +82,15 @@ def run_eval(args) -> int:
         result["eval/ppl_ratio"] = result["eval/ppl_npt"] / result["eval/ppl_base"]
         print(f"  NPT/base ratio   {result['eval/ppl_ratio']:10.4f}  (an interval needs >= 2 windows: raise --batches)")
     print(f"  fidelity MSE     {result['eval/fidelity_mse']:10.4g}  (final hidden state, NPT vs base)")
+    if other is not None:
+        try:
+            diff = bootstrap_difference(win, other, resamples=args.bootstrap, seed=args.seed)
+        except ValueError as exc:
+            raise ConfigError(f"--against {args.against}: {exc}") from None
+        result.update({"eval/ratio_minus_other": diff.ratio, "eval/ratio_minus_other_low": diff.low,
+                       "eval/ratio_minus_other_high": diff.high})
+        print(f"  minus --against  {diff.ratio:+10.4f}  95% CI [{diff.low:+.4f}, {diff.high:+.4f}] "
+              f"(paired bootstrap over the same {diff.windows} windows)")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({**result, "windows": win}, f, indent=2)

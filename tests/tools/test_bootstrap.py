@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from npt_ds.tools.bootstrap import bootstrap_ratio, ppl_ratio
+from npt_ds.tools.bootstrap import bootstrap_difference, bootstrap_ratio, ppl_ratio
 
 BASE, NPT, TOK = [10.0, 12.0, 8.0, 14.0], [11.0, 12.0, 10.0, 15.0], [10, 10, 10, 10]
 
@@ -57,6 +57,25 @@ def test_bad_inputs_name_the_fix():
         bootstrap_ratio([1.0, 2.0], [1.0], [1, 1])
 
 
+def test_paired_difference_cancels_the_windows_own_difficulty():
+    base, npt, tok = windows(64)
+    a = {"nll_base": list(base), "nll_npt": list(npt), "tokens": tok}
+    b = {**a, "nll_npt": list(npt + 0.02 * 128)}  # every window 0.02 nats/token worse: the gap is exact
+    diff = bootstrap_difference(b, a, resamples=500, seed=2)
+    gap = ppl_ratio(base, npt + 0.02 * 128, tok) - ppl_ratio(base, npt, tok)
+    assert diff.ratio == pytest.approx(gap, rel=1e-12) and diff.windows == 64
+    # pairing leaves only the ratio's scale in the spread, far below the unpaired intervals' widths
+    unpaired = bootstrap_ratio(base, npt, tok, resamples=500, seed=2)
+    assert diff.low < diff.ratio < diff.high and (diff.high - diff.low) < 0.05 * (unpaired.high - unpaired.low)
+    # the same draw for both: a loop over seed 2's indices gives the same interval
+    draws = np.random.default_rng(2).integers(0, 64, size=(500, 64))
+    reps = [ppl_ratio(base[d], npt[d] + 0.02 * 128, np.asarray(tok)[d]) - ppl_ratio(base[d], npt[d], np.asarray(tok)[d])
+            for d in draws]
+    assert (diff.low, diff.high) == pytest.approx(tuple(np.quantile(reps, [0.025, 0.975])), rel=1e-9)
+    with pytest.raises(ValueError, match="scored other windows"):
+        bootstrap_difference(a, {**a, "tokens": tok[:-1]})
+
+
 def test_evaluate_per_window_sums_add_up_to_its_perplexities(tiny_model):
     from npt_ds.config import NPTConfig
     from npt_ds.train.evaluate import evaluate
@@ -99,3 +118,15 @@ def test_cli_eval_data_on_files_and_a_prepared_dir(tmp_path, capsys):
     assert f"prepared dir {tmp_path / 'prep'}, 6 windows" in text and "95% CI [" in text
     assert main(["eval", "--model", "tiny", "--data", str(tmp_path)]) == 2  # a dir that is not prepared
     assert "is a directory but not a prepared dir" in capsys.readouterr().err
+    # --against: the paired difference from another evaluation of the same windows, in its output and file
+    assert main(["eval", "--model", "tiny", "--layers", "2,3", "--data", play, "--batches", "6", "--seq-len", "32",
+                 "--bootstrap", "300", "--modulation-scale", "1.0", "--against", str(tmp_path / "files.json"),
+                 "--out", str(tmp_path / "other.json")]) == 0
+    other = json.loads((tmp_path / "other.json").read_text())
+    diff = bootstrap_difference(other["windows"], results["files"]["windows"], 300, 0)
+    assert other["eval/ratio_minus_other"] == pytest.approx(other["eval/ppl_ratio"] - results["files"]["eval/ppl_ratio"])
+    assert (other["eval/ratio_minus_other_low"], other["eval/ratio_minus_other_high"]) == (diff.low, diff.high)
+    assert "paired bootstrap over the same 6 windows" in capsys.readouterr().out
+    for bad, why in (("missing.json", "not found"), ("prep/index.json", "holds no per-window NLL sums")):
+        assert main(["eval", "--model", "tiny", "--data", play, "--against", str(tmp_path / bad)]) == 2
+        assert why in capsys.readouterr().err
