@@ -159,12 +159,14 @@ class ScheduleConfig:
     warmup_steps: int = 10
     min_lr_ratio: float = 0.1
     curriculum: str = ""  # "teacher:5000,mixed:5000:0.5,student:20000" or shares "teacher:10%,..."; "" = teacher throughout
-    sequential_steps_per_layer: int = 0  # sequential mode; 0 = total_steps / n_layers
+    sequential_steps_per_layer: int = 0  # sequential mode: steps per stage (a layer, or a group); 0 = total / stages
+    sequential_group: int = 1  # sequential mode: NPT layers trained together per stage, bottom-up (divides their number)
     stop_at: int = 0  # end this invocation at this step (checkpointed); resume continues to total_steps
 
     def __post_init__(self):
         _choice("schedule.mode", self.mode, ("single_layer", "multi_layer", "sequential"))
         _positive("schedule.total_steps", self.total_steps)
+        _positive("schedule.sequential_group", self.sequential_group)
         if self.warmup_steps < 0:
             raise ConfigError("schedule.warmup_steps must be >= 0")
 

@@ -20,7 +20,7 @@ from deepspeed.utils import set_z3_leaf_module
 from transformers.integrations import HfDeepSpeedConfig
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-from ..config import ModelConfig, TrainConfig
+from ..config import ConfigError, ModelConfig, TrainConfig
 from ..model import NPTDecoderLayer, convert_model, decoder_layers, load_base_model, npt_layers
 from ..model.projector import LogitProjector
 from ..parallel.groups import compute_device
@@ -88,8 +88,13 @@ def build_train_module(cfg: TrainConfig, ds_config: dict) -> tuple[NPTTrainModul
         for part in (model, teacher):
             if part is not None:
                 part.to(device=compute_device(), dtype=DTYPES.get(cfg.deepspeed.precision))
-    if cfg.schedule.mode == "sequential":  # one layer per stage: the loss sees one layer
-        loss_fn = NPTLoss(dataclasses.replace(cfg.loss, layer_weights="uniform"), 1)
+    if cfg.schedule.mode == "sequential":  # one layer (or group) per stage: the loss sees that many layers
+        group = cfg.schedule.sequential_group
+        if len(layer_indices) % group:
+            divisors = [d for d in range(1, len(layer_indices) + 1) if len(layer_indices) % d == 0]
+            raise ConfigError(f"schedule.sequential_group: {len(layer_indices)} NPT layers do not split into groups "
+                              f"of {group}; use one of {', '.join(map(str, divisors))}")
+        loss_fn = NPTLoss(dataclasses.replace(cfg.loss, layer_weights="uniform"), group)
     else:
         loss_fn = NPTLoss(cfg.loss, len(layer_indices))
     return NPTTrainModule(model, loss_fn, teacher, projector, frozen_outside=outside), layer_indices

@@ -245,22 +245,26 @@ class Trainer:
         return steps_done % self.cfg.logging.log_every == 0 or steps_done == self.cfg.schedule.total_steps
 
     def active_layers(self, step: int) -> tuple[int, ...] | None:
-        """Sequential mode: the one layer trained at `step` (earlier ones are carried); else None = all."""
+        """Sequential mode: the layer (or group of ``schedule.sequential_group`` layers, bottom-up) trained at
+        `step`; earlier ones are carried.  Else None = all."""
         if not self.sequential:
             return None
-        return (self.layer_indices[self.layer_stage(step)[0]],)
+        group = self.cfg.schedule.sequential_group
+        k = self.layer_stage(step)[0]
+        return tuple(self.layer_indices[k * group:(k + 1) * group])
 
     def layer_stage(self, step: int) -> tuple[int, int, int]:
-        """Sequential mode: (position of the layer trained at `step`, its first step, its number of steps).
+        """Sequential mode: (position of the stage at `step`, its first step, its number of steps).
 
-        Layer k trains for steps [k·P, (k+1)·P) with P = schedule.sequential_steps_per_layer (default
-        total / n); the last layer also takes whatever steps remain.
+        Stage k (layer k, or group k of ``schedule.sequential_group`` layers) trains for steps [k·P, (k+1)·P)
+        with P = schedule.sequential_steps_per_layer (default total / stages); the last stage also takes
+        whatever steps remain.
         """
-        n, total = len(self.layer_indices), self.cfg.schedule.total_steps
-        per_layer = self.cfg.schedule.sequential_steps_per_layer or math.ceil(total / n)
-        k = min(step // per_layer, n - 1)
-        start = k * per_layer
-        return k, start, (per_layer if k < n - 1 else max(total - start, 1))
+        n, total = len(self.layer_indices) // self.cfg.schedule.sequential_group, self.cfg.schedule.total_steps
+        per_stage = self.cfg.schedule.sequential_steps_per_layer or math.ceil(total / n)
+        k = min(step // per_stage, n - 1)
+        start = k * per_stage
+        return k, start, (per_stage if k < n - 1 else max(total - start, 1))
 
     def lr_at(self, step: int) -> float:
         """The base LR at `step`: warm-up + cosine over the run, or over each layer's stage in sequential mode

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from npt_ds.config import NPTConfig, load_config
+from npt_ds.config import ConfigError, NPTConfig, load_config
 from npt_ds.model import convert_model, fused_forward, npt_layers, set_mode, tiny_llama
 
 
@@ -235,6 +235,29 @@ def test_cross_width_kd_with_a_bf16_base_and_fp32_training(tmp_path):
     _, rows = tiny_run(tmp_path, *CROSS_WIDTH, "model.dtype=bfloat16", "deepspeed.precision=fp32",
                        "deepspeed.config=ds_configs/zero3_fp32.json", "schedule.total_steps=3")
     assert len(rows) == 3 and all(math.isfinite(r["kd/kl"]) and math.isfinite(r["loss/projector_ce"]) for r in rows)
+
+
+@pytest.mark.slow
+def test_sequential_groups_train_bottom_up_with_the_lower_group_carried(tmp_path):
+    """schedule.sequential_group=2 on 4 NPT layers: layers 0-1 train together, then 2-3 while 0-1 are carried."""
+    from npt_ds.train.trainer import Trainer
+
+    _, rows = tiny_run(tmp_path, "npt.layers=0-3", "schedule.mode=sequential", "schedule.sequential_group=2",
+                       "schedule.total_steps=6", "checkpoint.every=3", "schedule.curriculum=student:100%")
+    assert [r["sequential/layer"] for r in rows] == [0, 0, 0, 2, 2, 2]
+    first, second = rows[:3], rows[3:]
+    assert all("layer/0/direct_mse" in r and "layer/1/direct_mse" in r and "layer/2/direct_mse" not in r for r in first)
+    assert all("layer/2/direct_mse" in r and "layer/3/direct_mse" in r and "layer/1/direct_mse" not in r for r in second)
+    w3, w6 = (checkpoint_np(tmp_path / "checkpoints" / f"step-{s:08d}") for s in (3, 6))
+    for i, moved in ((0, False), (1, False), (2, True), (3, True)):
+        key = f"model.layers.{i}.np.W_down"
+        assert torch.equal(w3[key], w6[key]) != moved, key
+    cfg = load_config("configs/tiny_debug.yaml", [f"logging.run_dir={tmp_path}/bad", "logging.console=false",
+                                                  "npt.layers=0-3", "schedule.mode=sequential",
+                                                  "schedule.sequential_group=3"])
+    with pytest.raises(ConfigError, match=r"schedule.sequential_group: 4 NPT layers do not split into groups of 3; "
+                                          r"use one of 1, 2, 4"):
+        Trainer(cfg)
 
 
 @pytest.mark.slow
