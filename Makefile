@@ -37,8 +37,11 @@ test-fast: setup   ## skip the slow/multi-process tests
 # distils the logits (KD), which keeps the student stage from trading perplexity for hidden-state MSE
 DEMO_multi_layer := loss.projection_consistency=0.5 loss.kd_weight=1.0
 
-demo: setup        ## train NPT on SmolLM2-135M + Shakespeare, 2 CPU ranks, ZeRO-3 (MODE=multi_layer switches mode)
-	PATH=$(abspath $(VENV))/bin:$$PATH PYTHON=$(abspath $(PY)) bash launch/train_local.sh configs/smollm2_demo.yaml \
+# RECIPE picks configs/smollm2_$(RECIPE).yaml: demo (layers 26-29) | upper_half (layers 15-29, docs/ablations.md)
+RECIPE ?= demo
+
+demo: setup        ## train NPT on SmolLM2-135M + Shakespeare, 2 CPU ranks, ZeRO-3 (MODE=multi_layer switches mode; RECIPE=upper_half)
+	PATH=$(abspath $(VENV))/bin:$$PATH PYTHON=$(abspath $(PY)) bash launch/train_local.sh configs/smollm2_$(RECIPE).yaml \
 	    $(if $(MODE),schedule.mode=$(MODE) logging.run_dir=runs/demo-$(MODE) $(DEMO_$(MODE))) $(ARGS)
 
 sweep: setup       ## run an ablation sweep (SWEEP=sweeps/demo_ablation.yaml; resumable; see docs/ablations.md)
