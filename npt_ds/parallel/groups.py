@@ -216,6 +216,20 @@ def shutdown_distributed() -> None:
         release_shm_buffer(rank)
 
 
+def exit_now(code: int) -> None:
+    """End this process with `code` at once, when it stops outside the loop's orderly close (a bad config met
+    after the group exists, a lost peer).  A process group left to the interpreter's teardown can abort the
+    process instead ("terminate called without an active exception": exit 250 through pdsh, seen in CI on a
+    resume disagreement), and a broken one can wait on the lost peer; so the output is flushed, this rank's shm
+    buffer unlinked, and the teardown skipped."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    if dist.is_initialized():
+        release_shm_buffer(dist.get_rank())
+    os._exit(code)
+
+
 def shm_buffer_path(rank: int) -> Path:
     """DeepSpeed's CPU shared-memory all-reduce buffer of this rank (deepspeed/ops/csrc/cpu/comm/shm.cpp)."""
     addr, port = os.environ.get("MASTER_ADDR", "127.0.0.1"), os.environ.get("MASTER_PORT", "29500")

@@ -6,12 +6,13 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
+
+import torch.distributed as dist
 
 from ..config import ConfigError, load_config
 from ..parallel.cluster import load_sealed_env
-from ..parallel.groups import shutdown_distributed
+from ..parallel.groups import exit_now, shutdown_distributed
 from .faults import SurvivingOutput
 from .trainer import Trainer, TrainingDiverged
 
@@ -39,6 +40,8 @@ def run_train(args: argparse.Namespace) -> int:
         trainer = Trainer(cfg)
     except (ConfigError, FileNotFoundError) as exc:
         print(f"npt-ds train: {exc}", file=sys.stderr)
+        if dist.is_initialized() and dist.get_world_size() > 1:  # each rank stops on its own: the teardown of
+            exit_now(2)  # a group with peers could abort (exit_now); a world of one returns to its caller
         return 2
     try:
         trainer.train()
@@ -51,9 +54,8 @@ def run_train(args: argparse.Namespace) -> int:
         missing = trainer.lost_peers(exc)
         if missing is None:  # this rank's own failure (its peers still beat): the traceback says what
             raise
-        print(f"\nnpt-ds train: {trainer.abort(exc, missing)}", file=sys.stderr, flush=True)
-        # the process group is broken: its teardown (and the interpreter's) could wait on the lost peer
-        os._exit(4)
+        print(f"\nnpt-ds train: {trainer.abort(exc, missing)}", file=sys.stderr)
+        exit_now(4)  # the process group is broken: its teardown (and the interpreter's) could wait on the lost peer
     trainer.close()
     shutdown_distributed()
     return 0

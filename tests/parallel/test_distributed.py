@@ -196,6 +196,24 @@ def test_frozen_base_modes_give_the_same_losses(runs, mode, free_port):
     assert statistics.median(reduced) == pytest.approx(mode_bytes(inputs, mode)["reduced"] + 8, abs=1)
 
 
+def test_a_refused_start_exits_2_on_every_rank_try_after_try(runs):
+    """A bad config met after the process group exists (checkpoint.resume none over a run's checkpoints) ends
+    both ranks with their one line and exit 2, every time.  Left to the interpreter's teardown, the group now and
+    then aborted a rank instead ("terminate called without an active exception", exit 250: once in CI, on a
+    node-local resume disagreement; here 3 of 6 tries in one batch, 0 of 16 in others, so a race; four tries)."""
+    from npt_ds.parallel.groups import free_port
+
+    base, *_ = runs
+    before = (base / "full" / "metrics.jsonl").read_text()
+    for _ in range(4):
+        proc = launch("train_local.sh", base / "full", "checkpoint.resume=none", port=free_port(), check=False,
+                      NPT_DS_RECORD_WINDOWS="")
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 2 and "terminate called" not in out, out[-2000:]
+        assert out.count("npt-ds train: logging.run_dir") == 2 and "set checkpoint.resume: auto" in out
+    assert (base / "full" / "metrics.jsonl").read_text() == before
+
+
 def test_quantized_frozen_base_is_refused_on_cpu(tmp_path):
     from npt_ds.train.run import main
 
