@@ -33,9 +33,11 @@ system-deps:       ## sshd + pdsh (two-host ssh tests), Slurm + munge (Slurm tes
 test-fast: setup   ## skip the slow/multi-process tests
 	$(PY) -m pytest -q -p no:cacheprovider -m "not slow and not multiproc"
 
-# what each MODE adds to the demo recipe: multi-layer also aligns v_a with the attention output and
-# distils the logits (KD), which keeps the student stage from trading perplexity for hidden-state MSE
-DEMO_multi_layer := loss.projection_consistency=0.5 loss.kd_weight=1.0
+# what each MODE adds to the demo recipe: multi-layer also aligns v_a with the attention output, distils the
+# logits (KD), which keeps the student stage from trading perplexity for hidden-state MSE, and aims each layer
+# reading the student stream at the teacher's next state (curriculum 10/20/70 %: docs/ablations.md "At depth")
+DEMO_multi_layer := loss.projection_consistency=0.5 loss.kd_weight=1.0 loss.direct_target=state \
+    schedule.curriculum=teacher:10%,mixed:20%:0.5,student:70%
 
 # RECIPE picks configs/smollm2_$(RECIPE).yaml: demo (layers 26-29) | upper_half (layers 15-29, docs/ablations.md)
 RECIPE ?= demo
