@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 
 import torch.distributed as dist
 
@@ -53,7 +54,11 @@ def run_train(args: argparse.Namespace) -> int:
     except Exception as exc:
         missing = trainer.lost_peers(exc)
         if missing is None:  # this rank's own failure (its peers still beat): the traceback says what
-            raise
+            if not (dist.is_initialized() and dist.get_world_size() > 1):
+                raise
+            trainer.metrics.close()
+            traceback.print_exc()  # and exit 1 without the interpreter's teardown of a group whose peers still
+            exit_now(1)  # wait in a collective for this rank: that teardown can abort the process (-6, exit 250)
         print(f"\nnpt-ds train: {trainer.abort(exc, missing)}", file=sys.stderr)
         exit_now(4)  # the process group is broken: its teardown (and the interpreter's) could wait on the lost peer
     trainer.close()
