@@ -146,6 +146,12 @@ class Watchdog:
             if thread is not threading.current_thread():
                 thread.join(timeout=2 * self.interval + 1.0)
 
+    @property
+    def store_grace(self) -> float:
+        """Seconds without a round trip after which the store is not answering: a healthy round trip comes every
+        interval, each store call bounded by the client's timeout (2 intervals)."""
+        return 3 * self.interval + 1.0
+
     # ------------------------------------------------------------------ the heartbeat thread
     def _client(self):
         return dist.TCPStore(self.store_host, self.store_port, is_master=False, wait_for_workers=False,
@@ -195,15 +201,21 @@ class Watchdog:
         now = time.monotonic() if now is None else now
         limit = self.timeout_s
         why: dict[int, str] = {}
-        if self.rank != 0 and now - self.last_round_trip > limit:
-            why[0] = (f"does not answer (it hosts the rendezvous store; no heartbeat round trip for "
-                      f"{now - self.last_round_trip:.0f} s)")
+        silent = now - self.last_round_trip
+        if self.rank != 0 and silent > limit:
+            why[0] = f"does not answer (it hosts the rendezvous store; no heartbeat round trip for {silent:.0f} s)"
         for r, peer in self.peers.items():
             rec = peer.record
             if rec.get("done") or r in why:
                 continue
             frozen = now - peer.beat_moved_at
-            if frozen > limit:
+            if frozen > limit and r == 0 and silent > self.store_grace:
+                # rank 0's beat stopped and its store does not answer now either: its process is stopped or gone
+                # (the beat was last seen moving up to an interval before the last round trip, so it crosses the
+                # limit first)
+                why[0] = (f"does not answer (it hosts the rendezvous store; no heartbeat for {frozen:.0f} s, "
+                          f"no round trip for {silent:.0f} s)")
+            elif frozen > limit:
                 why[r] = f"sent no heartbeat for {frozen:.0f} s (stopped, or its host is gone)"
             elif rec.get("idle_s", 0) > limit and not rec.get("waiting"):
                 why[r] = f"made no progress for {rec['idle_s']:.0f} s while not waiting on its peers"

@@ -57,6 +57,22 @@ def test_an_unreachable_store_names_rank_0_and_a_finished_peer_is_never_named():
     assert watchdog(rank=0).verdict(now + 0.5) is None  # rank 0 is the store: it never names itself
 
 
+def test_a_stopped_rank_0_is_named_as_the_store_host_while_its_beat_crosses_the_limit_first():
+    """SIGSTOP on rank 0 stops its beat and its store together; the beat was last seen moving a beat before the
+    last round trip, so it passes the limit first: rank 0 is named as the store host that does not answer, not as a
+    peer that only stopped beating (CI at 213bfa4: the SIGSTOP run named the beat).  With the store answering, a
+    stopped beat of rank 0 is its heartbeat alone."""
+    dog = watchdog(rank=1)
+    now = time.monotonic()
+    dog.peers[0].beat_moved_at = now - 10.5
+    dog.last_round_trip = now - 9.5  # under the limit, past the store's grace
+    found = dog.verdict(now)
+    assert found.stalled == [0] and "hosts the rendezvous store" in found.describe(), found.describe()
+    dog.last_round_trip = now - 0.5
+    found = dog.verdict(now)
+    assert found.stalled == [0] and "sent no heartbeat for 10 s" in found.describe()
+
+
 RAISES_WHILE_BEATING = textwrap.dedent("""
     import datetime, json, sys, time
     import torch.distributed as dist
