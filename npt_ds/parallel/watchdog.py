@@ -202,20 +202,19 @@ class Watchdog:
         limit = self.timeout_s
         why: dict[int, str] = {}
         silent = now - self.last_round_trip
-        if self.rank != 0 and silent > limit:
+        # rank 0 hosts the store: it is named as such when no round trip completes for the limit, or sooner when its
+        # beat has also stopped (under SIGSTOP the beat, last seen moving up to an interval before the last round
+        # trip, crosses the limit first)
+        zero = self.peers.get(0)
+        if self.rank != 0 and (silent > limit or (silent > self.store_grace and not zero.record.get("done")
+                                                  and now - zero.beat_moved_at > limit)):
             why[0] = f"does not answer (it hosts the rendezvous store; no heartbeat round trip for {silent:.0f} s)"
         for r, peer in self.peers.items():
             rec = peer.record
             if rec.get("done") or r in why:
                 continue
             frozen = now - peer.beat_moved_at
-            if frozen > limit and r == 0 and silent > self.store_grace:
-                # rank 0's beat stopped and its store does not answer now either: its process is stopped or gone
-                # (the beat was last seen moving up to an interval before the last round trip, so it crosses the
-                # limit first)
-                why[0] = (f"does not answer (it hosts the rendezvous store; no heartbeat for {frozen:.0f} s, "
-                          f"no round trip for {silent:.0f} s)")
-            elif frozen > limit:
+            if frozen > limit:
                 why[r] = f"sent no heartbeat for {frozen:.0f} s (stopped, or its host is gone)"
             elif rec.get("idle_s", 0) > limit and not rec.get("waiting"):
                 why[r] = f"made no progress for {rec['idle_s']:.0f} s while not waiting on its peers"
